@@ -1,0 +1,251 @@
+"""Command-line interface: `chattui generate`, `chattui bench` (and the app, when run bare).
+
+Errors from bad input are printed as one line (`chattui: error: ...`) with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from engine import EngineError, SamplingParams
+from models import DEFAULT_MODEL_DIR
+
+log = logging.getLogger("chattui")
+
+
+class CommandError(Exception):
+    """A user error detected by the CLI itself."""
+
+
+def default_model_dir() -> Path:
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        raise CommandError(
+            f"the bundled default model is not installed ({DEFAULT_MODEL_DIR} has no config.json); "
+            "pass --model DIR with a Hugging Face-format checkpoint folder"
+        )
+    return DEFAULT_MODEL_DIR
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", type=Path, help="checkpoint folder (default: the bundled model)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (default: auto)")
+    p.add_argument(
+        "--dtype", default="auto",
+        help="auto, float32, bfloat16, float16 (default: auto = bfloat16 on CUDA and on CPUs with "
+        "bfloat16 instructions, else float32)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chattui",
+        description="Chat with, look inside and fine-tune Transformer language models in your terminal.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser(
+        "generate",
+        help="generate a reply (or a raw continuation) and print it",
+        description="Generate a reply to PROMPT (one user message rendered with the model's chat template) "
+        "or, with --raw, a plain continuation of PROMPT. The text streams to stdout.",
+    )
+    add_model_arguments(g)
+    g.add_argument("--raw", action="store_true", help="continue PROMPT as-is, without the chat template")
+    g.add_argument("--system", metavar="TEXT", help="system prompt (chat mode only)")
+    g.add_argument("--temperature", type=float, metavar="T", help="0 = greedy (default: from generation_config.json)")
+    g.add_argument("--top-k", type=int, metavar="K", help="0 = off")
+    g.add_argument("--top-p", type=float, metavar="P", help="1 = off")
+    g.add_argument("--min-p", type=float, metavar="P", help="0 = off")
+    g.add_argument("--repetition-penalty", type=float, metavar="R", help="1 = off")
+    g.add_argument("--seed", type=int, metavar="S", help="sampling seed (default: random, reported with --json)")
+    g.add_argument("--max-new-tokens", type=int, metavar="N", help="default: from generation_config.json, else 512")
+    g.add_argument(
+        "--stop", action="append", default=[], metavar="STR",
+        help="stop when this string appears (never printed); repeatable",
+    )
+    g.add_argument("--json", action="store_true", help="print one JSON object with the text, ids and stats instead")
+    g.add_argument(
+        "--show-prompt", action="store_true",
+        help="do not generate: print the exact prompt to stdout and its token count to stderr",
+    )
+    g.add_argument("prompt", metavar="PROMPT|-", help="the prompt, or - to read it from stdin")
+    g.set_defaults(run=cmd_generate)
+
+    b = sub.add_parser(
+        "bench",
+        help="measure time to first token, prefill and decode speed",
+        description="Benchmark prefill and decode on a checkpoint or on random weights of a preset shape; "
+        "--compare-hf runs transformers' generate on the same weights, interleaved, and prints ratios.",
+    )
+    from engine.bench import PRESETS
+
+    b.add_argument("--model", metavar="DIR", type=Path, help="checkpoint folder (instead of --preset)")
+    b.add_argument("--preset", choices=sorted(PRESETS), help="random weights of a known shape (default: smollm-135m)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
+    b.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (default: auto)")
+    b.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    b.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length (default: 128)")
+    b.add_argument("--new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default: 64)")
+    b.add_argument("--repeat", type=int, default=5, metavar="N", help="measured runs after one warm-up (default: 5)")
+    b.add_argument("--compare-hf", action="store_true", help="also run transformers' generate and print ratios")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    b.set_defaults(run=cmd_bench)
+    return parser
+
+
+def read_prompt(arg: str) -> str:
+    if arg == "-":
+        return sys.stdin.read()
+    return arg
+
+
+def sampling_from_args(args, defaults: SamplingParams) -> SamplingParams:
+    params = SamplingParams(
+        temperature=defaults.temperature if args.temperature is None else args.temperature,
+        top_k=defaults.top_k if args.top_k is None else args.top_k,
+        top_p=defaults.top_p if args.top_p is None else args.top_p,
+        min_p=defaults.min_p if args.min_p is None else args.min_p,
+        repetition_penalty=defaults.repetition_penalty if args.repetition_penalty is None else args.repetition_penalty,
+        seed=args.seed,
+    )
+    try:
+        params.validate()
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    return params
+
+
+def load_engine(args):
+    """Load the model with a progress bar on stderr (when it is a terminal)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from engine import Engine
+
+    model_dir = args.model or default_model_dir()
+    if not sys.stderr.isatty():
+        return Engine.load(model_dir, device=args.device, dtype=args.dtype)
+    with Progress(
+        TextColumn("loading {task.description}"), BarColumn(), DownloadColumn(),
+        transient=True, console=_stderr_console(),
+    ) as bar:
+        task = bar.add_task(str(model_dir), total=None)
+        return Engine.load(
+            model_dir, device=args.device, dtype=args.dtype,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def cmd_generate(args) -> int:
+    if args.raw and args.system is not None:
+        raise CommandError("--system applies to chat prompts; it cannot be combined with --raw")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    text = read_prompt(args.prompt)
+    engine = load_engine(args)
+    params = sampling_from_args(args, engine.default_sampling())
+    max_new = args.max_new_tokens or engine.defaults.max_new_tokens
+    if args.raw:
+        prompt_text, prompt_ids = text, engine.raw_prompt(text)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + [
+            {"role": "user", "content": text}
+        ]
+        chat = engine.chat_prompt(messages, max_new)
+        prompt_text, prompt_ids, max_new = chat.text, chat.token_ids, chat.max_new_tokens
+
+    if args.show_prompt:
+        if args.json:
+            print(json.dumps({"prompt": prompt_text, "prompt_tokens": len(prompt_ids)}, ensure_ascii=False))
+        else:
+            sys.stdout.write(prompt_text)
+            sys.stdout.flush()
+            print(f"{len(prompt_ids)} tokens", file=sys.stderr)
+        return 0
+
+    cancel = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # Ctrl-C stops the reply, not the process
+    try:
+        generation = engine.generate(prompt_ids, params, max_new, stop=args.stop, cancel=cancel)
+        for delta in generation:
+            if not args.json:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    result = generation.result
+    if args.json:
+        out = {
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "prompt_tokens": result.prompt_tokens,
+            "generated_tokens": result.generated_tokens,
+            "finish_reason": result.finish_reason,
+            "ttft_s": result.ttft_s,
+            "prefill_tokens_per_s": result.prefill_tokens_per_s,
+            "decode_tokens_per_s": result.decode_tokens_per_s,
+            "seed": result.seed,
+            "device": str(engine.device),
+            "dtype": engine.dtype_name,
+            "model": str(engine.model_dir),
+        }
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    return 130 if result.finish_reason == "cancelled" else 0
+
+
+def cmd_bench(args) -> int:
+    from engine.bench import BenchOptions, format_report, run_bench
+
+    if args.model is not None and args.preset is not None:
+        raise CommandError("give either --model or --preset, not both")
+    for name in ("prompt_tokens", "new_tokens", "repeat"):
+        if getattr(args, name) < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    options = BenchOptions(
+        model_dir=args.model,
+        preset=args.preset if args.model is None else None,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeat=args.repeat,
+        compare_hf=args.compare_hf,
+    )
+    report = run_bench(options, progress=None if args.json else _stderr_console())
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        from rich.console import Console
+
+        Console().print(format_report(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="chattui: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args)
+    except (CommandError, EngineError) as e:
+        print(f"chattui: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,39 @@
+"""Where chattui keeps its files, found without importing torch or creating anything."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "chattui"
+DATA_DIR_ENV = "CHATTUI_DATA_DIR"  # overrides the platform's user data dir (tests, portable installs)
+CONFIG_DIR_ENV = "CHATTUI_CONFIG_DIR"  # overrides the platform's user config dir
+
+
+def bundled_model_dir() -> Path:
+    """models/default, located through the import system without importing `models` (which imports torch)."""
+    spec = importlib.util.find_spec("models")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    base = Path(locations[0]) if locations else Path(__file__).resolve().parents[1] / "models"
+    return base / "default"
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or platformdirs.user_data_dir(APP_NAME)).expanduser()
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get(CONFIG_DIR_ENV) or platformdirs.user_config_dir(APP_NAME)).expanduser()
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache, resolved the way huggingface_hub does."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"

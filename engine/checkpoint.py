@@ -1,0 +1,259 @@
+"""Load a Hugging Face-format checkpoint folder: config.json, generation_config.json, safetensors weights.
+
+Weights are validated against the architecture from the file headers alone (every key and shape)
+before any tensor is read, then read one tensor at a time, through a small staging buffer, straight
+into the requested device and dtype: peak memory stays close to the final model size (no mmap of
+the whole file, no second copy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from engine.errors import CheckpointError
+from engine.inference import prepare_for_inference
+from models import IGNORED_CHECKPOINT_KEYS, ModelConfig, build_model, checkpoint_prefix, config_from_hf
+from models.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON object file; errors name the file, line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    path = model_dir / "config.json"
+    try:
+        return config_from_hf(read_json(path))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+@dataclass
+class GenerationDefaults:
+    """Sampling defaults and stop ids from generation_config.json (absent values: our defaults)."""
+
+    temperature: float = 0.7  # 0 means greedy
+    top_k: int = 50  # 0 disables
+    top_p: float = 0.9  # 1.0 disables
+    min_p: float = 0.0  # 0 disables
+    repetition_penalty: float = 1.0  # 1.0 disables
+    max_new_tokens: int = 512
+    eos_token_ids: list[int] = field(default_factory=list)  # any of these ends a reply
+    bos_token_id: int | None = None
+
+
+def read_generation_defaults(model_dir: Path, model_json: dict[str, Any]) -> GenerationDefaults:
+    """generation_config.json's values; `do_sample: false` there means greedy by default."""
+    path = model_dir / "generation_config.json"
+    gen = read_json(path) if path.exists() else {}
+    defaults = GenerationDefaults()
+    if gen.get("do_sample") is False:
+        defaults.temperature = 0.0
+    elif gen.get("temperature") is not None:
+        defaults.temperature = float(gen["temperature"])
+    for key, cast in (("top_k", int), ("top_p", float), ("min_p", float), ("repetition_penalty", float)):
+        if gen.get(key) is not None:
+            setattr(defaults, key, cast(gen[key]))
+    if gen.get("max_new_tokens"):
+        defaults.max_new_tokens = int(gen["max_new_tokens"])
+    eos = gen.get("eos_token_id", model_json.get("eos_token_id"))
+    defaults.eos_token_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    bos = gen.get("bos_token_id", model_json.get("bos_token_id"))
+    defaults.bos_token_id = int(bos) if bos is not None else None
+    return defaults
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, single-file or sharded through the index."""
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: missing or empty 'weight_map'")
+        files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{f}: shard named in {index.name} not found")
+        return files
+    if single.exists():
+        return [single]
+    if (model_dir / "pytorch_model.bin").exists():
+        raise CheckpointError(
+            f"{model_dir}: only pytorch_model.bin found; chattui loads safetensors only "
+            "(pickle files can run code). Convert it to model.safetensors first."
+        )
+    raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+# safetensors dtype names -> torch dtypes (the format: 8-byte little-endian header length, a JSON
+# header of {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian data).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_READ_CHUNK_BYTES = 16 << 20  # staging buffer size: loading holds at most this beyond the model
+
+
+@dataclass
+class _TensorInfo:
+    file: Path
+    file_key: str  # the key as written in the file
+    dtype: torch.dtype  # as stored in the file
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+def _read_header(path: Path) -> dict[str, _TensorInfo]:
+    """Parse and check one safetensors header: every tensor's bytes must lie inside the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: corrupt safetensors file (shorter than its 8-byte header length)")
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {header_len} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + header_len
+    tensors: dict[str, _TensorInfo] = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key}: {entry}") from None
+        expected = math.prod(shape) * dtype.itemsize
+        if end - begin != expected:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {key} has {end - begin} bytes, shape needs {expected}")
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path}: truncated safetensors file: {key} needs bytes up to {data_start + end}, the file has {size}"
+            )
+        tensors[key] = _TensorInfo(path, key, dtype, shape, data_start + begin, expected)
+    return tensors
+
+
+def _scan_headers(files: list[Path]) -> dict[str, _TensorInfo]:
+    tensors: dict[str, _TensorInfo] = {}
+    for path in files:
+        tensors.update(_read_header(path))
+    return tensors
+
+
+def _read_tensor(f, info: _TensorInfo, device: torch.device, dtype: torch.dtype, staging: torch.Tensor) -> torch.Tensor:
+    """Read one tensor into its final device and dtype through the reusable uint8 staging buffer."""
+    target_dtype = dtype if info.dtype.is_floating_point else info.dtype
+    out = torch.empty(info.shape, dtype=target_dtype, device=device)
+    flat = out.view(-1)
+    per_chunk = staging.numel() // info.dtype.itemsize
+    f.seek(info.begin)
+    for start in range(0, flat.numel(), per_chunk):
+        n = min(per_chunk, flat.numel() - start)
+        chunk = staging[: n * info.dtype.itemsize]
+        if f.readinto(memoryview(chunk.numpy())) != chunk.numel():
+            raise CheckpointError(f"{info.file}: truncated safetensors file while reading {info.file_key}")
+        flat[start : start + n].copy_(chunk.view(info.dtype))  # converts dtype and moves to the device
+    return out
+
+
+def _normalize_keys(tensors: dict[str, _TensorInfo], expected: set[str], prefix: str) -> dict[str, _TensorInfo]:
+    """Drop non-weight keys and add the base-model prefix where a checkpoint was saved without it."""
+    out: dict[str, _TensorInfo] = {}
+    for key, info in tensors.items():
+        if IGNORED_CHECKPOINT_KEYS.search(key):
+            continue
+        if key not in expected and prefix + key in expected:
+            key = prefix + key
+        out[key] = info
+    return out
+
+
+def _describe(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_model(
+    model_dir: Path,
+    config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: ProgressCallback | None = None,
+) -> nn.Module:
+    """Build the model for config and fill it from the folder's safetensors, checking every key and shape."""
+    with torch.device("meta"):
+        model = build_model(config)
+    expected_params = dict(model.named_parameters())  # tied weights appear once, under their first name
+    expected_shapes = {name: tuple(p.shape) for name, p in expected_params.items()}
+    tensors = _normalize_keys(_scan_headers(weight_files(model_dir)), set(expected_shapes), checkpoint_prefix(config))
+    if getattr(config, "tie_word_embeddings", True):
+        tensors.pop("lm_head.weight", None)  # tied: the embedding is the output projection
+    missing = sorted(set(expected_shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected_shapes))
+    if missing:
+        raise CheckpointError(f"{model_dir}: missing weights: {_describe(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{model_dir}: unexpected weights: {_describe(unexpected)}")
+    for key, info in tensors.items():
+        if info.shape != expected_shapes[key]:
+            raise CheckpointError(
+                f"{info.file}: shape mismatch for {key}: checkpoint has {list(info.shape)}, "
+                f"the config expects {list(expected_shapes[key])}"
+            )
+
+    total = sum(info.nbytes for info in tensors.values())
+    done = 0
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for key, info in tensors.items():
+        by_file.setdefault(info.file, []).append(key)
+    staging = torch.empty(min(_READ_CHUNK_BYTES, max(i.nbytes for i in tensors.values())), dtype=torch.uint8)
+    for path, keys in by_file.items():
+        with open(path, "rb") as f:
+            for key in keys:
+                state[key] = _read_tensor(f, tensors[key], device, dtype, staging)
+                done += tensors[key].nbytes
+                if progress:
+                    progress(done, total)
+    model.load_state_dict(state, strict=False, assign=True)
+    del state  # the model owns the tensors now; fusing below must be free to release the originals
+    model.tie_weights()
+    model.init_buffers()
+    return prepare_for_inference(model, device, dtype)

@@ -1,0 +1,17 @@
+"""Errors the engine raises for bad input; each message is one line that names the problem."""
+
+
+class EngineError(Exception):
+    """Base class: the CLI and UI show str(error) as is, without a traceback."""
+
+
+class CheckpointError(EngineError):
+    """A model folder that cannot be loaded: missing file, bad JSON, wrong keys or shapes, corrupt data."""
+
+
+class TemplateError(EngineError):
+    """A chat template that fails to render, raises on purpose, or tries to leave the sandbox."""
+
+
+class PromptTooLongError(EngineError):
+    """A prompt that cannot fit in the model's context window."""

@@ -1,0 +1,74 @@
+"""Autoregressive generation: prefill the prompt in one forward, then one token per decode step.
+
+Small functions (`prefill`, `decode_one_token`) plus one generator (`generate_tokens`) that yields
+each sampled token with its timing; text, stop strings and stats live in engine.session.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from engine.kv_cache import KVCache
+from engine.sampling import SamplingParams, apply_repetition_penalty, sample
+
+
+def prefill(model: nn.Module, ids: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+    """Run ids (T,) at positions start.. through the model, filling the cache; next-token logits (V,)."""
+    return model(ids[None], start=start, cache=cache, last_only=True)[0, -1]
+
+
+def decode_one_token(model: nn.Module, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
+    """Feed one token (1,) at position; next-token logits (V,)."""
+    return model(token[None], start=position, cache=cache, last_only=True)[0, -1]
+
+
+@dataclass
+class TokenStep:
+    token: int  # the sampled id
+    time: float  # perf_counter() when it was sampled
+
+
+def generate_tokens(
+    model: nn.Module,
+    prompt: Sequence[int],
+    *,
+    cache: KVCache,
+    reuse: int,
+    params: SamplingParams,
+    max_new_tokens: int,
+    generator: torch.Generator,
+    is_cancelled: Callable[[], bool] = lambda: False,
+) -> Iterator[TokenStep]:
+    """Yield up to max_new_tokens sampled tokens after prompt.
+
+    The cache already holds the first `reuse` prompt positions; only prompt[reuse:] is prefilled.
+    The consumer stops early by closing the generator (eos, stop string); `is_cancelled` is checked
+    before every forward, so cancellation returns within one step.
+    """
+    device = cache.k.device
+    vocab = model.lm_head.weight.shape[0]
+    seen = torch.zeros(vocab, dtype=torch.bool, device=device)  # tokens in the sequence, for the penalty
+    prompt_ids = torch.tensor(prompt, dtype=torch.long, device=device)
+    seen[prompt_ids] = True
+    with torch.inference_mode():
+        if is_cancelled():
+            return
+        logits = prefill(model, prompt_ids[reuse:], reuse, cache)
+        position = len(prompt)
+        for i in range(max_new_tokens):
+            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+            token = sample(
+                logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                min_p=params.min_p, generator=generator,
+            )
+            yield TokenStep(token, time.perf_counter())
+            if i == max_new_tokens - 1 or is_cancelled():
+                return
+            seen[token] = True
+            logits = decode_one_token(model, torch.tensor([token], device=device), position, cache)
+            position += 1

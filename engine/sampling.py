@@ -1,0 +1,78 @@
+"""Turn next-token logits into a token: repetition penalty, temperature, top-k, top-p, min-p.
+
+The order follows transformers' logits processors (penalty, temperature, top-k, top-p, min-p), so
+the same settings mean the same distribution in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.7  # 0 = greedy (argmax)
+    top_k: int = 50  # keep the k most likely tokens; 0 = off
+    top_p: float = 0.9  # keep the smallest set with this much probability; 1.0 = off
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0 = off
+    repetition_penalty: float = 1.0  # divide (or multiply, if negative) logits of seen tokens; 1.0 = off
+    seed: int | None = None  # None: a fresh random seed, reported in the result
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting outside its allowed range."""
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min-p must be in [0, 1), got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (V,), seen (V,) bool: CTRL-style penalty on every token already in the sequence."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Set logits (V,) of tokens outside the top-k / top-p / min-p sets to -inf (at least one survives)."""
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # probability of all strictly more likely tokens
+        drop_sorted = mass_before >= top_p
+        drop_sorted[0] = False
+        logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> int:
+    """One token id from logits (V,); temperature 0 is argmax."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    probs = logits.softmax(-1)  # (V,)
+    return int(torch.multinomial(probs, 1, generator=generator))

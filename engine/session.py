@@ -1,0 +1,282 @@
+"""The Engine: one loaded model with its tokenizer and KV cache, serving one request at a time.
+
+This is the API the UI and CLI use: text and plain numbers in and out, never tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import (
+    GenerationDefaults,
+    ProgressCallback,
+    load_model,
+    read_generation_defaults,
+    read_json,
+    read_model_config,
+)
+from engine.device import dtype_name, resolve_device, resolve_dtype
+from engine.errors import CheckpointError, PromptTooLongError
+from engine.generate import generate_tokens
+from engine.kv_cache import KVCache
+from engine.sampling import SamplingParams
+from engine.text_stream import TextStream
+from engine.tokenizer import ChatTokenizer
+
+log = logging.getLogger(__name__)
+
+CACHE_GRANULE = 256  # KV cache capacity grows in multiples of this many positions
+
+
+@dataclass
+class GenerationResult:
+    text: str  # the reply as streamed (a stop string and what follows it are not included)
+    token_ids: list[int]  # generated ids, without the final eos
+    finish_reason: str  # "eos", "stop", "length" or "cancelled"
+    prompt_tokens: int
+    generated_tokens: int  # len(token_ids)
+    reused_prompt_tokens: int  # prompt positions served from the KV cache instead of prefilled
+    ttft_s: float  # time to first token: request start to first sampled token
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float  # tokens after the first, over the time after the first
+    seed: int  # the sampling seed used (reuse it to reproduce the reply)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ChatPrompt:
+    token_ids: list[int]
+    text: str  # the rendered template
+    dropped_messages: int  # oldest non-system messages left out to fit the context window
+    max_new_tokens: int  # possibly reduced so prompt + reply fit
+
+
+class Generation:
+    """Iterate for text deltas; afterwards `.result` holds the GenerationResult."""
+
+    def __init__(self, deltas: Iterator[str]):
+        self._deltas = deltas
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._deltas
+
+
+@dataclass
+class Engine:
+    model: torch.nn.Module
+    tokenizer: ChatTokenizer
+    defaults: GenerationDefaults
+    device: torch.device
+    dtype: torch.dtype
+    model_dir: Path
+    context_length: int
+    eos_token_ids: set[int] = field(default_factory=set)
+    _cache: KVCache | None = None
+    _cached_ids: list[int] = field(default_factory=list)  # tokens whose keys/values are in _cache
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        progress: ProgressCallback | None = None,
+    ) -> Engine:
+        """Load a checkpoint folder; raises CheckpointError / TemplateError / EngineError with one-line messages."""
+        model_dir = Path(model_dir).expanduser()
+        if not model_dir.is_dir():
+            raise CheckpointError(f"{model_dir}: not a directory")
+        config = read_model_config(model_dir)
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        tokenizer = ChatTokenizer.from_dir(model_dir)
+        defaults = read_generation_defaults(model_dir, read_json(model_dir / "config.json"))
+        model = load_model(model_dir, config, torch_device, torch_dtype, progress)
+        eos = set(defaults.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            defaults=defaults,
+            device=torch_device,
+            dtype=torch_dtype,
+            model_dir=model_dir,
+            context_length=config.max_position_embeddings,
+            eos_token_ids=eos,
+        )
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
+
+    def default_sampling(self) -> SamplingParams:
+        d = self.defaults
+        return SamplingParams(d.temperature, d.top_k, d.top_p, d.min_p, d.repetition_penalty)
+
+    # -- prompts -----------------------------------------------------------------------------
+
+    def raw_prompt(self, text: str) -> list[int]:
+        """The text tokenized as-is, special tokens added like `tokenizer(text)` in transformers."""
+        ids = self.tokenizer.encode(text, add_special_tokens=True)
+        if not ids:
+            raise PromptTooLongError("the prompt is empty after tokenization") from None
+        if len(ids) >= self.context_length:
+            raise PromptTooLongError(
+                f"prompt is {len(ids)} tokens; the model's context window is {self.context_length}"
+            )
+        return ids
+
+    def chat_prompt(self, messages: list[dict], max_new_tokens: int) -> ChatPrompt:
+        """Render messages with the chat template, dropping the oldest non-system turns if needed
+        so that the prompt plus max_new_tokens fits the context window."""
+        system = [m for m in messages if m["role"] == "system"][:1]
+        rest = [m for m in messages if m not in system]
+        dropped = 0
+        while True:
+            text = self.tokenizer.render_chat(system + rest, add_generation_prompt=True)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) + max_new_tokens <= self.context_length or len(rest) <= 1:
+                break
+            # Drop the oldest turn: a user message and the replies that follow it.
+            cut = 1
+            while cut < len(rest) - 1 and rest[cut]["role"] != "user":
+                cut += 1
+            rest = rest[cut:]
+            dropped += cut
+        if len(ids) >= self.context_length:
+            raise PromptTooLongError(
+                f"the last message alone is {len(ids)} tokens; the model's context window is {self.context_length}"
+            )
+        if dropped:
+            log.warning("dropped the %d oldest message(s) to fit the %d-token context", dropped, self.context_length)
+        return ChatPrompt(ids, text, dropped, min(max_new_tokens, self.context_length - len(ids)))
+
+    # -- generation --------------------------------------------------------------------------
+
+    def _prepare_cache(self, prompt: list[int], total: int) -> int:
+        """Make the cache hold `total` positions; return how many prompt positions it already has."""
+        common = 0
+        for cached, new in zip(self._cached_ids, prompt):
+            if cached != new:
+                break
+            common += 1
+        reuse = min(common, len(prompt) - 1)  # at least one token must be prefilled to get logits
+        if self._cache is None or self._cache.capacity < total:
+            capacity = min(self.context_length, -(-total // CACHE_GRANULE) * CACHE_GRANULE)
+            if self._cache is None:
+                self._cache = KVCache.for_model(self.config, capacity, self.dtype, self.device)
+            else:
+                self._cache = self._cache.grown(capacity, reuse)
+        return reuse
+
+    def reset_cache(self) -> None:
+        """Forget cached keys/values (e.g. when switching conversation); the memory is kept."""
+        self._cached_ids = []
+
+    def generate(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        stop: list[str] | tuple[str, ...] = (),
+        cancel: threading.Event | Callable[[], bool] | None = None,
+    ) -> Generation:
+        """Stream a continuation of prompt ids. One request at a time per engine."""
+        params.validate()
+        if max_new_tokens < 1:
+            raise ValueError(f"max new tokens must be >= 1, got {max_new_tokens}")
+        if len(prompt) >= self.context_length:
+            raise PromptTooLongError(
+                f"prompt is {len(prompt)} tokens; the model's context window is {self.context_length}"
+            )
+        max_new_tokens = min(max_new_tokens, self.context_length - len(prompt))
+        is_cancelled = cancel.is_set if isinstance(cancel, threading.Event) else (cancel or (lambda: False))
+        generation = Generation(iter(()))
+        generation._deltas = self._stream(generation, list(prompt), params, max_new_tokens, stop, is_cancelled)
+        return generation
+
+    def _stream(self, generation, prompt, params, max_new_tokens, stop, is_cancelled) -> Iterator[str]:
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("the engine is already generating; one request at a time")
+        try:
+            yield from self._run(generation, prompt, params, max_new_tokens, stop, is_cancelled)
+        finally:
+            self._lock.release()
+
+    def _run(self, generation, prompt, params, max_new_tokens, stop, is_cancelled) -> Iterator[str]:
+        started = time.perf_counter()
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        rng = torch.Generator(device=self.device).manual_seed(seed)
+        reuse = self._prepare_cache(prompt, len(prompt) + max_new_tokens)
+        self._cached_ids = prompt[:reuse]  # until this request finishes, only the reused part is trusted
+        stream = TextStream(lambda ids: self.tokenizer.decode(ids), stop)
+        generated: list[int] = []
+        finish = "length"
+        first_at = last_at = None
+        steps = generate_tokens(
+            self.model, prompt, cache=self._cache, reuse=reuse, params=params,
+            max_new_tokens=max_new_tokens, generator=rng, is_cancelled=is_cancelled,
+        )
+        try:
+            for step in steps:
+                first_at = first_at or step.time
+                last_at = step.time
+                if step.token in self.eos_token_ids:
+                    finish = "eos"
+                    break
+                generated.append(step.token)
+                delta = stream.push(step.token)
+                if delta:
+                    yield delta
+                if stream.stopped:
+                    finish = "stop"
+                    break
+            else:
+                finish = "cancelled" if is_cancelled() else "length"
+        finally:
+            steps.close()
+        if not stream.stopped:
+            tail = stream.finish()
+            if tail:
+                yield tail
+        # Every sampled token but the last was fed back, so its keys/values are in the cache.
+        sampled = generated + ([step.token] if finish == "eos" else [])
+        self._cached_ids = prompt + sampled[:-1] if sampled else prompt[:reuse]
+        if first_at is None:
+            finish = "cancelled"
+        prefill_s = (first_at or time.perf_counter()) - started
+        decode_n = max(len(sampled) - 1, 0)
+        decode_s = (last_at - first_at) if first_at else 0.0
+        generation.result = GenerationResult(
+            text=stream.text,
+            token_ids=generated,
+            finish_reason=finish,
+            prompt_tokens=len(prompt),
+            generated_tokens=len(generated),
+            reused_prompt_tokens=reuse,
+            ttft_s=prefill_s,
+            prefill_tokens_per_s=(len(prompt) - reuse) / prefill_s if prefill_s > 0 else 0.0,
+            decode_tokens_per_s=decode_n / decode_s if decode_s > 0 else 0.0,
+            seed=seed,
+        )

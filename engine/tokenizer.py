@@ -1,0 +1,359 @@
+"""A model folder's tokenizer and chat template, with the `tokenizers` library and Jinja2 (no transformers).
+
+Token ids and rendered prompts equal what transformers 5 produces for the same folder
+(`AutoTokenizer.from_pretrained(folder)`, `apply_chat_template`), because a model only answers well when it
+sees its prompts exactly as it was tuned on them. Where transformers 5 does not use `tokenizer.json` as is,
+the rules that change token ids are mirrored here (see `_match_transformers_loading`).
+
+Chat templates come with downloaded checkpoints, so they are untrusted code: they run in Jinja's immutable
+sandbox, and every way a template can fail surfaces as a one-line `TemplateError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
+import jinja2.sandbox
+import jinja2.utils
+from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+
+from engine.checkpoint import read_json
+from engine.errors import CheckpointError, TemplateError
+
+log = logging.getLogger(__name__)
+
+# Used when a checkpoint has no chat template: "<|im_start|>{role}\n{content}<|im_end|>\n" per message, then
+# "<|im_start|>assistant\n" when a reply is wanted. ChatML is what most small chat models are tuned on.
+CHATML_FALLBACK_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# The special tokens transformers passes to chat templates as variables (its SPECIAL_TOKENS_ATTRIBUTES).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+# Names a message's reasoning goes by; templates read the first, transformers fills it (and `thinking`) from any.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class ChatTokenizer:
+    """Text <-> token ids, and chat messages -> prompt text via the checkpoint's chat template."""
+
+    def __init__(self, tokenizer: Tokenizer, special_tokens: Mapping[str, str], chat_template: str | None) -> None:
+        """`special_tokens` maps names in SPECIAL_TOKEN_NAMES to token text; None as template means ChatML."""
+        self._tokenizer = tokenizer
+        self._special_tokens = {name: text for name, text in special_tokens.items() if name in SPECIAL_TOKEN_NAMES}
+        self.bos_token: str | None = self._special_tokens.get("bos_token")
+        self.eos_token: str | None = self._special_tokens.get("eos_token")
+        self.pad_token: str | None = self._special_tokens.get("pad_token")
+        self.eos_token_id: int | None = tokenizer.token_to_id(self.eos_token) if self.eos_token else None
+        self.has_chat_template = chat_template is not None
+        self.chat_template: str = chat_template if chat_template is not None else CHATML_FALLBACK_TEMPLATE
+        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> ChatTokenizer:
+        """Load tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja."""
+        model_dir = Path(model_dir)
+        tokenizer = _load_tokenizer_json(model_dir / "tokenizer.json")
+        config = _read_optional_json(model_dir / "tokenizer_config.json")
+        special_tokens_map = _read_optional_json(model_dir / "special_tokens_map.json")
+        model_config = _read_optional_json(model_dir / "config.json")
+
+        special_tokens = {}
+        for name in SPECIAL_TOKEN_NAMES:
+            text = _token_text(config.get(name)) or _token_text(special_tokens_map.get(name))
+            if text:
+                special_tokens[name] = text
+        _match_transformers_loading(tokenizer, config, model_config, special_tokens)
+
+        chat_template = _read_chat_template(model_dir, config)
+        if chat_template is None:
+            log.warning("%s: no chat template; using the ChatML fallback, which may not suit this model", model_dir)
+        return cls(tokenizer, special_tokens, chat_template)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of text; add_special_tokens adds what the tokenizer adds around a text (e.g. BOS)."""
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of ids, by the tokenizer's own decoder only.
+
+        Unlike transformers, `clean_up_tokenization_spaces` is never applied: streaming output decodes growing
+        prefixes of a reply and prints the new part, which relies on decode being a pure function of the ids
+        that never rewrites text it already returned.
+        """
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each token's text decoded on its own, special tokens kept, for showing tokens one by one.
+
+        A token that is only part of a UTF-8 character shows as U+FFFD; a decoder that strips the text's
+        first space (SentencePiece-style) shows a word-initial token without its space.
+        """
+        return [self._tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+
+    def render_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None, **extra: Any
+    ) -> str:
+        """The prompt text for messages, as transformers' `apply_chat_template(..., tokenize=False)` renders it.
+
+        tools are JSON schemas (dicts); extra (e.g. `documents`, `enable_thinking`) is passed to the template
+        as variables and overrides the special tokens of the same name.
+        """
+        context = {
+            **self._special_tokens,
+            "documents": None,
+            **extra,
+            "messages": _template_messages(messages),
+            "tools": tools,
+            "add_generation_prompt": add_generation_prompt,
+        }
+        template = self._template
+        try:
+            return template.render(context)
+        except TemplateError:
+            raise  # from raise_exception(): the template's own message
+        except jinja2.exceptions.SecurityError as e:
+            where = _at_line(e.__traceback__)
+            raise TemplateError(f"chat template tried an unsafe operation{where}: {_one_line(e)}") from None
+        except jinja2.exceptions.TemplateError as e:
+            raise TemplateError(f"chat template failed{_at_line(e.__traceback__)}: {_one_line(e)}") from None
+        except Exception as e:  # a template is a program: it can fail with any Python error
+            where = _at_line(e.__traceback__)
+            raise TemplateError(f"chat template failed{where}: {type(e).__name__}: {_one_line(e)}") from None
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None, **extra: Any
+    ) -> list[int]:
+        """Token ids of render_chat's text, adding no BOS/EOS (the template writes them), as transformers does."""
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools, **extra)
+        return self.encode(text, add_special_tokens=False)
+
+    @cached_property
+    def _template(self) -> jinja2.Template:
+        """Compiled on first use, so a broken template only stops chat, not loading the model."""
+        try:
+            return _ENVIRONMENT.from_string(self.chat_template)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise TemplateError(f"chat template syntax error at line {e.lineno}: {_one_line(e.message)}") from None
+
+
+def _load_tokenizer_json(path: Path) -> Tokenizer:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found (the model folder needs its tokenizer.json)")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust library raises plain Exception
+        raise CheckpointError(f"{path}: not a valid tokenizer file ({_one_line(e)})") from None
+
+
+def _read_optional_json(path: Path) -> dict[str, Any]:
+    return read_json(path) if path.exists() else {}
+
+
+def _token_text(value: Any) -> str | None:
+    """A token as written in tokenizer configs: a string or an AddedToken-style {"content": ...} dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_chat_template(model_dir: Path, config: dict[str, Any]) -> str | None:
+    """chat_template.jinja wins over tokenizer_config.json's chat_template (a string or a list of named ones)."""
+    jinja_path = model_dir / "chat_template.jinja"
+    if jinja_path.exists():
+        try:
+            return jinja_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{jinja_path}: cannot read ({e})") from None
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{model_dir / 'tokenizer_config.json'}: chat_template is not a string")
+    return template or None
+
+
+def _match_transformers_loading(
+    tokenizer: Tokenizer, config: dict[str, Any], model_config: dict[str, Any], special_tokens: dict[str, str]
+) -> None:
+    """Adjust a loaded tokenizer.json the ways transformers 5's AutoTokenizer does that change token ids.
+
+    1. A folder that declares `LlamaTokenizer` (no config.json, or model_type llama) with a SentencePiece-style
+       tokenizer.json is rebuilt by transformers with a Metaspace pre-tokenizer instead of the file's
+       normalizer: no extra "▁" after special tokens unless `legacy` is true. Other model types (mistral, phi3,
+       ...) are loaded from tokenizer.json as is.
+    2. Special tokens named in tokenizer_config.json but missing from tokenizer.json become added tokens.
+    3. `split_special_tokens: true` encodes special-token text as plain text.
+
+    BOS/EOS come from tokenizer.json's post-processor alone: transformers ignores `add_bos_token` and
+    `add_eos_token` when a tokenizer.json exists.
+    """
+    declared_class = config.get("tokenizer_class") or model_config.get("tokenizer_class") or ""
+    if (
+        declared_class.removesuffix("Fast") == "LlamaTokenizer"
+        and model_config.get("model_type") in (None, "", "llama")
+        and not _is_byte_level(tokenizer)
+    ):
+        add_prefix_space = config.get("add_prefix_space")
+        add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+        scheme = ("always" if config.get("legacy") else "first") if add_prefix_space else "never"
+        tokenizer.normalizer = None
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if add_prefix_space:
+            steps.append(decoders.Strip(content=" ", left=1))
+        tokenizer.decoder = decoders.Sequence(steps)
+
+    declared = list(special_tokens.values())
+    extra = config.get("extra_special_tokens") or []
+    extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
+    for value in [*(config.get("additional_special_tokens") or []), *extra]:
+        if text := _token_text(value):
+            declared.append(text)
+    present = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
+    missing = list(dict.fromkeys(text for text in declared if text not in present))
+    tokenizer.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in missing])
+
+    tokenizer.encode_special_tokens = bool(config.get("split_special_tokens", False))
+
+
+def _is_byte_level(tokenizer: Tokenizer) -> bool:
+    """Whether a component is ByteLevel (GPT-2-style), which transformers loads as is whatever the class."""
+    parts = (tokenizer.pre_tokenizer, tokenizer.decoder, tokenizer.post_processor)
+    return any(part is not None and b'"ByteLevel"' in part.__getstate__() for part in parts)
+
+
+def _template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as transformers hands them to templates: None-valued keys dropped, reasoning under every name."""
+    result = []
+    for message in messages:
+        message = {key: value for key, value in message.items() if value is not None}
+        reasoning = next((message[key] for key in _REASONING_FIELDS if key in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        result.append(message)
+    return result
+
+
+def _one_line(error: object) -> str:
+    return " ".join(str(error).split())
+
+
+def _at_line(tb: TracebackType | None) -> str:
+    """' at line N' of the innermost template frame (Jinja rewrites tracebacks to point into the template)."""
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f" at line {line}" if line is not None else ""
+
+
+# --- The template environment: what transformers' chat_template_utils gives templates. ---
+
+
+def _raise_exception(message: object) -> None:
+    raise TemplateError(f"chat template raised: {_one_line(message)}")
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | str | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """Plain json.dumps: Jinja's own tojson HTML-escapes, which would change prompts."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+class _TemplateDict:
+    """`dict(...)` for templates without exposing the dict type itself."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """Jinja's namespace(), refusing underscore names so templates cannot reach Python internals through it."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # no named self: `namespace(self=...)` must still work
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name: object) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}` ... `{% endgeneration %}` marks assistant text for training masks; we keep the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.CallBlock:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Any) -> str:
+        return caller()
+
+
+class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """transformers' sandbox, except that reading an unsafe attribute fails at once.
+
+    Jinja renders a lone `{{ x.__globals__ }}` as an empty string and only fails when the result is used;
+    a template that probes Python internals is hostile, and saying so beats rendering a quietly wrong prompt.
+    """
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+        )
+
+
+def _make_environment() -> _Sandbox:
+    env = _Sandbox(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    return env
+
+
+_ENVIRONMENT = _make_environment()

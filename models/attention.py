@@ -1,0 +1,53 @@
+"""Causal self-attention over a (possibly cached) key/value sequence, shared by all families."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class LayerCache(Protocol):
+    """What a model needs from a KV cache (engine.kv_cache.KVCache implements it)."""
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, kvh, T, hd) at positions start.. and return all keys/values so far."""
+        ...
+
+
+def causal_mask(start: int, T: int, S: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean (T, S) mask: query i (position start+i) may see key j iff j <= start+i (and within window)."""
+    query_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+    key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = key_pos <= query_pos  # (T, S)
+    if window is not None:
+        allowed &= key_pos > query_pos - window
+    return allowed
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int | None = None
+) -> torch.Tensor:
+    """softmax(q kᵀ / √hd) v for queries at positions start.. over keys 0..S-1.
+
+    q: (B, nh, T, hd); k, v: (B, kvh, S, hd) with S = start + T and nh a multiple of kvh
+    (query head h reads key/value head h // (nh // kvh), as in HF's repeat_kv).
+    Returns (B, nh, T, hd).
+    """
+    B, nh, T, hd = q.shape
+    kvh, S = k.shape[1], k.shape[2]
+    groups = nh // kvh
+    if T == 1:
+        if window is not None and S > window:
+            k, v = k[:, :, S - window :], v[:, :, S - window :]
+        # One query per head: fold the query heads that share a kv head into rows, no copy of k/v.
+        y = F.scaled_dot_product_attention(q.reshape(B, kvh, groups, hd), k, v)  # (B, kvh, groups, hd)
+        return y.reshape(B, nh, 1, hd)
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
+        v = v.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
+    if start == 0 and (window is None or S <= window):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(start, T, S, window, q.device))
+

@@ -1,0 +1,182 @@
+"""Llama family: Llama 2/3, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm).
+
+Submodules are named exactly as the Hugging Face checkpoint keys (`model.layers.0.self_attn.q_proj`),
+so loading is a key-for-key copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.attention import LayerCache, causal_attention
+from models.config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale in the input dtype, as HF does (matters in bfloat16).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inverse_frequencies(config: LlamaConfig, device: torch.device | None = None) -> torch.Tensor:
+    """(head_dim // 2,) float32 inverse frequencies, after `linear` or `llama3` scaling."""
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)  # (hd/2,)
+    s = config.rope_scaling
+    if s.kind == "linear":
+        return inv_freq / s.factor
+    if s.kind == "llama3":
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    # Inference only (engine.inference): one matmul for q, k and v whose weight the three share.
+    fused_qkv: nn.Module | None = None
+
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = hd = config.head_dim
+        self.sliding_window = config.sliding_window
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, config.hidden_size, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def project_qkv(self, x, cos, sin):
+        """Rotated queries (B, nh, T, hd) and keys, values (B, kvh, T, hd) for hidden states x (B, T, D)."""
+        B, T, _ = x.shape
+        if self.fused_qkv is not None:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.fused_qkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, kvh, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, kvh, hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        return q, k, v
+
+    def forward(self, x, cos, sin, start: int, cache: LayerCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project_qkv(x, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, start, k, v)  # (B, kvh, start+T, hd)
+        y = causal_attention(q, k, v, start, self.sliding_window)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    # Inference only (engine.inference): one matmul for gate and up whose weight the two share.
+    fused_gate_up: nn.Module | None = None
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gate_up is not None:
+            gate, up = self.fused_gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x, cos, sin, start: int, cache: LayerCache | None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, start, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_buffers(self) -> None:
+        """Recompute non-persistent buffers on the weights' device (after building on `meta`)."""
+        self.inv_freq = rope_inverse_frequencies(self.config, self.lm_head.weight.device)
+
+    def rope(self, start: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: (1, 1, T, hd) for positions start..start+T-1, computed in float32 like HF."""
+        positions = torch.arange(start, start + T, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq[None, :]  # (T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+        return emb.cos().to(dtype)[None, None], emb.sin().to(dtype)[None, None]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        start: int = 0,
+        cache: LayerCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for input_ids (B, T) at positions start..start+T-1 (only the last if last_only)."""
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = self.rope(start, input_ids.shape[1], x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, start, cache)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, D)
+        return self.lm_head(self.model.norm(x))  # (B, T, V)

@@ -1,0 +1,115 @@
+"""Tiny Hugging Face checkpoints built on the fly: random weights from transformers, a byte-level
+BPE tokenizer trained with `tokenizers`, ChatML special tokens and template. No network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "Hello there! How are you doing today? I am fine, thank you.",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "Transformers use attention: softmax(QK^T / sqrt(d)) V.",
+    "你好，世界！今天天气很好。我们一起学习注意力机制。",
+    "Emoji test 😀🎉🚀 and accents: café naïve résumé.",
+    "def main():\n    print('hello world')\n    return 0\n",
+]
+
+FAMILIES = ("llama", "llama_tied_llama3_rope", "mistral", "qwen2", "qwen3", "gpt2")
+
+
+def train_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer with ChatML specials (ids 0-2), like Qwen's and SmolLM's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    return tok
+
+
+def hf_config(family: str, vocab_size: int, **overrides):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=2, max_position_embeddings=256)
+    llama_like = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.2, **common,
+    )
+    if family == "llama":
+        cfg = tf.LlamaConfig(**llama_like, tie_word_embeddings=False)
+    elif family == "llama_tied_llama3_rope":
+        cfg = tf.LlamaConfig(
+            **llama_like, tie_word_embeddings=True,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+        )
+    elif family == "llama_linear_rope":
+        cfg = tf.LlamaConfig(**llama_like, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    elif family == "mistral":
+        cfg = tf.MistralConfig(**llama_like, sliding_window=24)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(**llama_like, tie_word_embeddings=True)
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(**llama_like, head_dim=24, tie_word_embeddings=False)
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(
+            vocab_size=vocab_size, n_positions=256, n_embd=64, n_layer=2, n_head=4,
+            initializer_range=0.2, bos_token_id=0, eos_token_id=2,
+        )
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def make_checkpoint(path: Path, family: str, tokenizer=None, seed: int = 0, **config_overrides) -> Path:
+    """Save a random-weight HF model of the family plus tokenizer files into path."""
+    import transformers as tf
+
+    tokenizer = tokenizer or train_tokenizer()
+    cfg = hf_config(family, tokenizer.get_vocab_size(), **config_overrides)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "chat_template": CHATML_TEMPLATE,
+                "add_bos_token": False,
+            }
+        )
+    )
+    return path
+
+
+def hf_model(path: Path):
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def hf_tokenizer(path: Path):
+    import transformers as tf
+
+    return tf.AutoTokenizer.from_pretrained(path)

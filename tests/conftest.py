@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random checkpoints per family, built once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/checkpoints.py
+
+from checkpoints import FAMILIES, make_checkpoint, train_tokenizer  # noqa: E402
+
+REALWORLD = Path(__file__).resolve().parents[1].parent / "shared" / "realworld" / "tokenizers"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory, tokenizer):
+    """checkpoint_factory(family, **config_overrides) -> folder; cached per argument set."""
+    built: dict[tuple, Path] = {}
+
+    def make(family: str, **overrides) -> Path:
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in built:
+            folder = tmp_path_factory.mktemp(family)
+            built[key] = make_checkpoint(folder, family, tokenizer, **overrides)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family_checkpoint(request, checkpoint_factory) -> tuple[str, Path]:
+    """(family, folder) for every supported family."""
+    return request.param, checkpoint_factory(request.param)
+
+
+@pytest.fixture
+def realworld() -> Path:
+    if not REALWORLD.is_dir():
+        pytest.skip(f"real-world tokenizer files not found at {REALWORLD}")
+    return REALWORLD

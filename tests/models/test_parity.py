@@ -1,0 +1,199 @@
+"""Our model code gives the same logits as transformers for every supported family.
+
+Each checkpoint is a tiny random-weight model saved by transformers itself (tests/checkpoints.py); we load
+it with engine.checkpoint.load_model in float32 and compare logits against transformers' eager float32
+forward on the same ids, for a full forward and for incremental decoding through the KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+
+from checkpoints import hf_model
+from engine.checkpoint import load_model, read_model_config
+from engine.kv_cache import KVCache
+from models.config import RopeScaling
+
+ATOL = 1e-4
+RTOL = 1e-4
+BATCH, SEQ = 2, 40  # SEQ is longer than Mistral's sliding window (24)
+CPU = torch.device("cpu")
+
+
+def _ours(path: Path, config=None) -> torch.nn.Module:
+    config = config or read_model_config(path)
+    return load_model(path, config, CPU, torch.float32)
+
+
+def _random_ids(vocab: int, batch: int = BATCH, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_logits_match_hf(path: Path, ids: torch.Tensor | None = None) -> torch.Tensor:
+    ours = _ours(path)
+    ids = _random_ids(ours.config.vocab_size) if ids is None else ids
+    with torch.inference_mode():
+        got = ours(ids)
+        want = hf_model(path)(ids).logits
+    assert got.shape == want.shape == (*ids.shape, ours.config.vocab_size)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    return got
+
+
+def _perturbed_copy(src: Path, dst: Path, seed: int = 1) -> Path:
+    """A copy of the checkpoint whose 1-D parameters (norm weights, biases) are random, not HF's 1s and 0s,
+    so that mistakes in biases or norm scales cannot hide behind their default initialisation."""
+    model = hf_model(src)
+    g = torch.Generator().manual_seed(seed)
+    changed = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+                changed += 1
+    assert changed > 0
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+# -- full forward ------------------------------------------------------------------------------
+
+
+def test_full_forward_logits_match_transformers(family_checkpoint):
+    family, path = family_checkpoint
+    _assert_logits_match_hf(path)
+
+
+def test_logits_match_transformers_with_random_norm_weights_and_biases(family_checkpoint, tmp_path):
+    family, path = family_checkpoint
+    _assert_logits_match_hf(_perturbed_copy(path, tmp_path / family))
+
+
+def test_last_only_returns_the_last_position_of_the_full_forward(family_checkpoint):
+    family, path = family_checkpoint
+    model = _ours(path)
+    ids = _random_ids(model.config.vocab_size)
+    with torch.inference_mode():
+        full = model(ids)
+        last = model(ids, last_only=True)
+    assert last.shape == (BATCH, 1, model.config.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], atol=ATOL, rtol=RTOL)
+
+
+def test_mistral_sliding_window_is_applied_and_matches_transformers(checkpoint_factory):
+    path = checkpoint_factory("mistral")
+    config = read_model_config(path)
+    assert config.sliding_window == 24 < SEQ
+    windowed = _assert_logits_match_hf(path)
+    # The window must really matter over 40 positions: without it, positions >= 24 change, earlier ones don't.
+    unwindowed = _ours(path, dataclasses.replace(config, sliding_window=None))
+    with torch.inference_mode():
+        full_attention = unwindowed(_random_ids(config.vocab_size))
+    torch.testing.assert_close(full_attention[:, :24], windowed[:, :24], atol=ATOL, rtol=RTOL)
+    assert (full_attention[:, 24:] - windowed[:, 24:]).abs().max() > 1e-2
+
+
+def test_mistral_long_sequence_far_past_the_window_matches_transformers(checkpoint_factory):
+    path = checkpoint_factory("mistral")
+    _assert_logits_match_hf(path, _random_ids(read_model_config(path).vocab_size, batch=1, seq=100, seed=3))
+
+
+def test_linear_rope_scaling_matches_transformers(checkpoint_factory):
+    path = checkpoint_factory("llama_linear_rope")
+    config = read_model_config(path)
+    assert config.rope_scaling.kind == "linear" and config.rope_scaling.factor == 2.0
+    scaled = _assert_logits_match_hf(path)
+    unscaled = _ours(path, dataclasses.replace(config, rope_scaling=RopeScaling("default")))
+    with torch.inference_mode():
+        assert (unscaled(_random_ids(config.vocab_size)) - scaled).abs().max() > 1e-2  # the scaling is not a no-op
+
+
+def test_llama3_rope_scaling_is_read_from_the_config(checkpoint_factory):
+    config = read_model_config(checkpoint_factory("llama_tied_llama3_rope"))
+    assert config.rope_scaling.kind == "llama3"
+    assert config.rope_scaling.factor == 8.0
+    assert config.rope_scaling.original_max_position_embeddings == 32
+    assert config.tie_word_embeddings
+
+
+def test_llama_attention_bias_matches_transformers(checkpoint_factory, tmp_path):
+    path = _perturbed_copy(checkpoint_factory("llama", attention_bias=True), tmp_path / "attention_bias")
+    config = read_model_config(path)
+    assert config.qkv_bias and config.o_bias and not config.mlp_bias
+    model = _ours(path)
+    attn = model.model.layers[0].self_attn
+    assert all(m.bias is not None for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+    _assert_logits_match_hf(path)
+
+
+def test_llama_mlp_bias_matches_transformers(checkpoint_factory, tmp_path):
+    path = _perturbed_copy(checkpoint_factory("llama", mlp_bias=True), tmp_path / "mlp_bias")
+    config = read_model_config(path)
+    assert config.mlp_bias and not config.qkv_bias
+    mlp = _ours(path).model.layers[0].mlp
+    assert all(m.bias is not None for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    _assert_logits_match_hf(path)
+
+
+# -- incremental decoding through the KV cache --------------------------------------------------
+
+
+def _batched_cache(config, capacity: int) -> KVCache:
+    return KVCache(
+        config.num_hidden_layers, config.num_key_value_heads, config.head_dim, capacity, torch.float32, CPU,
+        batch_size=BATCH,
+    )
+
+
+def test_incremental_decoding_with_kv_cache_equals_full_forward(family_checkpoint):
+    """Prefill 16 positions, then a 14-position chunk at start=16, then one token at a time to 40."""
+    family, path = family_checkpoint
+    model = _ours(path)
+    config = model.config
+    ids = _random_ids(config.vocab_size)
+    cache = _batched_cache(config, capacity=64)
+    with torch.inference_mode():
+        full = model(ids)
+        want_hf = hf_model(path)(ids).logits
+        pieces = [model(ids[:, :16], start=0, cache=cache), model(ids[:, 16:30], start=16, cache=cache)]
+        pieces += [model(ids[:, t : t + 1], start=t, cache=cache) for t in range(30, SEQ)]
+    incremental = torch.cat(pieces, dim=1)
+    assert incremental.shape == full.shape
+    torch.testing.assert_close(incremental, full, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(incremental, want_hf, atol=ATOL, rtol=RTOL)
+
+
+def test_incremental_decoding_with_last_only_matches_per_step_logits(family_checkpoint):
+    """What generation uses: last_only logits at each step equal the full forward's row for that position."""
+    family, path = family_checkpoint
+    model = _ours(path)
+    ids = _random_ids(model.config.vocab_size, batch=1, seq=SEQ, seed=5)
+    cache = KVCache.for_model(model.config, 64, torch.float32, CPU)
+    with torch.inference_mode():
+        full = model(ids)
+        steps = [model(ids[:, :20], start=0, cache=cache, last_only=True)]
+        steps += [model(ids[:, t : t + 1], start=t, cache=cache, last_only=True) for t in range(20, SEQ)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 19:], atol=ATOL, rtol=RTOL)
+
+
+def test_cache_positions_beyond_the_prefix_are_overwritten_not_read(family_checkpoint):
+    """Re-running a different continuation from position 20 over a used cache gives fresh-cache logits
+    (the engine reuses one cache across turns, so stale keys past the shared prefix must never be seen)."""
+    family, path = family_checkpoint
+    model = _ours(path)
+    first = _random_ids(model.config.vocab_size, batch=1, seq=SEQ, seed=7)
+    second = torch.cat([first[:, :20], _random_ids(model.config.vocab_size, batch=1, seq=15, seed=8)], dim=1)
+    cache = KVCache.for_model(model.config, 64, torch.float32, CPU)
+    with torch.inference_mode():
+        model(first, start=0, cache=cache)  # fills positions 0..39
+        reused = model(second[:, 20:], start=20, cache=cache)  # positions 20..34, keys 35..39 are stale
+        fresh = model(second)[:, 20:]
+    torch.testing.assert_close(reused, fresh, atol=ATOL, rtol=RTOL)
+
