@@ -1,0 +1,1 @@
+"""The app's screens: the chat screen and its modal dialogs."""

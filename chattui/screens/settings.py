@@ -1,0 +1,93 @@
+"""The per-conversation settings dialog: mode, system prompt and sampling settings.
+
+Empty sampling fields mean "the model's default" (shown as the placeholder); a bad value keeps the
+dialog open with a message saying what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Select, Static, TextArea
+
+from chattui.settings import FIELDS, format_value, parse_overrides
+
+
+class SettingsScreen(ModalScreen[dict | None]):
+    """Dismissed with {"mode": str, "settings": {...}} on save, None on cancel."""
+
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel"),
+        Binding("ctrl+s", "save", "Save"),
+    ]
+
+    def __init__(self, settings: dict[str, Any], mode: str, defaults: dict[str, Any], context_length: int | None):
+        super().__init__()
+        self.settings = settings
+        self.mode = mode
+        self.defaults = defaults
+        self.context_length = context_length
+        self.errors: dict[str, str] = {}  # field key -> message, from the last save attempt
+
+    def compose(self):
+        with Vertical(id="dialog", classes="settings-dialog"):
+            yield Label("Conversation settings", classes="dialog-title")
+            with Grid(id="settings-grid"):
+                yield Label("Mode")
+                yield Select(
+                    [("Chat (the model's chat template)", "chat"), ("Generate (raw completion, no template)", "generate")],
+                    value=self.mode, allow_blank=False, id="mode",
+                )
+                for field in FIELDS:
+                    yield Label(field.label)
+                    default = self.defaults.get(field.key)
+                    placeholder = "random" if field.key == "seed" else f"model default: {format_value(default)}"
+                    yield Input(
+                        value=format_value(self.settings.get(field.key)), placeholder=placeholder, id=field.key,
+                        tooltip=field.allowed,
+                    )
+            yield Label("System prompt (chat mode)")
+            yield TextArea(self.settings.get("system_prompt", ""), id="system_prompt", soft_wrap=True)
+            yield Static("", id="settings-error", markup=False)
+            yield Label("Empty fields use the model's defaults (from its generation_config.json).", classes="hint")
+            with Horizontal(classes="buttons"):
+                yield Button("Save", variant="primary", id="save")
+                yield Button("Use model defaults", id="reset")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#settings-error").display = False
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "save":
+            self.action_save()
+        elif event.button.id == "reset":
+            for field in FIELDS:
+                self.query_one(f"#{field.key}", Input).value = ""
+        else:
+            self.action_cancel()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.action_save()
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def action_save(self) -> None:
+        texts = {field.key: self.query_one(f"#{field.key}", Input).value for field in FIELDS}
+        overrides, self.errors = parse_overrides(texts, self.context_length)
+        for field in FIELDS:
+            self.query_one(f"#{field.key}", Input).set_class(field.key in self.errors, "-invalid")
+        error = self.query_one("#settings-error", Static)
+        if self.errors:
+            error.update("\n".join(self.errors.values()))
+            error.display = True
+            return
+        system = self.query_one("#system_prompt", TextArea).text
+        settings = dict(overrides)
+        if system.strip():
+            settings["system_prompt"] = system
+        self.dismiss({"mode": self.query_one("#mode", Select).value, "settings": settings})

@@ -1,0 +1,105 @@
+"""Per-conversation generation settings: parsing, validation and defaults, in plain Python.
+
+A conversation stores only what the user changed (`overrides`); the rest comes from the loaded
+model's generation_config.json, so a new model brings its own defaults. The allowed ranges match
+the engine's `SamplingParams.validate`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+MAX_SEED = 2**63 - 1
+
+FALLBACK_DEFAULTS: dict[str, Any] = {  # used until a model is loaded (the engine's own defaults)
+    "temperature": 0.7,
+    "top_k": 50,
+    "top_p": 0.9,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "max_new_tokens": 512,
+    "seed": None,
+}
+
+
+class SettingError(ValueError):
+    """One setting with a value outside what is allowed; the message names both."""
+
+
+@dataclass(frozen=True)
+class SettingField:
+    key: str  # the key in settings dicts and SamplingParams
+    label: str  # what the user sees
+    kind: type  # int or float
+    allowed: str  # what is allowed, in words, for error messages and hints
+    check: Callable[[Any], bool]  # True when the parsed value is allowed
+
+
+FIELDS: tuple[SettingField, ...] = (
+    SettingField("temperature", "Temperature", float, "a number >= 0 (0 = greedy)", lambda v: v >= 0),
+    SettingField("top_p", "Top-p", float, "a number > 0 and <= 1 (1 = off)", lambda v: 0 < v <= 1),
+    SettingField("top_k", "Top-k", int, "a whole number >= 0 (0 = off)", lambda v: v >= 0),
+    SettingField("min_p", "Min-p", float, "a number >= 0 and < 1 (0 = off)", lambda v: 0 <= v < 1),
+    SettingField("repetition_penalty", "Repetition penalty", float, "a number > 0 (1 = off)", lambda v: v > 0),
+    SettingField("max_new_tokens", "Max new tokens", int, "a whole number >= 1", lambda v: v >= 1),
+    SettingField("seed", "Seed", int, f"a whole number from 0 to {MAX_SEED}, or empty for a random seed",
+                 lambda v: 0 <= v <= MAX_SEED),
+)
+FIELD_BY_KEY = {f.key: f for f in FIELDS}
+
+
+def parse_value(field: SettingField, text: str, context_length: int | None = None) -> int | float:
+    """The value typed for one field; SettingError says what is allowed."""
+    raw = text.strip()
+    try:
+        value = field.kind(raw)
+    except ValueError:
+        value = None
+    if field.kind is int and value is None:
+        try:  # accept "512.0" but not "0.5"
+            as_float = float(raw)
+            value = int(as_float) if as_float.is_integer() else None
+        except (ValueError, OverflowError):
+            value = None
+    if value is None or (isinstance(value, float) and not math.isfinite(value)) or not field.check(value):
+        raise SettingError(f"{field.label} must be {field.allowed}; got {raw!r}")
+    if field.key == "max_new_tokens" and context_length and value >= context_length:
+        raise SettingError(
+            f"{field.label} must be less than the model's context length ({context_length}); got {raw!r}"
+        )
+    return value
+
+
+def parse_overrides(
+    texts: dict[str, str], context_length: int | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Typed overrides from the text of each field (empty = model default), and an error per bad field."""
+    overrides: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for key, text in texts.items():
+        if not text.strip():
+            continue
+        try:
+            overrides[key] = parse_value(FIELD_BY_KEY[key], text, context_length)
+        except SettingError as e:
+            errors[key] = str(e)
+    return overrides, errors
+
+
+def effective(overrides: dict[str, Any], defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """The sampling settings a reply uses: model defaults with the conversation's overrides on top."""
+    values = dict(FALLBACK_DEFAULTS)
+    values.update({k: v for k, v in (defaults or {}).items() if k in FALLBACK_DEFAULTS})
+    values.update({k: v for k, v in overrides.items() if k in FALLBACK_DEFAULTS})
+    return values
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)

@@ -1,0 +1,353 @@
+"""Conversations and messages on disk: one SQLite file under the user data dir.
+
+- The schema version is SQLite's `user_version`; `MIGRATIONS[i]` takes a database from version i
+  to i + 1, each in one transaction, so a failed migration leaves the file as it was.
+- WAL mode, and every write is its own committed transaction: a user message is saved when it is
+  sent, a reply when it ends, so killing the app mid-reply loses no earlier message.
+- A file that is not a readable database is moved aside (never overwritten) and a fresh one is
+  started; `open_store` returns a notice saying where the old file went.
+- Used from the UI thread only; every call is a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "chattui.db"
+
+MIGRATIONS: tuple[str, ...] = (
+    # 0 -> 1: conversations, their messages, recently used models.
+    """
+    CREATE TABLE conversations (
+        id INTEGER PRIMARY KEY,
+        title TEXT NOT NULL DEFAULT '',
+        mode TEXT NOT NULL DEFAULT 'chat',          -- 'chat' (template) or 'generate' (raw completion)
+        settings TEXT NOT NULL DEFAULT '{}',        -- JSON: system_prompt and sampling overrides
+        model TEXT,                                 -- folder of the model last used here
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        role TEXT NOT NULL,                         -- 'user' or 'assistant'
+        content TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        finished_at REAL,
+        finish_reason TEXT,                         -- eos, stop, length, cancelled, error (replies)
+        prompt_tokens INTEGER,
+        generated_tokens INTEGER,
+        stats TEXT NOT NULL DEFAULT '{}',           -- JSON: ttft_s, decode_tokens_per_s, seed, ...
+        settings TEXT NOT NULL DEFAULT '{}',        -- JSON: the sampling settings used
+        model TEXT,                                 -- folder of the model that wrote the reply
+        UNIQUE (conversation_id, position)
+    );
+    CREATE INDEX messages_by_conversation ON messages (conversation_id, position);
+    CREATE TABLE recent_models (
+        path TEXT PRIMARY KEY,
+        last_used REAL NOT NULL
+    );
+    """,
+)
+
+
+class StoreError(Exception):
+    """The database cannot be used (e.g. written by a newer chattui); the message says why."""
+
+
+class CorruptDatabase(StoreError):
+    """The file is not a readable SQLite database."""
+
+
+@dataclass
+class Conversation:
+    id: int
+    title: str
+    mode: str  # "chat" or "generate"
+    settings: dict[str, Any]  # system_prompt and sampling overrides (absent = model default)
+    model: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass
+class Message:
+    id: int
+    conversation_id: int
+    position: int  # 0, 1, 2 ... within the conversation
+    role: str  # "user" or "assistant"
+    content: str
+    created_at: float
+    finished_at: float | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    generated_tokens: int | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "content": self.content,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "stats": self.stats,
+            "settings": self.settings,
+            "model": self.model,
+        }
+
+
+class Store:
+    def __init__(self, path: Path | str, migrations: tuple[str, ...] = MIGRATIONS):
+        """Open (creating if needed) and migrate; raises CorruptDatabase or StoreError."""
+        self.path = Path(path) if str(path) != ":memory:" else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None)
+        try:
+            check = self._db.execute("PRAGMA quick_check").fetchall()
+            if check != [("ok",)]:
+                raise CorruptDatabase("; ".join(str(row[0]) for row in check[:3]))
+            if self.path is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # durable across app crashes in WAL mode
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate(migrations)
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise CorruptDatabase(str(e)) from None
+        except StoreError:
+            self._db.close()
+            raise
+
+    @property
+    def version(self) -> int:
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self, migrations: tuple[str, ...]) -> None:
+        current = self.version
+        if current > len(migrations):
+            raise StoreError(
+                f"{self.path}: written by a newer chattui (schema version {current}; this one knows up to "
+                f"{len(migrations)}); it was left untouched"
+            )
+        for version in range(current, len(migrations)):
+            script = f"BEGIN IMMEDIATE;\n{migrations[version]}\nPRAGMA user_version = {version + 1};\nCOMMIT;"
+            try:
+                self._db.executescript(script)
+            except sqlite3.Error as e:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise StoreError(f"{self.path}: migration to schema version {version + 1} failed ({e})") from None
+            log.info("migrated %s to schema version %d", self.path, version + 1)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _write(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+        """One statement in its own committed transaction."""
+        with self._db:
+            return self._db.execute(sql, params)
+
+    # -- conversations ---------------------------------------------------------------------------
+
+    def create_conversation(
+        self, title: str = "", mode: str = "chat", settings: dict | None = None, model: str | None = None
+    ) -> Conversation:
+        now = time.time()
+        cur = self._write(
+            "INSERT INTO conversations (title, mode, settings, model, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (title, mode, json.dumps(settings or {}), model, now, now),
+        )
+        return self.conversation(cur.lastrowid)
+
+    def conversation(self, conversation_id: int) -> Conversation:
+        row = self._db.execute(
+            "SELECT id, title, mode, settings, model, created_at, updated_at FROM conversations WHERE id = ?",
+            (conversation_id,),
+        ).fetchone()
+        if row is None:
+            raise KeyError(conversation_id)
+        return _conversation(row)
+
+    def conversations(self) -> list[Conversation]:
+        """All conversations, most recently active first."""
+        rows = self._db.execute(
+            "SELECT id, title, mode, settings, model, created_at, updated_at FROM conversations "
+            "ORDER BY updated_at DESC, id DESC"
+        ).fetchall()
+        return [_conversation(r) for r in rows]
+
+    def update_conversation(
+        self,
+        conversation_id: int,
+        *,
+        title: str | None = None,
+        mode: str | None = None,
+        settings: dict | None = None,
+        model: str | None = None,
+    ) -> Conversation:
+        changes = {"title": title, "mode": mode, "model": model}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if settings is not None:
+            changes["settings"] = json.dumps(settings)
+        if changes:
+            assignments = ", ".join(f"{k} = ?" for k in changes)
+            self._write(
+                f"UPDATE conversations SET {assignments}, updated_at = ? WHERE id = ?",
+                (*changes.values(), time.time(), conversation_id),
+            )
+        return self.conversation(conversation_id)
+
+    def delete_conversation(self, conversation_id: int) -> None:
+        self._write("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    # -- messages --------------------------------------------------------------------------------
+
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        *,
+        created_at: float | None = None,
+        finished_at: float | None = None,
+        finish_reason: str | None = None,
+        prompt_tokens: int | None = None,
+        generated_tokens: int | None = None,
+        stats: dict | None = None,
+        settings: dict | None = None,
+        model: str | None = None,
+    ) -> Message:
+        """Append a message and commit it (with the conversation's activity time) at once."""
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            (position,) = self._db.execute(
+                "SELECT COALESCE(MAX(position) + 1, 0) FROM messages WHERE conversation_id = ?", (conversation_id,)
+            ).fetchone()
+            cur = self._db.execute(
+                "INSERT INTO messages (conversation_id, position, role, content, created_at, finished_at, "
+                "finish_reason, prompt_tokens, generated_tokens, stats, settings, model) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    conversation_id, position, role, content, created_at or now, finished_at, finish_reason,
+                    prompt_tokens, generated_tokens, json.dumps(stats or {}), json.dumps(settings or {}), model,
+                ),
+            )
+            self._db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+        return self.message(cur.lastrowid)
+
+    def message(self, message_id: int) -> Message:
+        row = self._db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if row is None:
+            raise KeyError(message_id)
+        return _message(row)
+
+    def messages(self, conversation_id: int) -> list[Message]:
+        rows = self._db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY position",
+            (conversation_id,),
+        ).fetchall()
+        return [_message(r) for r in rows]
+
+    def edit_and_truncate(self, message_id: int, content: str) -> None:
+        """Replace a message's text and delete every later message of its conversation, atomically."""
+        msg = self.message(message_id)
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("UPDATE messages SET content = ?, created_at = ? WHERE id = ?", (content, time.time(), message_id))
+            self._db.execute(
+                "DELETE FROM messages WHERE conversation_id = ? AND position > ?", (msg.conversation_id, msg.position)
+            )
+            self._db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), msg.conversation_id))
+
+    def delete_message(self, message_id: int) -> None:
+        self._write("DELETE FROM messages WHERE id = ?", (message_id,))
+
+    # -- models ----------------------------------------------------------------------------------
+
+    def touch_model(self, path: str) -> None:
+        self._write(
+            "INSERT INTO recent_models (path, last_used) VALUES (?, ?) "
+            "ON CONFLICT(path) DO UPDATE SET last_used = excluded.last_used",
+            (path, time.time()),
+        )
+
+    def recent_models(self, limit: int = 10) -> list[str]:
+        rows = self._db.execute("SELECT path FROM recent_models ORDER BY last_used DESC LIMIT ?", (limit,))
+        return [r[0] for r in rows]
+
+
+_MESSAGE_COLUMNS = (
+    "id, conversation_id, position, role, content, created_at, finished_at, finish_reason, "
+    "prompt_tokens, generated_tokens, stats, settings, model"
+)
+
+
+def _conversation(row) -> Conversation:
+    id_, title, mode, settings, model, created, updated = row
+    return Conversation(id_, title, mode, _json(settings), model, created, updated)
+
+
+def _message(row) -> Message:
+    *head, stats, settings, model = row
+    return Message(*head, stats=_json(stats), settings=_json(settings), model=model)
+
+
+def _json(text: str | None) -> dict:
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def open_store(data_dir: Path) -> tuple[Store, str | None]:
+    """The store in data_dir, and a notice for the user when something had to be done about it.
+
+    A corrupt file is renamed to `chattui.db.corrupt-<time>` (with its -wal/-shm files) and a new
+    one is started. A database that cannot be used at all (newer schema, unwritable folder) gives
+    an in-memory store, so the app still works, with a notice that nothing will be saved.
+    """
+    path = data_dir / DB_FILE
+    try:
+        return Store(path), None
+    except CorruptDatabase as e:
+        aside = _move_aside(path)
+        notice = f"The conversation database {path} could not be read ({e}). It was moved to {aside}; a new one was started."
+        log.warning(notice)
+        try:
+            return Store(path), notice
+        except (StoreError, OSError, sqlite3.Error) as e2:
+            return Store(":memory:"), f"{notice} The new one failed too ({e2}); conversations will not be saved."
+    except (StoreError, OSError, sqlite3.Error) as e:
+        return Store(":memory:"), f"{e}. Conversations will not be saved this session."
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    path.rename(aside)
+    for suffix in ("-wal", "-shm"):
+        extra = path.with_name(path.name + suffix)
+        if extra.exists():
+            extra.rename(aside.with_name(aside.name + suffix))
+    return aside
