@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from engine.errors import CheckpointError
 from engine.inference import prepare_for_inference
+from engine.sampling import SamplingParams
 from models import IGNORED_CHECKPOINT_KEYS, ModelConfig, build_model, checkpoint_prefix, config_from_hf
 from models.config import ConfigError
 
@@ -73,15 +74,24 @@ def read_generation_defaults(model_dir: Path, model_json: dict[str, Any]) -> Gen
     path = model_dir / "generation_config.json"
     gen = read_json(path) if path.exists() else {}
     defaults = GenerationDefaults()
+    fields = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
+              "repetition_penalty": float, "max_new_tokens": int}
+    for key, cast in fields.items():
+        if gen.get(key) is None:
+            continue
+        try:
+            setattr(defaults, key, cast(gen[key]))
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path}: {key!r} must be a number, got {gen[key]!r}") from None
     if gen.get("do_sample") is False:
         defaults.temperature = 0.0
-    elif gen.get("temperature") is not None:
-        defaults.temperature = float(gen["temperature"])
-    for key, cast in (("top_k", int), ("top_p", float), ("min_p", float), ("repetition_penalty", float)):
-        if gen.get(key) is not None:
-            setattr(defaults, key, cast(gen[key]))
-    if gen.get("max_new_tokens"):
-        defaults.max_new_tokens = int(gen["max_new_tokens"])
+    try:
+        SamplingParams(defaults.temperature, defaults.top_k, defaults.top_p, defaults.min_p,
+                       defaults.repetition_penalty).validate()
+        if defaults.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {defaults.max_new_tokens}")
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     eos = gen.get("eos_token_id", model_json.get("eos_token_id"))
     defaults.eos_token_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
     bos = gen.get("bos_token_id", model_json.get("bos_token_id"))

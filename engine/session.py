@@ -24,7 +24,7 @@ from engine.checkpoint import (
     read_model_config,
 )
 from engine.device import dtype_name, resolve_device, resolve_dtype
-from engine.errors import CheckpointError, PromptTooLongError
+from engine.errors import CheckpointError, EngineError, PromptTooLongError
 from engine.generate import generate_tokens
 from engine.kv_cache import KVCache
 from engine.sampling import SamplingParams
@@ -61,8 +61,23 @@ class ChatPrompt:
     max_new_tokens: int  # possibly reduced so prompt + reply fit
 
 
+def _oldest_turn(messages: list[dict]) -> slice | None:
+    """The oldest droppable turn: the first non-system message and the non-user replies after it,
+    never reaching the last message (the one being answered)."""
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+    if first is None or first >= len(messages) - 1:
+        return None
+    end = first + 1
+    while end < len(messages) - 1 and messages[end]["role"] not in ("user", "system"):
+        end += 1
+    return slice(first, end)
+
+
 class Generation:
-    """Iterate for text deltas; afterwards `.result` holds the GenerationResult."""
+    """Iterate for text deltas; afterwards `.result` holds the GenerationResult.
+
+    Abandoning the iteration early? Call close() (or use `with`) so the engine is free at once.
+    """
 
     def __init__(self, deltas: Iterator[str]):
         self._deltas = deltas
@@ -70,6 +85,15 @@ class Generation:
 
     def __iter__(self) -> Iterator[str]:
         return self._deltas
+
+    def close(self) -> None:
+        self._deltas.close()
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass
@@ -150,20 +174,16 @@ class Engine:
     def chat_prompt(self, messages: list[dict], max_new_tokens: int) -> ChatPrompt:
         """Render messages with the chat template, dropping the oldest non-system turns if needed
         so that the prompt plus max_new_tokens fits the context window."""
-        system = [m for m in messages if m["role"] == "system"][:1]
-        rest = [m for m in messages if m not in system]
+        messages = list(messages)
         dropped = 0
         while True:
-            text = self.tokenizer.render_chat(system + rest, add_generation_prompt=True)
+            text = self.tokenizer.render_chat(messages, add_generation_prompt=True)
             ids = self.tokenizer.encode(text, add_special_tokens=False)
-            if len(ids) + max_new_tokens <= self.context_length or len(rest) <= 1:
+            turn = _oldest_turn(messages)
+            if len(ids) + max_new_tokens <= self.context_length or turn is None:
                 break
-            # Drop the oldest turn: a user message and the replies that follow it.
-            cut = 1
-            while cut < len(rest) - 1 and rest[cut]["role"] != "user":
-                cut += 1
-            rest = rest[cut:]
-            dropped += cut
+            del messages[turn]
+            dropped += turn.stop - turn.start
         if len(ids) >= self.context_length:
             raise PromptTooLongError(
                 f"the last message alone is {len(ids)} tokens; the model's context window is {self.context_length}"
@@ -203,9 +223,17 @@ class Engine:
         cancel: threading.Event | Callable[[], bool] | None = None,
     ) -> Generation:
         """Stream a continuation of prompt ids. One request at a time per engine."""
-        params.validate()
+        try:
+            params.validate()
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        if not prompt:
+            raise EngineError("the prompt is empty")
+        vocab = self.model.lm_head.weight.shape[0]
+        if not all(0 <= t < vocab for t in prompt):
+            raise EngineError(f"prompt token ids must be in [0, {vocab})")
         if max_new_tokens < 1:
-            raise ValueError(f"max new tokens must be >= 1, got {max_new_tokens}")
+            raise EngineError(f"max new tokens must be >= 1, got {max_new_tokens}")
         if len(prompt) >= self.context_length:
             raise PromptTooLongError(
                 f"prompt is {len(prompt)} tokens; the model's context window is {self.context_length}"
@@ -253,7 +281,7 @@ class Engine:
                     finish = "stop"
                     break
             else:
-                finish = "cancelled" if is_cancelled() else "length"
+                finish = "cancelled" if is_cancelled() and len(generated) < max_new_tokens else "length"
         finally:
             steps.close()
         if not stream.stopped:

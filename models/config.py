@@ -107,19 +107,21 @@ _MODEL_TYPE_TO_ARCHITECTURE = {
 def architecture_of(hf: dict[str, Any]) -> str:
     """The HF architecture name in config.json, or one inferred from model_type."""
     architectures = hf.get("architectures") or []
+    if isinstance(architectures, str):
+        architectures = [architectures]
     if architectures:
-        return architectures[0]
+        return str(architectures[0])
     model_type = hf.get("model_type")
     if model_type in _MODEL_TYPE_TO_ARCHITECTURE:
         return _MODEL_TYPE_TO_ARCHITECTURE[model_type]
     raise ConfigError(
-        f"config.json names no architecture (no 'architectures', model_type={model_type!r}); "
+        f"names no architecture (no 'architectures', model_type={model_type!r}); "
         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Build the typed config for a config.json dict; ConfigError says what is wrong."""
+    """Build the typed config for a config.json dict; ConfigError says which key is wrong and why."""
     architecture = architecture_of(hf)
     if architecture in LLAMA_FAMILY:
         return _llama_config(architecture, hf)
@@ -130,94 +132,116 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-def _require(hf: dict[str, Any], key: str) -> Any:
-    if hf.get(key) is None:
-        raise ConfigError(f"config.json: missing required key {key!r}")
-    return hf[key]
+_REQUIRED = object()
+
+
+def _get(hf: dict[str, Any], key: str, cast: type, default: Any = _REQUIRED, where: str = "") -> Any:
+    """hf[key] converted with cast (None counts as absent); ConfigError names the key otherwise."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"missing required key {where}{key!r}")
+        return default
+    if cast is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}{key!r} must be true or false, got {value!r}")
+        return value
+    try:
+        if isinstance(value, bool) or (cast is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        converted = cast(value)
+        if converted <= 0:  # every count, size and scale in these configs is positive
+            raise ValueError
+        return converted
+    except (TypeError, ValueError):
+        kind = "a positive integer" if cast is int else "a positive number"
+        raise ConfigError(f"{where}{key!r} must be {kind}, got {value!r}") from None
 
 
 def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
     # transformers >= 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`.
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = dict(hf.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise ConfigError("'rope_scaling' / 'rope_parameters' must be JSON objects")
+    theta = _get(params, "rope_theta", float, _get(hf, "rope_theta", float, 10000.0))
     merged = {**params, **scaling}
     kind = merged.get("rope_type", merged.get("type", "default"))
+    where = "rope_scaling."
     if kind == "default":
         return theta, RopeScaling("default")
     if kind == "linear":
-        return theta, RopeScaling("linear", factor=float(merged["factor"]))
+        return theta, RopeScaling("linear", factor=_get(merged, "factor", float, where=where))
     if kind == "llama3":
         return theta, RopeScaling(
             "llama3",
-            factor=float(merged["factor"]),
-            low_freq_factor=float(merged["low_freq_factor"]),
-            high_freq_factor=float(merged["high_freq_factor"]),
-            original_max_position_embeddings=int(merged["original_max_position_embeddings"]),
+            factor=_get(merged, "factor", float, where=where),
+            low_freq_factor=_get(merged, "low_freq_factor", float, where=where),
+            high_freq_factor=_get(merged, "high_freq_factor", float, where=where),
+            original_max_position_embeddings=_get(merged, "original_max_position_embeddings", int, where=where),
         )
-    raise ConfigError(f"config.json: rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
+    raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
 
 
 def _llama_config(architecture: str, hf: dict[str, Any]) -> LlamaConfig:
-    hidden = int(_require(hf, "hidden_size"))
-    heads = int(_require(hf, "num_attention_heads"))
-    kv_heads = int(hf.get("num_key_value_heads") or heads)
+    hidden = _get(hf, "hidden_size", int)
+    heads = _get(hf, "num_attention_heads", int)
+    kv_heads = _get(hf, "num_key_value_heads", int, heads)
     if heads % kv_heads:
-        raise ConfigError(f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-    head_dim = hf.get("head_dim") or hidden // heads
+        raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
-        raise ConfigError(f"config.json: hidden_act {act!r} is not supported (expected 'silu')")
+        raise ConfigError(f"hidden_act {act!r} is not supported (expected 'silu')")
     if hf.get("pretraining_tp", 1) != 1:
-        raise ConfigError("config.json: pretraining_tp other than 1 is not supported")
+        raise ConfigError("pretraining_tp other than 1 is not supported")
     if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and hf.get("use_sliding_window"):
-        raise ConfigError("config.json: use_sliding_window=true is not supported for Qwen models")
+        raise ConfigError("use_sliding_window=true is not supported for Qwen models")
     theta, scaling = _rope(hf)
-    attention_bias = bool(hf.get("attention_bias", False))
-    sliding = hf.get("sliding_window") if architecture == "MistralForCausalLM" else None
+    attention_bias = _get(hf, "attention_bias", bool, False)
+    sliding = _get(hf, "sliding_window", int, None) if architecture == "MistralForCausalLM" else None
     return LlamaConfig(
         architecture=architecture,
-        vocab_size=int(_require(hf, "vocab_size")),
+        vocab_size=_get(hf, "vocab_size", int),
         hidden_size=hidden,
-        intermediate_size=int(_require(hf, "intermediate_size")),
-        num_hidden_layers=int(_require(hf, "num_hidden_layers")),
+        intermediate_size=_get(hf, "intermediate_size", int),
+        num_hidden_layers=_get(hf, "num_hidden_layers", int),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=int(head_dim),
-        max_position_embeddings=int(hf.get("max_position_embeddings") or 2048),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        head_dim=_get(hf, "head_dim", int, hidden // heads),
+        max_position_embeddings=_get(hf, "max_position_embeddings", int, 2048),
+        rms_norm_eps=_get(hf, "rms_norm_eps", float, 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_word_embeddings=_get(hf, "tie_word_embeddings", bool, False),
         qkv_bias=architecture == "Qwen2ForCausalLM" or attention_bias,
         o_bias=attention_bias,
-        mlp_bias=bool(hf.get("mlp_bias", False)),
+        mlp_bias=_get(hf, "mlp_bias", bool, False),
         qk_norm=architecture == "Qwen3ForCausalLM",
-        sliding_window=int(sliding) if sliding else None,
+        sliding_window=sliding or None,
     )
 
 
 def _gpt2_config(hf: dict[str, Any]) -> GPT2Config:
-    n_embd = int(_require(hf, "n_embd"))
-    n_head = int(_require(hf, "n_head"))
+    n_embd = _get(hf, "n_embd", int)
+    n_head = _get(hf, "n_head", int)
     if n_embd % n_head:
-        raise ConfigError(f"config.json: n_embd={n_embd} is not a multiple of n_head={n_head}")
+        raise ConfigError(f"n_embd={n_embd} is not a multiple of n_head={n_head}")
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu", "gelu_pytorch_tanh"):
-        raise ConfigError(f"config.json: activation_function {act!r} is not supported (expected gelu_new or gelu)")
+        raise ConfigError(f"activation_function {act!r} is not supported (expected gelu_new or gelu)")
     for unsupported in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if hf.get(unsupported):
-            raise ConfigError(f"config.json: {unsupported}=true is not supported")
+            raise ConfigError(f"{unsupported}=true is not supported")
     if hf.get("scale_attn_weights") is False:
-        raise ConfigError("config.json: scale_attn_weights=false is not supported")
+        raise ConfigError("scale_attn_weights=false is not supported")
     return GPT2Config(
         architecture="GPT2LMHeadModel",
-        vocab_size=int(_require(hf, "vocab_size")),
-        n_positions=int(_require(hf, "n_positions")),
+        vocab_size=_get(hf, "vocab_size", int),
+        n_positions=_get(hf, "n_positions", int),
         n_embd=n_embd,
-        n_layer=int(_require(hf, "n_layer")),
+        n_layer=_get(hf, "n_layer", int),
         n_head=n_head,
-        n_inner=int(hf.get("n_inner") or 4 * n_embd),
-        layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
+        n_inner=_get(hf, "n_inner", int, 4 * n_embd),
+        layer_norm_epsilon=_get(hf, "layer_norm_epsilon", float, 1e-5),
         activation_function=act,
     )

@@ -131,6 +131,23 @@ def test_unsupported_rope_scaling_type_yarn(llama_copy, rope):
     assert "'yarn'" in message and "not supported" in message and "rope_scaling" in message
 
 
+@pytest.mark.parametrize(
+    "rope",
+    [{"rope_type": "linear", "rope_theta": 10000.0}, {"rope_type": "llama3", "rope_theta": 10000.0}],
+    ids=["linear", "llama3"],
+)
+def test_rope_scaling_without_its_factor_is_a_checkpoint_error(llama_copy, rope):
+    edit_json(llama_copy / "config.json", rope_parameters=rope)
+    message = load_error(llama_copy)  # not a bare KeyError('factor') with a traceback
+    assert "factor" in message and "config.json" in message
+
+
+def test_non_numeric_config_value_is_a_checkpoint_error(llama_copy):
+    edit_json(llama_copy / "config.json", hidden_size="abc")
+    message = load_error(llama_copy)  # not a bare ValueError from int()
+    assert "hidden_size" in message and "config.json" in message
+
+
 # -- weights ------------------------------------------------------------------------------------
 
 

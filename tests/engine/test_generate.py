@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from checkpoints import FAMILIES, hf_model
-from engine import Engine, PromptTooLongError, SamplingParams
+from engine import Engine, EngineError, PromptTooLongError, SamplingParams
 from engine.text_stream import TextStream
 
 
@@ -136,6 +136,47 @@ def test_same_prompt_twice_reuses_all_but_one_position_and_gives_the_same_ids(ll
     engine.reset_cache()
     _, c = run(engine, prompt)
     assert c.reused_prompt_tokens == 0 and c.token_ids == a.token_ids
+
+
+@pytest.mark.parametrize("finish", ["length", "eos", "stop", "cancelled"])
+def test_continuing_from_the_generated_ids_reuses_exactly_the_cached_positions(
+    checkpoint_factory, tmp_path, finish
+):
+    """Turn 2 = turn-1 prompt + turn-1 ids (+ the eos) + new tokens. Every sampled token but the last was fed
+    back, so the reuse must stop right there; reusing one position too many reads keys never written."""
+    path = checkpoint_factory("llama")
+    plain = load(path)
+    plain.eos_token_ids = set()
+    prompt = first_turn_prompt(plain)
+    _, free = run(plain, prompt, max_new_tokens=12)
+    kwargs = {}
+    if finish == "eos":
+        path = _with_generation_config(path, tmp_path / "ckpt", {"eos_token_id": [free.token_ids[8]]})
+    elif finish == "stop":
+        stop, _ = _two_token_stop_string(plain, free.token_ids)
+        kwargs["stop"] = [stop]
+    elif finish == "cancelled":
+        kwargs["cancel"] = lambda: len(seen) >= 4
+    seen: list[str] = []
+    engine = load(path)
+    if finish != "eos":
+        engine.eos_token_ids = set()
+    gen = engine.generate(prompt, GREEDY, 12, **kwargs)
+    seen.extend(gen)
+    first = gen.result
+    assert first.finish_reason == finish
+    assert 0 < len(first.token_ids) < 12 or finish == "length"
+    sampled = first.token_ids + ([free.token_ids[len(first.token_ids)]] if finish == "eos" else [])
+    assert sampled == free.token_ids[: len(sampled)]
+
+    follow_up = prompt + sampled + engine.tokenizer.encode("Hello there! How are you?", add_special_tokens=False)
+    _, second = run(engine, follow_up, max_new_tokens=12)
+    assert second.reused_prompt_tokens == len(prompt) + len(sampled) - 1
+    fresh = load(path)
+    fresh.eos_token_ids = set(engine.eos_token_ids)
+    _, want = run(fresh, follow_up, max_new_tokens=12)
+    assert want.reused_prompt_tokens == 0
+    assert second.token_ids == want.token_ids and second.finish_reason == want.finish_reason
 
 
 # -- finish reasons -----------------------------------------------------------------------------
@@ -451,6 +492,15 @@ def test_single_enormous_last_message_raises(short_context, history):
     huge = {"role": "user", "content": "Hello there! How are you doing today? " * 30}
     with pytest.raises(PromptTooLongError, match="last message"):
         engine.chat_prompt([SYSTEM, *history, huge], max_new_tokens=8)
+
+
+def test_empty_prompt_ids_are_rejected_with_a_clear_error(llama):
+    engine = load(llama)
+    with pytest.raises((EngineError, ValueError), match="empty"):
+        list(engine.generate([], GREEDY, 4))  # raw_prompt refuses empty prompts; generate must too
+    # and the engine still works afterwards
+    _, result = run(engine, first_turn_prompt(engine), max_new_tokens=3)
+    assert result.generated_tokens == 3 or result.finish_reason == "eos"
 
 
 # -- stats --------------------------------------------------------------------------------------
