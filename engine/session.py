@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from engine.attention import AttentionMaps
 from engine.checkpoint import (
     GenerationDefaults,
     ProgressCallback,
@@ -191,6 +192,10 @@ class Engine:
         if dropped:
             log.warning("dropped the %d oldest message(s) to fit the %d-token context", dropped, self.context_length)
         return ChatPrompt(ids, text, dropped, min(max_new_tokens, self.context_length - len(ids)))
+
+    def attention(self, token_ids: list[int]) -> AttentionMaps:
+        """Attention weights of every layer and head for a token sequence (see engine.attention)."""
+        return AttentionMaps(self.model, token_ids, self.tokenizer.token_strings(token_ids), self.device)
 
     # -- generation --------------------------------------------------------------------------
 

@@ -51,3 +51,15 @@ def causal_attention(
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(start, T, S, window, q.device))
 
+
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, start: int = 0, window: int | None = None) -> torch.Tensor:
+    """The weights causal_attention applies, computed explicitly: softmax(q kᵀ / √hd) under the same
+    causal (and sliding-window) mask and GQA head mapping. q: (B, nh, T, hd), k: (B, kvh, S, hd);
+    returns (B, nh, T, S) float32, rows summing to 1, zero above the diagonal."""
+    B, nh, T, hd = q.shape
+    kvh, S = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(nh // kvh, dim=1)  # (B, nh, S, hd): query head h reads kv head h // groups
+    scores = (q.float() @ k.float().transpose(-1, -2)) * hd**-0.5  # (B, nh, T, S)
+    scores = scores.masked_fill(~causal_mask(start, T, S, window, q.device), float("-inf"))
+    return scores.softmax(dim=-1)

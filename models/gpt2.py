@@ -5,6 +5,8 @@ Submodules are named exactly as the Hugging Face checkpoint keys (`transformer.h
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -98,6 +100,20 @@ class GPT2LMHeadModel(nn.Module):
     def init_buffers(self) -> None:
         """GPT-2 has no non-persistent buffers; kept for a uniform loading interface."""
 
+    def embed(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Token plus position embeddings (B, T, D) for input_ids (B, T) at positions start.."""
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        return self.transformer.wte(input_ids) + self.transformer.wpe(positions)
+
+    def attention_inputs(self, input_ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, lazily: the queries (B, nh, T, hd) and keys (B, nh, T, hd) its attention sees for
+        input_ids (B, T) from position 0 (for attention capture)."""
+        x = self.embed(input_ids, 0)  # (B, T, D)
+        for block in self.transformer.h:
+            q, k, _ = block.attn.project_qkv(block.ln_1(x))
+            yield q, k
+            x = block(x, 0, None)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -106,9 +122,7 @@ class GPT2LMHeadModel(nn.Module):
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V) for input_ids (B, T) at positions start..start+T-1 (only the last if last_only)."""
-        T = input_ids.shape[1]
-        positions = torch.arange(start, start + T, device=input_ids.device)
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (B, T, D)
+        x = self.embed(input_ids, start)  # (B, T, D)
         for block in self.transformer.h:
             x = block(x, start, cache)
         if last_only:

@@ -7,6 +7,7 @@ so loading is a key-for-key copy.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -164,6 +165,16 @@ class LlamaForCausalLM(nn.Module):
         freqs = positions[:, None] * self.inv_freq[None, :]  # (T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
         return emb.cos().to(dtype)[None, None], emb.sin().to(dtype)[None, None]
+
+    def attention_inputs(self, input_ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, lazily: the rotated queries (B, nh, T, hd) and keys (B, kvh, T, hd) its attention
+        sees for input_ids (B, T) from position 0 (for attention capture)."""
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = self.rope(0, input_ids.shape[1], x.dtype)
+        for layer in self.model.layers:
+            q, k, _ = layer.self_attn.project_qkv(layer.input_layernorm(x), cos, sin)
+            yield q, k
+            x = layer(x, cos, sin, 0, None)
 
     def forward(
         self,
