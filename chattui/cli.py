@@ -1,6 +1,8 @@
-"""Command-line interface: `chattui generate`, `chattui bench` (and the app, when run bare).
+"""Command-line interface: `chattui generate`, `chattui bench`, and the app when run bare
+(`chattui [--model DIR] [--device D] [--dtype D]`).
 
 Errors from bad input are printed as one line (`chattui: error: ...`) with a non-zero exit code.
+The engine (and torch) is imported only by the subcommands that need it, so the app opens at once.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import sys
 import threading
 from pathlib import Path
 
-from engine import EngineError, SamplingParams
-from models import DEFAULT_MODEL_DIR
+from chattui.paths import bundled_model_dir
+
+DEFAULT_MODEL_DIR = bundled_model_dir()  # models.DEFAULT_MODEL_DIR, found without importing torch
 
 log = logging.getLogger("chattui")
 
@@ -47,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="chattui",
         description="Chat with, look inside and fine-tune Transformer language models in your terminal.",
     )
+    parser.add_argument("--model", dest="app_model", metavar="DIR", type=Path,
+                        help="with no COMMAND: open the chat app on this checkpoint folder (default: the bundled model)")
+    parser.add_argument("--device", dest="app_device", metavar="D", help="with no COMMAND: auto, cpu, cuda, cuda:N, mps")
+    parser.add_argument("--dtype", dest="app_dtype", metavar="D",
+                        help="with no COMMAND: auto, float32, bfloat16, float16")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser(
@@ -56,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or, with --raw, a plain continuation of PROMPT. The text streams to stdout.",
     )
     add_model_arguments(g)
+    g.add_argument("--adapter", metavar="DIR", type=Path, help="apply this LoRA adapter (PEFT format) without merging")
     g.add_argument("--raw", action="store_true", help="continue PROMPT as-is, without the chat template")
     g.add_argument("--system", metavar="TEXT", help="system prompt (chat mode only)")
     g.add_argument("--temperature", type=float, metavar="T", help="0 = greedy (default: from generation_config.json)")
@@ -96,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compare-hf", action="store_true", help="also run transformers' generate and print ratios")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     b.set_defaults(run=cmd_bench)
+
+    from chattui import attention_cli, finetune_cli
+
+    attention_cli.add_parser(sub)
+    finetune_cli.add_parser(sub)
     return parser
 
 
@@ -106,6 +120,8 @@ def read_prompt(arg: str) -> str:
 
 
 def sampling_from_args(args, defaults: SamplingParams) -> SamplingParams:
+    from engine import SamplingParams
+
     params = SamplingParams(
         temperature=defaults.temperature if args.temperature is None else args.temperature,
         top_k=defaults.top_k if args.top_k is None else args.top_k,
@@ -128,15 +144,16 @@ def load_engine(args):
     from engine import Engine
 
     model_dir = args.model or default_model_dir()
+    adapter = getattr(args, "adapter", None)
     if not sys.stderr.isatty():
-        return Engine.load(model_dir, device=args.device, dtype=args.dtype)
+        return Engine.load(model_dir, device=args.device, dtype=args.dtype, adapter=adapter)
     with Progress(
         TextColumn("loading {task.description}"), BarColumn(), DownloadColumn(),
         transient=True, console=_stderr_console(),
     ) as bar:
         task = bar.add_task(str(model_dir), total=None)
         return Engine.load(
-            model_dir, device=args.device, dtype=args.dtype,
+            model_dir, device=args.device, dtype=args.dtype, adapter=adapter,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
 
@@ -235,13 +252,49 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def app_arguments(argv: list[str]) -> argparse.Namespace | None:
+    """The app's options when argv names no subcommand (`chattui`, `chattui --model DIR ...`), else None.
+
+    Parsed without build_parser(), which imports the engine (and torch) for `bench --preset`."""
+    p = argparse.ArgumentParser(prog="chattui", add_help=False, exit_on_error=False)
+    p.add_argument("--model", dest="app_model", type=Path)
+    p.add_argument("--device", dest="app_device")
+    p.add_argument("--dtype", dest="app_dtype")
+    try:
+        args, rest = p.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return None
+    return None if rest else args
+
+
+def cmd_app(args) -> int:
+    from chattui.app import run_app
+    from chattui.config import DEVICE_PATTERN, DTYPES
+
+    if args.app_device is not None and not DEVICE_PATTERN.fullmatch(args.app_device):
+        raise CommandError(f"unknown device {args.app_device!r} (expected auto, cpu, cuda, cuda:N or mps)")
+    if args.app_dtype is not None and args.app_dtype not in DTYPES:
+        raise CommandError(f"unknown dtype {args.app_dtype!r} (expected auto, float32, bfloat16, float16)")
+    model = args.app_model.expanduser().resolve() if args.app_model is not None else None
+    if model is not None and not model.is_dir():
+        raise CommandError(f"{model}: not a directory")
+    return run_app(str(model) if model else None, args.app_device, args.app_dtype)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="chattui: %(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = app_arguments(argv)
+    if args is None:
+        args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) is None:
+        try:
+            return cmd_app(args)
+        except CommandError as e:
+            print(f"chattui: error: {e}", file=sys.stderr)
+            return 1
+    from engine import EngineError
+
     try:
         return args.run(args)
     except (CommandError, EngineError) as e:

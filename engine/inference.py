@@ -5,6 +5,9 @@
 - On CPU in float32, matmuls run through oneDNN, which spreads a single-row (decode) matmul over
   every core where MKL's sgemv uses one, and each weight is stored in the memory order that kernel
   reads fastest. `chattui bench` measures the effect.
+- Layers that carry a LoRA adapter (engine.lora) are left as they are: no fusing, no oneDNN class.
+
+`prepare_for_training` undoes all of it, for fine-tuning a model loaded by engine.checkpoint.load_model.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from engine.lora import is_lora_layer
 from models.gpt2 import Conv1D
 from models.llama import LlamaAttention, LlamaMLP
 
@@ -68,35 +72,70 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
 
     The last step after loading: moving the model afterwards would break the shared storage."""
     model.eval().requires_grad_(False)
+    with_lora = {id(m) for layer in model.modules() if is_lora_layer(layer) for m in layer.modules()}
     fused_parts: list[nn.Linear] = []
     fused_layers: list[nn.Linear] = []
     for module in model.modules():
         # object.__setattr__ keeps the fused layers out of _modules, so state_dict() stays HF's keys.
         if isinstance(module, LlamaAttention):
             parts = [module.q_proj, module.k_proj, module.v_proj]
+            if any(id(p) in with_lora for p in parts):
+                continue
             fused = fuse_linears(parts)
             object.__setattr__(module, "fused_qkv", fused)
             fused_parts += parts
             fused_layers.append(fused)
         elif isinstance(module, LlamaMLP):
             parts = [module.gate_proj, module.up_proj]
+            if any(id(p) in with_lora for p in parts):
+                continue
             fused = fuse_linears(parts)
             object.__setattr__(module, "fused_gate_up", fused)
             fused_parts += parts
             fused_layers.append(fused)
     use_onednn = device.type == "cpu" and dtype == torch.float32 and onednn_available()
     if use_onednn:
-        standalone = [m for m in model.modules() if isinstance(m, nn.Linear) and m not in fused_parts]
+        standalone = [
+            m for m in model.modules()
+            if isinstance(m, nn.Linear) and m not in fused_parts and id(m) not in with_lora
+        ]
         for linear in standalone + fused_layers:
             linear.weight.data = _store_for_onednn(linear.weight.data)
             linear.__class__ = OneDNNLinear
         for module in model.modules():
-            if isinstance(module, Conv1D):
+            if isinstance(module, Conv1D) and id(module) not in with_lora:
                 module.weight.data = _store_for_onednn(module.weight.data.t()).t()
                 module.__class__ = OneDNNConv1D
     elif device.type == "cpu":
         # bfloat16 kernels read (out, in)-contiguous weights fastest; GPT-2 stores (in, out).
         for module in model.modules():
-            if isinstance(module, Conv1D):
+            if isinstance(module, Conv1D) and id(module) not in with_lora:
                 module.weight.data = module.weight.data.t().contiguous().t()
     return model
+
+
+def prepare_for_training(model: nn.Module) -> nn.Module:
+    """Undo prepare_for_inference: separate q/k/v and gate/up weights again, plain nn.Linear/Conv1D layers,
+    contiguous weights in HF's layout, every parameter trainable, train mode. Values are unchanged.
+
+    For fine-tuning a model loaded with engine.checkpoint.load_model (which prepares for inference);
+    each fused weight is released as soon as its parts own their storage again.
+    """
+    for module in model.modules():
+        for attr, parts in (("fused_qkv", ("q_proj", "k_proj", "v_proj")), ("fused_gate_up", ("gate_proj", "up_proj"))):
+            if attr in module.__dict__:
+                for name in parts:
+                    part = getattr(module, name)
+                    part.weight.data = part.weight.data.clone()
+                    if part.bias is not None:
+                        part.bias.data = part.bias.data.clone()
+                object.__delattr__(module, attr)  # back to the class attribute None: unfused forward
+    for module in model.modules():
+        if type(module) is OneDNNLinear:
+            module.__class__ = nn.Linear
+        elif type(module) is OneDNNConv1D:
+            module.__class__ = Conv1D
+    for p in model.parameters():
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
+    return model.train().requires_grad_(True)

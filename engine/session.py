@@ -27,7 +27,9 @@ from engine.checkpoint import (
 from engine.device import dtype_name, resolve_device, resolve_dtype
 from engine.errors import CheckpointError, EngineError, PromptTooLongError
 from engine.generate import generate_tokens
+from engine.inference import prepare_for_inference, prepare_for_training
 from engine.kv_cache import KVCache
+from engine.lora import apply_adapter, read_adapter, set_lora_enabled
 from engine.sampling import SamplingParams
 from engine.text_stream import TextStream
 from engine.tokenizer import ChatTokenizer
@@ -107,6 +109,7 @@ class Engine:
     model_dir: Path
     context_length: int
     eos_token_ids: set[int] = field(default_factory=set)
+    adapter_dir: Path | None = None  # the LoRA adapter applied at load time (unmerged), if any
     _cache: KVCache | None = None
     _cached_ids: list[int] = field(default_factory=list)  # tokens whose keys/values are in _cache
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -118,17 +121,29 @@ class Engine:
         device: str = "auto",
         dtype: str = "auto",
         progress: ProgressCallback | None = None,
+        adapter: str | Path | None = None,
     ) -> Engine:
-        """Load a checkpoint folder; raises CheckpointError / TemplateError / EngineError with one-line messages."""
+        """Load a checkpoint folder; raises CheckpointError / TemplateError / EngineError with one-line messages.
+
+        adapter: a LoRA adapter folder in PEFT's format (engine.lora), applied on top of the base weights
+        without merging them (its layers run unfused; `set_adapter_enabled(False)` gives the base model).
+        """
         model_dir = Path(model_dir).expanduser()
         if not model_dir.is_dir():
             raise CheckpointError(f"{model_dir}: not a directory")
         config = read_model_config(model_dir)
+        lora = read_adapter(adapter) if adapter is not None else None  # checked before the slow part
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         tokenizer = ChatTokenizer.from_dir(model_dir)
         defaults = read_generation_defaults(model_dir, read_json(model_dir / "config.json"))
         model = load_model(model_dir, config, torch_device, torch_dtype, progress)
+        if lora is not None:
+            prepare_for_training(model)  # plain layers again, so the adapted ones can stay unfused
+            for layer in apply_adapter(model, lora).values():
+                layer.lora_A.to(dtype=torch_dtype)
+                layer.lora_B.to(dtype=torch_dtype)
+            prepare_for_inference(model, torch_device, torch_dtype)
         eos = set(defaults.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -141,6 +156,7 @@ class Engine:
             model_dir=model_dir,
             context_length=config.max_position_embeddings,
             eos_token_ids=eos,
+            adapter_dir=lora.path if lora is not None else None,
         )
 
     @property
@@ -218,6 +234,18 @@ class Engine:
     def reset_cache(self) -> None:
         """Forget cached keys/values (e.g. when switching conversation); the memory is kept."""
         self._cached_ids = []
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        """With an adapter loaded: generate with it (True) or as the base model (False), e.g. to compare."""
+        if self.adapter_dir is None:
+            raise EngineError("no adapter is loaded")
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("the engine is generating; switch the adapter between requests")
+        try:
+            set_lora_enabled(self.model, enabled)
+            self.reset_cache()
+        finally:
+            self._lock.release()
 
     def generate(
         self,
