@@ -14,8 +14,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
+
+from chattui.catalog import display_name
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
 Prompt = list[dict] | str  # chat messages [{"role", "content"}], or raw text to continue
@@ -56,6 +57,7 @@ class EngineBackend:
     def __init__(self) -> None:
         self._engine = None
         self._busy = threading.Lock()  # held while a request runs
+        self._loading = threading.Lock()  # loads run one after another, so the last one asked for wins
 
     @property
     def loaded(self) -> bool:
@@ -65,22 +67,22 @@ class EngineBackend:
              progress: ProgressCallback | None = None) -> ModelInfo:
         from engine import Engine, EngineError
 
-        try:
-            engine = Engine.load(model_dir, device=device, dtype=dtype, progress=progress)
-        except EngineError as e:
-            raise BackendError(str(e)) from None
-        except (OSError, ValueError, RuntimeError, MemoryError) as e:  # e.g. out of memory on the device
-            raise BackendError(f"{model_dir}: {type(e).__name__}: {e}") from None
-        old, self._engine = self._engine, engine
-        del old  # the previous model's memory goes once no request holds it
-        return self.info()
+        with self._loading:
+            try:
+                engine = Engine.load(model_dir, device=device, dtype=dtype, progress=progress)
+            except EngineError as e:
+                raise BackendError(str(e)) from None
+            except (OSError, ValueError, RuntimeError, MemoryError) as e:  # e.g. out of memory on the device
+                raise BackendError(f"{model_dir}: {type(e).__name__}: {e}") from None
+            self._engine = engine  # the previous model is freed once no request holds it
+            return self.info()
 
     def info(self) -> ModelInfo:
         engine = self._engine
         d = engine.defaults
         return ModelInfo(
             path=str(engine.model_dir),
-            name=engine.model_dir.name or str(engine.model_dir),
+            name=display_name(engine.model_dir),
             architecture=engine.config.architecture,
             parameters=engine.num_parameters,
             device=str(engine.device),
@@ -122,16 +124,11 @@ class EngineBackend:
                     ids, max_new, dropped = chat.token_ids, chat.max_new_tokens, chat.dropped_messages
                 if max_new < 1:
                     raise BackendError(f"the prompt fills the model's context window ({engine.context_length} tokens)")
-                generation = engine.generate(ids, params, max_new, cancel=cancel)
-                yield from generation
+                with engine.generate(ids, params, max_new, cancel=cancel) as generation:
+                    yield from generation  # closing early (the app quit) frees the engine at once
             except (EngineError, ValueError) as e:
                 raise BackendError(str(e)) from None
             result = generation.result.to_dict()
         result.pop("token_ids", None)
         result["dropped_messages"] = dropped
         yield result
-
-
-def model_name(path: str | Path) -> str:
-    p = Path(path)
-    return p.name or str(p)

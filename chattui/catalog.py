@@ -53,8 +53,16 @@ def _models_config() -> ModuleType | None:
         return None
 
 
+def display_name(path: str | Path) -> str:
+    """A model folder as people call it: "org/name" for a hub-cache snapshot, else the folder's name."""
+    p = Path(path)
+    if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+        return "/".join(p.parent.parent.name.split("--")[1:])
+    return p.name or str(p)
+
+
 def inspect_folder(path: Path, source: str, name: str | None = None) -> ModelEntry:
-    entry = ModelEntry(path=path, name=name or path.name or str(path), source=source)
+    entry = ModelEntry(path=path, name=name or display_name(path), source=source)
     config_path = path / "config.json"
     try:
         hf = json.loads(config_path.read_text(encoding="utf-8"))
@@ -170,8 +178,8 @@ def scan(
             continue
         for child in children:
             add(inspect_folder(child, "config"))
-    for name, snapshot in hf_cache_models(hf_cache):
-        entry = inspect_folder(snapshot, "hf-cache", name=name)
+    for _, snapshot in hf_cache_models(hf_cache):
+        entry = inspect_folder(snapshot, "hf-cache")
         if entry.parameters is None and _models_config() is not None:
             continue  # not a supported architecture: the issue asks to list only those
         add(entry)

@@ -7,6 +7,7 @@ import re
 import time
 from pathlib import Path
 
+from chattui.catalog import display_name
 from chattui.store import Conversation, Message
 
 EXPORT_FORMAT = "chattui.conversation"
@@ -40,7 +41,7 @@ def to_markdown(conversation: Conversation, messages: list[Message]) -> str:
         details = [_when(m.created_at)]
         if m.role == "assistant":
             if m.model:
-                details.append(Path(m.model).name)
+                details.append(display_name(m.model))
             if m.generated_tokens is not None:
                 details.append(f"{m.generated_tokens} tokens")
             if m.stats.get("decode_tokens_per_s"):

@@ -13,6 +13,7 @@ of weights; sequences are capped at MAX_CAPTURE_TOKENS (the most recent tokens a
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,3 +107,32 @@ class AttentionMaps:
         return [
             HeadSummary(layer, h, float(entropy[h]), float(distance[h]), int(top[h])) for h in range(self.num_heads)
         ]
+
+
+class AttentionWatcher:
+    """Live attention during generation: after every forward, calls `callback` with the weights of the
+    last query position, (layers, heads, S) float32 over the S positions so far: what the next token
+    was chosen from. Installed on the attention modules only while a generation runs."""
+
+    def __init__(self, model: torch.nn.Module, callback: Callable[[np.ndarray], None]):
+        self._modules = [m for m in model.modules() if hasattr(type(m), "observer")]
+        self._callback = callback
+        self._rows: list[np.ndarray] = []
+
+    def __enter__(self) -> AttentionWatcher:
+        for module in self._modules:
+            module.observer = self._observe
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module in self._modules:
+            del module.observer  # back to the class attribute None
+
+    def _observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, start: int) -> None:
+        last = q.shape[2] - 1
+        window = getattr(self._modules[layer], "sliding_window", None)
+        weights = attention_probabilities(q[:, :, last:], k, start + last, window)  # (B, nh, 1, S)
+        self._rows.append(weights[0, :, 0].cpu().numpy())
+        if len(self._rows) == len(self._modules):
+            rows, self._rows = self._rows, []
+            self._callback(np.stack(rows))

@@ -5,6 +5,7 @@ This is the API the UI and CLI use: text and plain numbers in and out, never ten
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -13,9 +14,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from engine.attention import AttentionMaps
+from engine.attention import AttentionMaps, AttentionWatcher
 from engine.checkpoint import (
     GenerationDefaults,
     ProgressCallback,
@@ -254,8 +256,12 @@ class Engine:
         max_new_tokens: int,
         stop: list[str] | tuple[str, ...] = (),
         cancel: threading.Event | Callable[[], bool] | None = None,
+        on_attention: Callable[[np.ndarray], None] | None = None,
     ) -> Generation:
-        """Stream a continuation of prompt ids. One request at a time per engine."""
+        """Stream a continuation of prompt ids. One request at a time per engine.
+
+        on_attention, if given, is called after every forward with the attention weights of the
+        position that chose the next token: (layers, heads, positions so far) float32."""
         try:
             params.validate()
         except ValueError as e:
@@ -274,14 +280,18 @@ class Engine:
         max_new_tokens = min(max_new_tokens, self.context_length - len(prompt))
         is_cancelled = cancel.is_set if isinstance(cancel, threading.Event) else (cancel or (lambda: False))
         generation = Generation(iter(()))
-        generation._deltas = self._stream(generation, list(prompt), params, max_new_tokens, stop, is_cancelled)
+        generation._deltas = self._stream(
+            generation, list(prompt), params, max_new_tokens, stop, is_cancelled, on_attention
+        )
         return generation
 
-    def _stream(self, generation, prompt, params, max_new_tokens, stop, is_cancelled) -> Iterator[str]:
+    def _stream(self, generation, prompt, params, max_new_tokens, stop, is_cancelled, on_attention) -> Iterator[str]:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("the engine is already generating; one request at a time")
         try:
-            yield from self._run(generation, prompt, params, max_new_tokens, stop, is_cancelled)
+            watcher = AttentionWatcher(self.model, on_attention) if on_attention else contextlib.nullcontext()
+            with watcher:
+                yield from self._run(generation, prompt, params, max_new_tokens, stop, is_cancelled)
         finally:
             self._lock.release()
 

@@ -47,8 +47,10 @@ class Batch:
 class TrainConfig:
     lr: float = 1e-3  # peak learning rate, reached after warmup_steps
     warmup_steps: int = 100  # linear warmup from 0 to lr
-    total_steps: int = 1000  # optimizer steps; the cosine decay ends here
-    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    total_steps: int = 1000  # optimizer steps; the decay ends here
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    schedule: str = "cosine"  # "cosine": decay from warmup to total_steps; "wsd": constant, then decay_steps of cosine
+    decay_steps: int = 0  # wsd only: length of the final decay (0: constant lr after warmup)
     weight_decay: float = 0.1  # AdamW decay, applied to matrices only (not norms, biases)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     eps: float = 1e-8  # AdamW epsilon
@@ -99,11 +101,23 @@ ProgressCallback = Callable[[Progress], None]
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to lr * min_lr_ratio."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to lr * min_lr_ratio.
+
+    With schedule "wsd" (warmup-stable-decay) the rate stays at lr until the last decay_steps, which follow the
+    cosine: a run can be extended (or its end decided late) without changing the steps already taken.
+    """
     if config.warmup_steps > 0 and step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    decay_steps = max(config.total_steps - config.warmup_steps, 1)
-    progress = min(max(step - config.warmup_steps, 0) / decay_steps, 1.0)
+    if config.schedule == "wsd":
+        if config.decay_steps <= 0:
+            return config.lr
+        decay_start = config.total_steps - config.decay_steps
+        progress = min(max(step - decay_start, 0) / config.decay_steps, 1.0)
+    elif config.schedule == "cosine":
+        decay_steps = max(config.total_steps - config.warmup_steps, 1)
+        progress = min(max(step - config.warmup_steps, 0) / decay_steps, 1.0)
+    else:
+        raise ValueError(f"unknown schedule {config.schedule!r} (expected 'cosine' or 'wsd')")
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
 
@@ -350,7 +364,9 @@ def train(
     log_fh = open(log_file, "a", encoding="utf-8") if log_file is not None else None
     history: list[Progress] = []
     started = time.perf_counter()
+    # The window: steps since the last progress record, for its mean loss, speed and ETA.
     window_started, window_tokens, window_loss, window_count = started, 0, 0.0, 0
+    window_eval_s = 0.0  # validation time inside the window, left out of the training speed
     last_loss: float | None = None
     grad_norm: float | None = None
     cancelled = False
@@ -380,12 +396,13 @@ def train(
         }
 
     def emit(with_val: bool) -> None:
-        nonlocal window_started, window_tokens, window_loss, window_count, last_loss
+        nonlocal window_started, window_tokens, window_loss, window_count, window_eval_s, last_loss
         now = time.perf_counter()
-        speed = window_tokens / max(now - window_started, 1e-9)
+        train_s = max(now - window_started - window_eval_s, 1e-9)
+        speed = window_tokens / train_s
         last_loss = window_loss / window_count if window_count else last_loss
         remaining = config.total_steps - step
-        step_time = (now - window_started) / max(window_steps, 1)
+        step_time = train_s / max(window_count, 1)
         record = Progress(
             step=step, total_steps=config.total_steps, epoch=epoch, loss=last_loss,
             val_loss=val_loss if with_val else None, lr=scheduler.get_last_lr()[0], tokens_seen=tokens_seen,
@@ -397,10 +414,16 @@ def train(
             log_fh.flush()
         if on_progress is not None:
             on_progress(record)
-        window_started, window_tokens, window_loss, window_count = now, 0, 0.0, 0
+        window_started, window_tokens, window_loss, window_count, window_eval_s = now, 0, 0.0, 0, 0.0
+
+    def validate() -> float:
+        nonlocal window_eval_s
+        t0 = time.perf_counter()
+        loss = evaluate(model, val_data, config.bf16, config.eval_batches)
+        window_eval_s += time.perf_counter() - t0
+        return loss
 
     model.train()
-    window_steps = 0
     try:
         while step < config.total_steps:
             if should_stop is not None and should_stop():
@@ -415,7 +438,7 @@ def train(
                     loss_sum, _ = token_losses(model, batch)
                 # Normalise by the targets of the whole step, so accumulation equals one large batch.
                 (loss_sum / max(targets, 1)).backward()
-                step_loss += float(loss_sum)
+                step_loss += float(loss_sum.detach())
                 window_tokens += batch.input_ids.numel()
             params = [p for g in optimizer.param_groups for p in g["params"]]
             if config.grad_clip > 0:
@@ -424,25 +447,22 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            window_steps += 1
             tokens_seen += targets
             window_loss += step_loss / max(targets, 1)
             window_count += 1
 
             evaluated = False
             if val_data is not None and config.eval_interval and step % config.eval_interval == 0:
-                val_loss = evaluate(model, val_data, config.bf16, config.eval_batches)
+                val_loss = validate()
                 evaluated = True
             if step % max(config.log_interval, 1) == 0 or evaluated:
                 emit(evaluated)
-                window_steps = 0
             if out_dir is not None and config.checkpoint_interval and step % config.checkpoint_interval == 0:
                 save_checkpoint(out_dir, model, optimizer, scheduler, checkpoint_meta(), config.keep_last)
 
         if not cancelled and val_data is not None and not (config.eval_interval and step % config.eval_interval == 0):
-            val_loss = evaluate(model, val_data, config.bf16, config.eval_batches)
+            val_loss = validate()
             emit(True)
-            window_steps = 0
         elif window_count:
             emit(False)
         if out_dir is not None and step > 0:

@@ -5,7 +5,7 @@ Submodules are named exactly as the Hugging Face checkpoint keys (`transformer.h
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,9 @@ class Conv1D(nn.Module):
 
 
 class GPT2Attention(nn.Module):
+    # Set by the engine to watch attention live: called with (layer, q, k, start) after the cache update.
+    observer: Callable | None = None
+
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -48,6 +51,8 @@ class GPT2Attention(nn.Module):
         q, k, v = self.project_qkv(x)
         if cache is not None:
             k, v = cache.update(self.layer_idx, start, k, v)  # (B, nh, start+T, hd)
+        if self.observer is not None:
+            self.observer(self.layer_idx, q, k, start)
         y = causal_attention(q, k, v, start)  # (B, nh, T, hd)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
 

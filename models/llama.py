@@ -7,7 +7,7 @@ so loading is a key-for-key copy.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -60,6 +60,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class LlamaAttention(nn.Module):
     # Inference only (engine.inference): one matmul for q, k and v whose weight the three share.
     fused_qkv: nn.Module | None = None
+    # Set by the engine to watch attention live: called with (layer, q, k, start) after the cache update.
+    observer: Callable | None = None
 
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -99,6 +101,8 @@ class LlamaAttention(nn.Module):
         q, k, v = self.project_qkv(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, start, k, v)  # (B, kvh, start+T, hd)
+        if self.observer is not None:
+            self.observer(self.layer_idx, q, k, start)
         y = causal_attention(q, k, v, start, self.sliding_window)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 

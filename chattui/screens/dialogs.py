@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, TextArea
+from textual.widgets import Button, Footer, Input, Label, TextArea
 
 
 class TextDialog(ModalScreen[str | None]):
@@ -31,8 +31,9 @@ class TextDialog(ModalScreen[str | None]):
             else:
                 yield Input(self.text, id="dialog-text")
             with Horizontal(classes="buttons"):
-                yield Button(f"{self.confirm_label} (ctrl+s)", variant="primary", id="confirm")
-                yield Button("Cancel", id="cancel")
+                yield Button(f"{self.confirm_label} (ctrl+s)", variant="primary", id="confirm", compact=True)
+                yield Button("Cancel (esc)", id="cancel", compact=True)
+        yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#dialog-text").focus()
@@ -53,3 +54,31 @@ class TextDialog(ModalScreen[str | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+class ConfirmDialog(ModalScreen[bool]):
+    """A yes/no question; dismissed with True to go ahead."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, question: str, confirm_label: str) -> None:
+        super().__init__()
+        self.question = question
+        self.confirm_label = confirm_label
+
+    def compose(self):
+        with Vertical(id="dialog", classes="confirm-dialog"):
+            yield Label(self.question, classes="dialog-title", markup=False)
+            with Horizontal(classes="buttons"):
+                yield Button(self.confirm_label, variant="error", id="confirm", compact=True)
+                yield Button("Cancel (esc)", id="cancel", compact=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#cancel").focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "confirm")
+
+    def action_cancel(self) -> None:
+        self.dismiss(False)

@@ -12,7 +12,7 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Input, Label, OptionList, Static
+from textual.widgets import Footer, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from chattui.catalog import ModelEntry, human_bytes, human_count, scan
@@ -59,7 +59,7 @@ class ModelPickerScreen(ModalScreen[str | None]):
     def compose(self):
         with Vertical(id="dialog", classes="picker-dialog"):
             yield Label("Choose a model", classes="dialog-title")
-            yield Label("Looking for models…", id="picker-status", markup=False)
+            yield Static("Looking for models…", id="picker-status", markup=False)
             yield OptionList(id="model-list")
             yield Input(placeholder="…or type a model folder and press Enter", id="model-path")
             yield Static("", id="picker-error", markup=False)
@@ -67,6 +67,7 @@ class ModelPickerScreen(ModalScreen[str | None]):
                 "Enter loads · Esc cancels · a model that fails to load leaves the current one in place",
                 classes="hint",
             )
+        yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#picker-error").display = False
@@ -86,10 +87,13 @@ class ModelPickerScreen(ModalScreen[str | None]):
         picker.clear_options()
         picker.add_options(options)
         usable = sum(e.problem is None for e in self.entries)
-        self.query_one("#picker-status", Label).update(
+        self.query_one("#picker-status", Static).update(
             f"{usable} model(s) found (bundled, recent, config folders, Hugging Face cache at {self.hf_cache})"
         )
         if usable:
+            current = [i for i, e in enumerate(self.entries) if self.current and Path(self.current) == e.path]
+            first = next(i for i, e in enumerate(self.entries) if e.problem is None)
+            picker.highlighted = current[0] if current else first
             picker.focus()
         else:
             self.query_one("#model-path", Input).focus()

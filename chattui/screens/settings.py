@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, Vertical
+from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Select, Static, TextArea
+from textual.widgets import Button, Footer, Input, Label, Select, Static, TextArea
 
 from chattui.settings import FIELDS, format_value, parse_overrides
 
@@ -33,13 +33,15 @@ class SettingsScreen(ModalScreen[dict | None]):
         self.errors: dict[str, str] = {}  # field key -> message, from the last save attempt
 
     def compose(self):
-        with Vertical(id="dialog", classes="settings-dialog"):
-            yield Label("Conversation settings", classes="dialog-title")
+        with VerticalScroll(id="dialog", classes="settings-dialog"):
+            yield Label("Conversation settings · empty fields use the model's generation_config.json",
+                        classes="dialog-title")
+            yield Static("", id="settings-error", markup=False)
             with Grid(id="settings-grid"):
                 yield Label("Mode")
                 yield Select(
                     [("Chat (the model's chat template)", "chat"), ("Generate (raw completion, no template)", "generate")],
-                    value=self.mode, allow_blank=False, id="mode",
+                    value=self.mode, allow_blank=False, id="mode", compact=True,
                 )
                 for field in FIELDS:
                     yield Label(field.label)
@@ -47,19 +49,19 @@ class SettingsScreen(ModalScreen[dict | None]):
                     placeholder = "random" if field.key == "seed" else f"model default: {format_value(default)}"
                     yield Input(
                         value=format_value(self.settings.get(field.key)), placeholder=placeholder, id=field.key,
-                        tooltip=field.allowed,
+                        tooltip=field.allowed, compact=True,
                     )
             yield Label("System prompt (chat mode)")
-            yield TextArea(self.settings.get("system_prompt", ""), id="system_prompt", soft_wrap=True)
-            yield Static("", id="settings-error", markup=False)
-            yield Label("Empty fields use the model's defaults (from its generation_config.json).", classes="hint")
+            yield TextArea(self.settings.get("system_prompt", ""), id="system_prompt", soft_wrap=True, compact=True)
             with Horizontal(classes="buttons"):
-                yield Button("Save", variant="primary", id="save")
-                yield Button("Use model defaults", id="reset")
-                yield Button("Cancel", id="cancel")
+                yield Button("Save (ctrl+s)", variant="primary", id="save", compact=True)
+                yield Button("Use model defaults", id="reset", compact=True)
+                yield Button("Cancel (esc)", id="cancel", compact=True)
+        yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#settings-error").display = False
+        self.query_one("#mode", Select).focus()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "save":
@@ -85,6 +87,7 @@ class SettingsScreen(ModalScreen[dict | None]):
         if self.errors:
             error.update("\n".join(self.errors.values()))
             error.display = True
+            self.query_one("#dialog").scroll_home(animate=False)
             return
         system = self.query_one("#system_prompt", TextArea).text
         settings = dict(overrides)

@@ -109,9 +109,9 @@ class MessageBox(Vertical, can_focus=True):
             await self._stream.stop()
             self._stream = None
         self.text = text
-        self.record = record
         await self.query_one(Markdown).update(text)
         self.set_meta(meta, warning=warning)
+        self.record = record
 
     # -- actions ---------------------------------------------------------------------------------
 

@@ -19,8 +19,6 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
-
 from models.build_default.persona import persona_conversations
 from models.build_default.sources import SOURCE_BY_NAME, archive_path
 
@@ -46,6 +44,13 @@ def chitchat_conversations(wheel: Path) -> Iterator[dict]:
                 messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": text})
         if len(messages) >= 2:
             yield {"id": f"chitchat/{conv_id}", "source": "chitchat", "messages": messages}
+
+
+def chitchat_licence(wheel: Path) -> str:
+    """The MIT licence text shipped in the chitchat-dataset wheel."""
+    with zipfile.ZipFile(wheel) as z:
+        name = next(n for n in z.namelist() if n.endswith(".dist-info/LICENSE"))
+        return z.read(name).decode()
 
 
 def _clean(text: str) -> str:
@@ -187,6 +192,8 @@ CHATTERBOT_SKIP = {"botprofile.yml", "ai.yml"}
 
 
 def chatterbot_conversations(wheel: Path) -> Iterator[dict]:
+    import yaml  # only needed to rebuild the model (pyyaml comes with transformers)
+
     with zipfile.ZipFile(wheel) as z:
         names = sorted(n for n in z.namelist() if n.startswith("chatterbot_corpus/data/english/") and n.endswith(".yml"))
         for name in names:
@@ -229,6 +236,7 @@ def build_corpus(cache: Path, work: Path) -> dict:
         raise RuntimeError(f"not downloaded yet: {', '.join(missing)} (run the `data` stage with network access)")
     wordnet_files = read_wordnet(paths["wordnet"])
     (work / "LICENSE-WordNet").write_text(wordnet_licence(wordnet_files), encoding="utf-8")
+    (work / "LICENSE-chitchat-dataset").write_text(chitchat_licence(paths["chitchat"]), encoding="utf-8")
 
     streams = [
         chitchat_conversations(paths["chitchat"]),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from checkpoints import hf_model
 
-from engine import Engine
+from engine import Engine, SamplingParams
 from engine.attention import MAX_CAPTURE_TOKENS, AttentionMaps
 from models.attention import attention_probabilities
 
@@ -111,3 +111,22 @@ def test_bad_layer_and_head_indices_are_reported(checkpoint_factory, ids):
         maps.layer(9)
     with pytest.raises(IndexError, match="head 4"):
         maps.head(0, 4)
+
+
+def test_live_attention_rows_equal_the_captured_matrix_rows(checkpoint_factory):
+    """Each step's live weights equal the row of a full capture at the position that chose the token."""
+    engine = Engine.load(checkpoint_factory("mistral"), dtype="float32")
+    prompt = torch.randint(3, 300, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    rows = []
+    generation = engine.generate(prompt, SamplingParams(temperature=0), 6, on_attention=rows.append)
+    list(generation)
+    result = generation.result
+    assert len(rows) == len(result.token_ids)  # one per forward: prefill + each decode step but the last
+    sequence = prompt + result.token_ids
+    maps = engine.attention(sequence)
+    for i, row in enumerate(rows):
+        position = len(prompt) - 1 + i
+        assert row.shape == (maps.num_layers, maps.num_heads, position + 1)
+        for layer in range(maps.num_layers):
+            np.testing.assert_allclose(row[layer], maps.layer(layer)[:, position, : position + 1], atol=1e-5)
+    assert all(m.observer is None for m in engine.model.modules() if hasattr(type(m), "observer"))

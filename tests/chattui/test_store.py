@@ -1,0 +1,170 @@
+"""The conversation store: schema version and migrations, WAL, commits that survive a killed process,
+and a corrupt or too-new database that is moved aside or left alone, never overwritten."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chattui.store import DB_FILE, MIGRATIONS, Store, StoreError, open_store
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_new_database_is_at_the_latest_schema_version_in_wal_mode(tmp_path):
+    store = Store(tmp_path / DB_FILE)
+    assert store.version == len(MIGRATIONS)
+    mode = sqlite3.connect(tmp_path / DB_FILE).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_messages_keep_order_stats_and_settings(tmp_path):
+    store = Store(tmp_path / DB_FILE)
+    c = store.create_conversation(title="t", settings={"temperature": 0.2})
+    store.add_message(c.id, "user", "hi")
+    store.add_message(c.id, "assistant", "hello", finish_reason="eos", prompt_tokens=5, generated_tokens=2,
+                      stats={"ttft_s": 0.1}, settings={"temperature": 0.2}, model="/m")
+    messages = store.messages(c.id)
+    assert [(m.position, m.role, m.content) for m in messages] == [(0, "user", "hi"), (1, "assistant", "hello")]
+    reply = messages[1]
+    assert (reply.finish_reason, reply.prompt_tokens, reply.generated_tokens) == ("eos", 5, 2)
+    assert reply.stats == {"ttft_s": 0.1} and reply.settings == {"temperature": 0.2} and reply.model == "/m"
+    assert store.conversation(c.id).settings == {"temperature": 0.2}
+
+
+def test_each_message_is_committed_at_once(tmp_path):
+    store = Store(tmp_path / DB_FILE)
+    c = store.create_conversation()
+    store.add_message(c.id, "user", "saved?")
+    other = sqlite3.connect(tmp_path / DB_FILE)  # another connection sees only committed data
+    assert other.execute("SELECT content FROM messages").fetchall() == [("saved?",)]
+
+
+def test_a_killed_process_loses_no_committed_message(tmp_path):
+    code = (
+        "import os, signal, sys\n"
+        "from chattui.store import Store\n"
+        f"s = Store({str(tmp_path / DB_FILE)!r})\n"
+        "c = s.create_conversation(title='x')\n"
+        "for i in range(5):\n"
+        "    s.add_message(c.id, 'user', f'm{i}')\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    store = Store(tmp_path / DB_FILE)
+    assert [m.content for m in store.messages(store.conversations()[0].id)] == [f"m{i}" for i in range(5)]
+
+
+def test_edit_and_truncate_replaces_text_and_drops_later_messages(tmp_path):
+    store = Store(tmp_path / DB_FILE)
+    c = store.create_conversation()
+    first = store.add_message(c.id, "user", "a")
+    store.add_message(c.id, "assistant", "b")
+    store.add_message(c.id, "user", "c")
+    store.edit_and_truncate(first.id, "a2")
+    assert [m.content for m in store.messages(c.id)] == ["a2"]
+    assert store.add_message(c.id, "assistant", "d").position == 1
+
+
+def test_deleting_a_conversation_deletes_its_messages(tmp_path):
+    store = Store(tmp_path / DB_FILE)
+    c = store.create_conversation()
+    store.add_message(c.id, "user", "a")
+    store.delete_conversation(c.id)
+    assert store.conversations() == []
+    assert store._db.execute("SELECT COUNT(*) FROM messages").fetchone() == (0,)
+
+
+def test_recent_models_most_recent_first(tmp_path):
+    store = Store(tmp_path / DB_FILE)
+    for path in ("/a", "/b", "/a"):
+        store.touch_model(path)
+    assert store.recent_models() == ["/a", "/b"]
+
+
+# -- migrations --------------------------------------------------------------------------------------
+
+
+V2 = "ALTER TABLE conversations ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;"
+
+
+def test_migration_keeps_data_and_bumps_the_version(tmp_path):
+    path = tmp_path / DB_FILE
+    old = Store(path)
+    c = old.create_conversation(title="kept")
+    old.add_message(c.id, "user", "still here")
+    old.close()
+
+    store = Store(path, migrations=(*MIGRATIONS, V2))
+    assert store.version == len(MIGRATIONS) + 1
+    assert store.conversations()[0].title == "kept"
+    assert [m.content for m in store.messages(c.id)] == ["still here"]
+    assert store._db.execute("SELECT pinned FROM conversations").fetchall() == [(0,)]
+
+
+def test_a_failing_migration_is_rolled_back_and_reported(tmp_path):
+    path = tmp_path / DB_FILE
+    Store(path).close()
+    broken = "ALTER TABLE conversations ADD COLUMN ok INTEGER; ALTER TABLE no_such_table ADD COLUMN x INTEGER;"
+    with pytest.raises(StoreError, match="migration to schema version 2 failed"):
+        Store(path, migrations=(*MIGRATIONS, broken))
+    store = Store(path)
+    assert store.version == len(MIGRATIONS)
+    columns = [r[1] for r in store._db.execute("PRAGMA table_info(conversations)")]
+    assert "ok" not in columns, "the half-done migration was rolled back"
+
+
+def test_a_database_from_a_newer_chattui_is_left_untouched(tmp_path):
+    path = tmp_path / DB_FILE
+    Store(path, migrations=(*MIGRATIONS, V2)).close()
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="newer chattui"):
+        Store(path)
+    store, notice = open_store(tmp_path)
+    assert "newer chattui" in notice and "will not be saved" in notice
+    assert store.path is None  # in memory: the app still works
+    assert path.read_bytes() == before
+
+
+# -- corruption ---------------------------------------------------------------------------------------
+
+
+def test_a_corrupt_database_is_moved_aside_with_a_notice(tmp_path):
+    path = tmp_path / DB_FILE
+    path.write_bytes(b"this is not a database at all" * 100)
+    store, notice = open_store(tmp_path)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(DB_FILE + ".corrupt-")]
+    assert len(aside) == 1
+    assert aside[0].read_bytes() == b"this is not a database at all" * 100
+    assert str(path) in notice and str(aside[0]) in notice
+    assert store.path == path and store.version == len(MIGRATIONS)
+    c = store.create_conversation()
+    store.add_message(c.id, "user", "fresh start")
+    assert Store(path).messages(c.id)[0].content == "fresh start"
+
+
+def test_a_truncated_database_is_moved_aside(tmp_path):
+    path = tmp_path / DB_FILE
+    store = Store(path)
+    c = store.create_conversation()
+    for i in range(200):
+        store.add_message(c.id, "user", "x" * 500)
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + b"\x00" * 5000 + data[5100: len(data) // 2])
+    store, notice = open_store(tmp_path)
+    assert notice is not None and "moved to" in notice
+    assert store.conversations() == []
+    assert any(p.name.startswith(DB_FILE + ".corrupt-") for p in tmp_path.iterdir())
+
+
+def test_an_intact_database_opens_without_a_notice(tmp_path):
+    Store(tmp_path / DB_FILE).close()
+    store, notice = open_store(tmp_path)
+    assert notice is None and store.path == tmp_path / DB_FILE

@@ -1,0 +1,115 @@
+"""UI test helpers: a fake engine backend (scripted chunks with delays, scripted load failures),
+`wait_until` for polling the app, and the notifications it showed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from chattui.backend import BackendError, ModelInfo
+
+DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "min_p": 0.0, "repetition_penalty": 1.0,
+            "max_new_tokens": 64}
+
+
+class FakeBackend:
+    """Replies with `script(n, prompt)` (n = 1, 2, ... per request), one chunk every `delay` seconds.
+
+    A folder whose name starts with "broken" fails to load; loading takes `load_delay` seconds.
+    """
+
+    def __init__(
+        self,
+        script: Callable[[int, object], list[str]] | list[str] = ("Hello", ", ", "**world**", "!"),
+        delay: float = 0.005,
+        load_delay: float = 0.0,
+        context_length: int = 256,
+        finish_reason: str = "eos",
+    ) -> None:
+        self.script = script if callable(script) else (lambda n, prompt, chunks=list(script): chunks)
+        self.delay = delay
+        self.load_delay = load_delay
+        self.context_length = context_length
+        self.finish_reason = finish_reason
+        self.requests: list[tuple[object, dict]] = []  # (prompt, settings) of every stream() call
+        self.loads: list[str] = []
+        self.loaded: str | None = None
+        self.release_load = threading.Event()  # set it to finish a load that waits (load_delay < 0)
+        self.streaming = threading.Event()  # set while a reply is being streamed
+
+    def load(self, model_dir, device="auto", dtype="auto", progress=None) -> ModelInfo:
+        self.loads.append(str(model_dir))
+        steps = 4
+        for i in range(steps):
+            if self.load_delay < 0:
+                self.release_load.wait(10)
+            else:
+                time.sleep(self.load_delay / steps)
+            if progress:
+                progress((i + 1) * 1000, steps * 1000)
+        path = Path(model_dir)
+        if path.name.startswith("broken"):
+            raise BackendError(f"{path}/model.safetensors: corrupt or truncated safetensors file")
+        self.loaded = str(path)
+        return ModelInfo(
+            path=str(path), name=path.name, architecture="FakeForCausalLM", parameters=1_234_567, device="cpu",
+            dtype="float32", context_length=self.context_length, defaults=dict(DEFAULTS),
+        )
+
+    def stream(self, prompt, settings, cancel: threading.Event):
+        if self.loaded is None:
+            raise BackendError("no model is loaded")
+        self.requests.append((prompt, dict(settings)))
+        chunks = self.script(len(self.requests), prompt)
+        out: list[str] = []
+        finish = self.finish_reason
+        started = time.perf_counter()
+        self.streaming.set()
+        try:
+            for chunk in chunks:
+                if cancel.is_set():
+                    finish = "cancelled"
+                    break
+                time.sleep(self.delay)
+                out.append(chunk)
+                yield chunk
+            else:
+                if cancel.is_set():
+                    finish = "cancelled"
+        finally:
+            self.streaming.clear()
+        elapsed = max(time.perf_counter() - started, 1e-6)
+        prompt_tokens = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+        yield {
+            "text": "".join(out), "finish_reason": finish, "prompt_tokens": prompt_tokens,
+            "generated_tokens": len(out), "reused_prompt_tokens": 0, "ttft_s": self.delay,
+            "prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": len(out) / elapsed,
+            "seed": settings.get("seed") if settings.get("seed") is not None else 42, "dropped_messages": 0,
+        }
+
+
+async def wait_until(pilot, predicate: Callable[[], object], timeout: float = 5.0, what: str = "condition"):
+    """Let the app run until predicate() is true; fail naming `what` after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await pilot.pause(0.01)
+
+
+def record_notifications(app) -> list[str]:
+    """A list that receives "title: message" of every notification the app shows from now on."""
+    shown: list[str] = []
+    notify = app.notify
+
+    def recording(message, *, title="", **kwargs):
+        shown.append(f"{title}: {message}")
+        return notify(message, title=title, **kwargs)
+
+    app.notify = recording
+    return shown
