@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+# Real published tokenizer files and chat templates (no weights), in shared/ beside the clone.
+REALWORLD = Path(__file__).resolve().parents[1].parent / "shared" / "realworld" / "tokenizers"
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"

@@ -6,12 +6,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/checkpoints.py
 
-from checkpoints import FAMILIES, make_checkpoint, train_tokenizer  # noqa: E402
+from checkpoints import FAMILIES, REALWORLD, make_checkpoint, train_tokenizer  # noqa: E402
 
-REALWORLD = Path(__file__).resolve().parents[1].parent / "shared" / "realworld" / "tokenizers"
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_cpu_thread():
+    """Tiny test models run fastest single-threaded, and CI machines are small and shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -35,12 +35,14 @@ class FakeBackend:
         self.finish_reason = finish_reason
         self.requests: list[tuple[object, dict]] = []  # (prompt, settings) of every stream() call
         self.loads: list[str] = []
+        self.adapters: list[str | None] = []  # the adapter of every load() call
         self.loaded: str | None = None
         self.release_load = threading.Event()  # set it to finish a load that waits (load_delay < 0)
         self.streaming = threading.Event()  # set while a reply is being streamed
 
-    def load(self, model_dir, device="auto", dtype="auto", progress=None) -> ModelInfo:
+    def load(self, model_dir, device="auto", dtype="auto", progress=None, adapter=None) -> ModelInfo:
         self.loads.append(str(model_dir))
+        self.adapters.append(str(adapter) if adapter else None)
         steps = 4
         for i in range(steps):
             if self.load_delay < 0:
@@ -56,6 +58,7 @@ class FakeBackend:
         return ModelInfo(
             path=str(path), name=path.name, architecture="FakeForCausalLM", parameters=1_234_567, device="cpu",
             dtype="float32", context_length=self.context_length, defaults=dict(DEFAULTS),
+            adapter=str(adapter) if adapter else None,
         )
 
     def stream(self, prompt, settings, cancel: threading.Event):

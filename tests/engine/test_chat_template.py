@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from datetime import datetime
 from functools import cache
 from pathlib import Path
 
 import pytest
 
-TESTS_DIR = str(Path(__file__).resolve().parents[1])  # for tests/checkpoints.py
-if TESTS_DIR not in sys.path:
-    sys.path.insert(0, TESTS_DIR)
-from checkpoints import train_tokenizer  # noqa: E402
+from checkpoints import REALWORLD, train_tokenizer
 
-from engine.errors import TemplateError  # noqa: E402
-from engine.tokenizer import SPECIAL_TOKEN_NAMES, ChatTokenizer  # noqa: E402
+from engine.errors import TemplateError
+from engine.tokenizer import SPECIAL_TOKEN_NAMES, ChatTokenizer
 
-REALWORLD = Path(__file__).resolve().parents[2].parent / "shared" / "realworld" / "tokenizers"
 needs_realworld = pytest.mark.skipif(
     not REALWORLD.is_dir(), reason=f"real tokenizer files not found at {REALWORLD} (shared/ beside the clone)"
 )

@@ -16,14 +16,6 @@ from engine import Engine, EngineError, PromptTooLongError, SamplingParams
 from engine.text_stream import TextStream
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny models run fastest single-threaded, and the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 GREEDY = SamplingParams(temperature=0.0)
 N = 40

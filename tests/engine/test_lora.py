@@ -41,13 +41,6 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():

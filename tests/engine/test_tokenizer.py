@@ -5,21 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from functools import cache
 from pathlib import Path
 
 import pytest
 
-TESTS_DIR = str(Path(__file__).resolve().parents[1])  # for tests/checkpoints.py
-if TESTS_DIR not in sys.path:
-    sys.path.insert(0, TESTS_DIR)
-from checkpoints import CHATML_TEMPLATE, train_tokenizer  # noqa: E402
+from checkpoints import REALWORLD, CHATML_TEMPLATE, train_tokenizer
 
-from engine.errors import CheckpointError  # noqa: E402
-from engine.tokenizer import CHATML_FALLBACK_TEMPLATE, ChatTokenizer  # noqa: E402
+from engine.errors import CheckpointError
+from engine.tokenizer import CHATML_FALLBACK_TEMPLATE, ChatTokenizer
 
-REALWORLD = Path(__file__).resolve().parents[2].parent / "shared" / "realworld" / "tokenizers"
 needs_realworld = pytest.mark.skipif(
     not REALWORLD.is_dir(), reason=f"real tokenizer files not found at {REALWORLD} (shared/ beside the clone)"
 )

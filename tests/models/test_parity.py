@@ -25,14 +25,6 @@ BATCH, SEQ = 2, 40  # SEQ is longer than Mistral's sliding window (24)
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny models run fastest single-threaded, and the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _ours(path: Path, config=None) -> torch.nn.Module:
     config = config or read_model_config(path)
