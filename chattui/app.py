@@ -59,6 +59,7 @@ class ChattuiApp(App):
     BINDINGS = [
         Binding("ctrl+o", "pick_model", "Model"),
         Binding("ctrl+t", "change_theme", "Theme", show=False),
+        Binding("f4", "finetune", "Fine-tune"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
@@ -91,6 +92,7 @@ class ChattuiApp(App):
         export_dir: str | Path | None = None,
         bundled_dir: Path | None = None,
         hf_cache: Path | None = None,
+        jobs_dir: Path | None = None,
     ) -> None:
         super().__init__()
         self.backend = backend
@@ -108,6 +110,7 @@ class ChattuiApp(App):
         self.last_load_error: str | None = None
         self.last_export: Path | None = None
         self.chat = ChatScreen(store, backend)
+        self.jobs_dir = jobs_dir  # where fine-tune jobs are created; None = chattui.jobs.jobs_root()
 
     # -- start-up --------------------------------------------------------------------------------
 
@@ -151,14 +154,14 @@ class ChattuiApp(App):
 
     # -- models ----------------------------------------------------------------------------------
 
-    def load_model(self, path: str) -> None:
+    def load_model(self, path: str, adapter: str | None = None) -> None:
         """Load a model in the background; replies keep using the current one until it is ready."""
         self.loading = path
         self.chat.status.show_loading(display_name(path))
-        self._load(path, self.device, self.dtype)
+        self._load(path, self.device, self.dtype, adapter)
 
     @work(thread=True, exclusive=True, group="load")
-    def _load(self, path: str, device: str, dtype: str) -> None:
+    def _load(self, path: str, device: str, dtype: str, adapter: str | None = None) -> None:
         worker = get_current_worker()
         last = 0.0
 
@@ -174,7 +177,7 @@ class ChattuiApp(App):
         warnings = _ThreadWarnings()
         logging.getLogger().addHandler(warnings)
         try:
-            info = self.backend.load(path, device, dtype, progress)
+            info = self.backend.load(path, device, dtype, progress, adapter=adapter)
         except LoadCancelled:
             return
         except BackendError as e:
@@ -238,6 +241,12 @@ class ChattuiApp(App):
             chosen,
         )
 
+    def action_finetune(self) -> None:
+        from chattui.screens.finetune import FinetuneScreen
+
+        if not isinstance(self.screen, FinetuneScreen):
+            self.push_screen(FinetuneScreen(self.jobs_dir))
+
     # -- quitting, the command palette -----------------------------------------------------------
 
     async def action_quit(self) -> None:
@@ -249,6 +258,8 @@ class ChattuiApp(App):
         yield from super().get_system_commands(screen)
         if screen is not self.chat:
             return
+        yield SystemCommand("Fine-tune", "Fine-tune a model on a JSONL file; watch, cancel and resume jobs (f4)",
+                            self.action_finetune)
         chat = self.chat
         commands = [
             ("New chat", "Start a new conversation (ctrl+n)", chat.action_new_chat),
@@ -268,6 +279,10 @@ class ChattuiApp(App):
             ("Choose model", "Load another model: bundled, recent, config folders, HF cache or a path (ctrl+o)",
              self.action_pick_model),
             ("Toggle sidebar", "Show or hide the conversation list (ctrl+b)", chat.action_toggle_sidebar),
+            ("Attention", "What every layer and head attends to, up to the focused message or the last one: "
+             "heatmap, text, head overview, live (f2)", chat.action_attention),
+            ("Live attention on/off", "Record what each new token of the next replies attends to, for the "
+             "attention screen's live view (f3)", chat.action_toggle_live_attention),
             ("Rename conversation", "Give this conversation a title", chat.action_rename),
             ("Delete conversation", "Delete this conversation and its messages", chat.action_delete),
         ]

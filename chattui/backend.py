@@ -20,6 +20,7 @@ from chattui.catalog import display_name
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
 Prompt = list[dict] | str  # chat messages [{"role", "content"}], or raw text to continue
+AttentionCallback = Callable[[Any, list[str]], None]  # (numpy (layers, heads, positions), prompt tokens)
 
 
 class BackendError(Exception):
@@ -36,18 +37,33 @@ class ModelInfo:
     dtype: str  # "float32", "bfloat16", ...
     context_length: int
     defaults: dict[str, Any] = field(default_factory=dict)  # sampling defaults from generation_config.json
+    adapter: str | None = None  # the LoRA adapter folder applied on top (unmerged), if any
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class Backend(Protocol):
-    def load(self, model_dir: str, device: str, dtype: str, progress: ProgressCallback | None = None) -> ModelInfo:
-        """Load a model and make it the current one; on failure raise BackendError and keep the previous one."""
+    def load(self, model_dir: str, device: str, dtype: str, progress: ProgressCallback | None = None,
+             adapter: str | None = None) -> ModelInfo:
+        """Load a model (plus a LoRA adapter, unmerged) and make it the current one; on failure raise
+        BackendError and keep the previous one."""
         ...
 
-    def stream(self, prompt: Prompt, settings: dict[str, Any], cancel: threading.Event) -> Iterator[str | dict]:
-        """Text deltas, then one result dict. Stops soon after `cancel` is set (finish_reason "cancelled")."""
+    def stream(self, prompt: Prompt, settings: dict[str, Any], cancel: threading.Event,
+               on_attention: AttentionCallback | None = None) -> Iterator[str | dict]:
+        """Text deltas, then one result dict. Stops soon after `cancel` is set (finish_reason "cancelled").
+        settings["adapter_enabled"] = False answers as the base model when an adapter is loaded.
+        on_attention, if given, is called from the streaming thread after every forward with the weights
+        of the position that chose the next token, (layers, heads, positions so far) float32 numpy, and
+        the prompt's token strings."""
+        ...
+
+    def attention(self, prompt: Prompt) -> Any:
+        """Attention weights of the prompt's tokens (chat messages rendered with the template, the last
+        one included; or raw text) as an object with numpy methods, like engine.AttentionMaps: tokens,
+        token_ids, truncated, num_layers, num_heads, layer(l), head(l, h), mean_over_heads(l),
+        max_over_heads(l), rollout(l), head_summaries(l). Raises BackendError."""
         ...
 
 
@@ -64,12 +80,12 @@ class EngineBackend:
         return self._engine is not None
 
     def load(self, model_dir: str, device: str = "auto", dtype: str = "auto",
-             progress: ProgressCallback | None = None) -> ModelInfo:
+             progress: ProgressCallback | None = None, adapter: str | None = None) -> ModelInfo:
         from engine import Engine, EngineError
 
         with self._loading:
             try:
-                engine = Engine.load(model_dir, device=device, dtype=dtype, progress=progress)
+                engine = Engine.load(model_dir, device=device, dtype=dtype, progress=progress, adapter=adapter)
             except EngineError as e:
                 raise BackendError(str(e)) from None
             except (OSError, ValueError, RuntimeError, MemoryError) as e:  # e.g. out of memory on the device
@@ -82,7 +98,7 @@ class EngineBackend:
         d = engine.defaults
         return ModelInfo(
             path=str(engine.model_dir),
-            name=display_name(engine.model_dir),
+            name=display_name(engine.model_dir) + (f" + {engine.adapter_dir.name}" if engine.adapter_dir else ""),
             architecture=engine.config.architecture,
             parameters=engine.num_parameters,
             device=str(engine.device),
@@ -96,9 +112,32 @@ class EngineBackend:
                 "repetition_penalty": d.repetition_penalty,
                 "max_new_tokens": d.max_new_tokens,
             },
+            adapter=str(engine.adapter_dir) if engine.adapter_dir else None,
         )
 
-    def stream(self, prompt: Prompt, settings: dict[str, Any], cancel: threading.Event) -> Iterator[str | dict]:
+    def attention(self, prompt: Prompt) -> Any:
+        from engine import EngineError
+
+        engine = self._engine
+        if engine is None:
+            raise BackendError("no model is loaded")
+        with self._busy:  # the capture pass runs the model: not while a reply is being generated
+            try:
+                if isinstance(prompt, str):
+                    ids = engine.tokenizer.encode(prompt, add_special_tokens=True)
+                else:
+                    text = engine.tokenizer.render_chat(
+                        prompt, add_generation_prompt=bool(prompt) and prompt[-1]["role"] == "user"
+                    )
+                    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+                maps = engine.attention(ids)
+                maps.layer(maps.num_layers - 1)  # every layer's forward runs now; other layers are plain math
+            except (EngineError, ValueError, IndexError) as e:
+                raise BackendError(str(e)) from None
+        return maps
+
+    def stream(self, prompt: Prompt, settings: dict[str, Any], cancel: threading.Event,
+               on_attention: AttentionCallback | None = None) -> Iterator[str | dict]:
         from engine import EngineError, SamplingParams
 
         engine = self._engine
@@ -114,7 +153,10 @@ class EngineBackend:
         )
         max_new = int(settings["max_new_tokens"])
         with self._busy:
+            adapter_off = engine.adapter_dir is not None and settings.get("adapter_enabled") is False
             try:
+                if adapter_off:
+                    engine.set_adapter_enabled(False)
                 params.validate()
                 dropped = 0
                 if isinstance(prompt, str):
@@ -124,11 +166,44 @@ class EngineBackend:
                     ids, max_new, dropped = chat.token_ids, chat.max_new_tokens, chat.dropped_messages
                 if max_new < 1:
                     raise BackendError(f"the prompt fills the model's context window ({engine.context_length} tokens)")
-                with engine.generate(ids, params, max_new, cancel=cancel) as generation:
+                watch = None
+                if on_attention is not None:
+                    tokens = engine.tokenizer.token_strings(ids)
+                    watch = lambda rows: on_attention(rows, tokens)  # noqa: E731
+                with engine.generate(ids, params, max_new, cancel=cancel, on_attention=watch) as generation:
                     yield from generation  # closing early (the app quit) frees the engine at once
             except (EngineError, ValueError) as e:
                 raise BackendError(str(e)) from None
+            finally:
+                if adapter_off:
+                    engine.set_adapter_enabled(True)
             result = generation.result.to_dict()
         result.pop("token_ids", None)
         result["dropped_messages"] = dropped
         yield result
+
+
+def inspect_data(model_dir: str, files: list[str], max_seq_len: int = 0) -> dict[str, Any]:
+    """The fine-tune form's data preview: engine.finetune_data's DataReport as a dict (records per file and
+    detected format, token-length histogram, truncated examples), with the model's tokenizer. Slow (imports
+    the engine): call it from a thread. max_seq_len 0 = what a job would use, min(1024, the model's context).
+    Raises BackendError with a one-line message (file:line for bad records)."""
+    import json
+    from pathlib import Path
+
+    from engine import EngineError
+    from engine.finetune_data import inspect_data as engine_inspect
+
+    if not max_seq_len:
+        try:
+            config = json.loads((Path(model_dir).expanduser() / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise BackendError(f"{model_dir}: cannot read config.json ({e})") from None
+        context = config.get("max_position_embeddings") or config.get("n_positions") or 1024
+        max_seq_len = min(1024, int(context))
+    try:
+        return engine_inspect(model_dir, files, max_seq_len).to_dict()
+    except EngineError as e:
+        raise BackendError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise BackendError(f"{type(e).__name__}: {e}") from None

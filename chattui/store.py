@@ -57,6 +57,18 @@ MIGRATIONS: tuple[str, ...] = (
         last_used REAL NOT NULL
     );
     """,
+    # 1 -> 2: fine-tune jobs (their folders hold the rest: chattui.jobs).
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,                        -- the job id (its folder's name by default)
+        name TEXT NOT NULL DEFAULT '',
+        status TEXT NOT NULL DEFAULT 'queued',      -- queued, running, done, failed, cancelled
+        out_dir TEXT NOT NULL,                      -- the job folder
+        base_model TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 )
 
 
@@ -108,6 +120,17 @@ class Message:
             "settings": self.settings,
             "model": self.model,
         }
+
+
+@dataclass
+class JobRecord:
+    id: str
+    name: str
+    status: str  # queued, running, done, failed or cancelled
+    out_dir: str
+    base_model: str
+    created_at: float
+    updated_at: float
 
 
 class Store:
@@ -291,6 +314,40 @@ class Store:
         rows = self._db.execute("SELECT path FROM recent_models ORDER BY last_used DESC LIMIT ?", (limit,))
         return [r[0] for r in rows]
 
+    # -- fine-tune jobs --------------------------------------------------------------------------
+
+    def save_job(self, id: str, *, name: str, status: str, out_dir: str, base_model: str,
+                 created_at: float | None = None) -> JobRecord:
+        """Add a job, or update its name, status and folder."""
+        now = time.time()
+        self._write(
+            "INSERT INTO jobs (id, name, status, out_dir, base_model, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET name = excluded.name, "
+            "status = excluded.status, out_dir = excluded.out_dir, base_model = excluded.base_model, "
+            "updated_at = excluded.updated_at",
+            (id, name, status, out_dir, base_model, created_at or now, now),
+        )
+        return self.job(id)
+
+    def set_job_status(self, id: str, status: str) -> None:
+        self._write("UPDATE jobs SET status = ?, updated_at = ? WHERE id = ?", (status, time.time(), id))
+
+    def job(self, id: str) -> JobRecord:
+        row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (id,)).fetchone()
+        if row is None:
+            raise KeyError(id)
+        return JobRecord(*row)
+
+    def jobs(self) -> list[JobRecord]:
+        """Every job, newest first."""
+        rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created_at DESC, id DESC")
+        return [JobRecord(*r) for r in rows.fetchall()]
+
+    def delete_job(self, id: str) -> None:
+        self._write("DELETE FROM jobs WHERE id = ?", (id,))
+
+
+_JOB_COLUMNS = "id, name, status, out_dir, base_model, created_at, updated_at"
 
 _MESSAGE_COLUMNS = (
     "id, conversation_id, position, role, content, created_at, finished_at, finish_reason, "

@@ -20,12 +20,14 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Button, Footer, Label, OptionList, Static
 from textual.worker import get_current_worker
 
 from chattui.backend import Backend, BackendError
 from chattui.catalog import display_name
 from chattui.export import write_export
+from chattui.screens.attention import AttentionScreen, LiveAttention
 from chattui.screens.dialogs import ConfirmDialog, TextDialog
 from chattui.screens.settings import SettingsScreen
 from chattui.settings import effective
@@ -94,6 +96,8 @@ class ChatScreen(Screen):
         Binding("ctrl+s", "settings", "Settings"),
         Binding("ctrl+g", "toggle_mode", "Chat/raw mode", show=False),
         Binding("ctrl+b", "toggle_sidebar", "Sidebar", show=False),
+        Binding("f2", "attention", "Attention"),
+        Binding("f3", "toggle_live_attention", "Live attention", show=False),
     ]
 
     @dataclass
@@ -121,6 +125,7 @@ class ChatScreen(Screen):
         self.waiting: int | None = None  # conversation whose last message waits for a model
         self.chunk_interval = 1 / 15  # read by the reply worker; adapted by _pace()
         self._reply_ids = itertools.count(1)
+        self.live_attention: LiveAttention | None = None  # set: replies record what each new token attended to
 
     def compose(self):
         with Horizontal(id="main"):
@@ -384,8 +389,10 @@ class ChatScreen(Screen):
         pending: list[str] = []
         last_post = 0.0
         result: dict = {}
+        live = self.live_attention
+        extra = {"on_attention": live.start(reply_id)} if live is not None else {}
         try:
-            for item in backend.stream(prompt, settings, cancel):
+            for item in backend.stream(prompt, settings, cancel, **extra):
                 if worker.is_cancelled:
                     cancel.set()
                 if isinstance(item, dict):
@@ -564,6 +571,37 @@ class ChatScreen(Screen):
             return
         self.app.last_export = path
         self.notify(f"Exported to {path}", title="Export", timeout=15, markup=False)
+
+    def action_attention(self) -> None:
+        """Open the attention screen on the focused message (else the last one), up to and including it;
+        while a reply is being written, on the live view."""
+        if self.conversation is None or not self.messages:
+            self.notify("Nothing to look at yet: send a message first", severity="warning")
+            return
+        if self.app.model is None:
+            self.notify("No model is loaded: press ctrl+o to choose one", severity="warning")
+            return
+        focused = self.focused
+        while focused is not None and not isinstance(focused, MessageBox):
+            focused = focused.parent if isinstance(focused.parent, Widget) else None
+        record = focused.record if isinstance(focused, MessageBox) and focused.record is not None else self.messages[-1]
+        upto = next((i for i, m in enumerate(self.messages) if m.id == record.id), len(self.messages) - 1)
+        who = "your message" if record.role == "user" else "the reply"
+        self.app.push_screen(AttentionScreen(
+            self.backend, build_prompt(self.conversation, self.messages[: upto + 1]),
+            f"{self.conversation.title or 'New chat'} · up to {who} #{upto + 1}",
+            view="live" if self.reply is not None and self.live_attention is not None else "heatmap",
+            live=self.live_attention,
+        ))
+
+    def action_toggle_live_attention(self) -> None:
+        if self.live_attention is None:
+            self.live_attention = LiveAttention()
+            self.notify("Live attention on: the next replies record what each new token attends to (f2, live view). "
+                        "Decoding is a little slower.")
+        else:
+            self.live_attention = None
+            self.notify("Live attention off")
 
     def action_settings(self) -> None:
         model = self.app.model

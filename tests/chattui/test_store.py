@@ -111,7 +111,7 @@ def test_a_failing_migration_is_rolled_back_and_reported(tmp_path):
     path = tmp_path / DB_FILE
     Store(path).close()
     broken = "ALTER TABLE conversations ADD COLUMN ok INTEGER; ALTER TABLE no_such_table ADD COLUMN x INTEGER;"
-    with pytest.raises(StoreError, match="migration to schema version 2 failed"):
+    with pytest.raises(StoreError, match=f"migration to schema version {len(MIGRATIONS) + 1} failed"):
         Store(path, migrations=(*MIGRATIONS, broken))
     store = Store(path)
     assert store.version == len(MIGRATIONS)

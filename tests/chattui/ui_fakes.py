@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from chattui.backend import BackendError, ModelInfo
 
 DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "min_p": 0.0, "repetition_penalty": 1.0,
@@ -61,7 +63,7 @@ class FakeBackend:
             adapter=str(adapter) if adapter else None,
         )
 
-    def stream(self, prompt, settings, cancel: threading.Event):
+    def stream(self, prompt, settings, cancel: threading.Event, on_attention=None):
         if self.loaded is None:
             raise BackendError("no model is loaded")
         self.requests.append((prompt, dict(settings)))
@@ -77,6 +79,9 @@ class FakeBackend:
                     break
                 time.sleep(self.delay)
                 out.append(chunk)
+                if on_attention is not None:  # one row per chunk, as if every chunk were a token
+                    tokens = fake_tokens(prompt)
+                    on_attention(FakeAttentionMaps(tokens + out).last_rows(), tokens)
                 yield chunk
             else:
                 if cancel.is_set():
@@ -91,6 +96,89 @@ class FakeBackend:
             "prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": len(out) / elapsed,
             "seed": settings.get("seed") if settings.get("seed") is not None else 42, "dropped_messages": 0,
         }
+
+
+def fake_tokens(prompt) -> list[str]:
+    """The fake's tokenizer: whitespace-separated words (chat messages prefixed by their role)."""
+    if isinstance(prompt, str):
+        return prompt.split() or ["<empty>"]
+    return [word for m in prompt for word in [f"<{m['role']}>"] + m["content"].split()]
+
+
+class FakeAttentionMaps:
+    """engine.AttentionMaps' numpy interface on deterministic weights: 2 layers x 3 heads, causal rows
+    that sum to 1, different for every (layer, head)."""
+
+    num_layers = 2
+    num_heads = 3
+
+    def __init__(self, tokens: list[str], truncated: int = 0):
+        self.tokens = list(tokens)
+        self.token_ids = list(range(len(tokens)))
+        self.truncated = truncated
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def layer(self, layer: int) -> np.ndarray:
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range")
+        T = len(self)
+        q, k = np.arange(T)[:, None], np.arange(T)[None, :]
+        heads = []
+        for h in range(self.num_heads):
+            scores = np.cos(0.7 * (layer + 1) * (h + 1) * (q - k) + layer) * (2 + h)
+            scores = np.where(k <= q, scores, -np.inf)
+            w = np.exp(scores - scores.max(-1, keepdims=True))
+            heads.append(w / w.sum(-1, keepdims=True))
+        return np.stack(heads).astype(np.float32)
+
+    def head(self, layer: int, head: int) -> np.ndarray:
+        return self.layer(layer)[head]
+
+    def mean_over_heads(self, layer: int) -> np.ndarray:
+        return self.layer(layer).mean(axis=0)
+
+    def max_over_heads(self, layer: int) -> np.ndarray:
+        return self.layer(layer).max(axis=0)
+
+    def rollout(self, up_to_layer: int | None = None) -> np.ndarray:
+        last = self.num_layers - 1 if up_to_layer is None else up_to_layer
+        T = len(self)
+        flow = np.eye(T, dtype=np.float32)
+        for layer in range(last + 1):
+            mixed = 0.5 * self.mean_over_heads(layer) + 0.5 * np.eye(T, dtype=np.float32)
+            flow = (mixed / mixed.sum(-1, keepdims=True)) @ flow
+        return flow
+
+    def head_summaries(self, layer: int) -> list:
+        from types import SimpleNamespace
+
+        w = self.layer(layer)
+        return [SimpleNamespace(layer=layer, head=h, entropy=float(h + layer), mean_distance=float(2 * h),
+                                top_key=int(w[h].mean(0).argmax())) for h in range(self.num_heads)]
+
+    def last_rows(self) -> np.ndarray:
+        """(layers, heads, T): the last query's weights, what generation's on_attention receives."""
+        return np.stack([self.layer(l)[:, -1] for l in range(self.num_layers)])
+
+
+class FakeAttentionBackend(FakeBackend):
+    """FakeBackend with attention: FakeAttentionMaps over the prompt's words; `attention_error` makes it fail."""
+
+    def __init__(self, *args, truncated: int = 0, attention_error: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.truncated = truncated
+        self.attention_error = attention_error
+        self.attention_requests: list[object] = []
+
+    def attention(self, prompt) -> FakeAttentionMaps:
+        self.attention_requests.append(prompt)
+        if self.loaded is None:
+            raise BackendError("no model is loaded")
+        if self.attention_error:
+            raise BackendError(self.attention_error)
+        return FakeAttentionMaps(fake_tokens(prompt), self.truncated)
 
 
 async def wait_until(pilot, predicate: Callable[[], object], timeout: float = 5.0, what: str = "condition"):
