@@ -84,9 +84,9 @@ class Generation:
     Abandoning the iteration early? Call close() (or use `with`) so the engine is free at once.
     """
 
-    def __init__(self, deltas: Iterator[str]):
-        self._deltas = deltas
-        self.result: GenerationResult | None = None
+    def __init__(self, run: Callable[[Generation], Iterator[str]]):
+        self.result: GenerationResult | None = None  # set by run when the stream ends
+        self._deltas = run(self)
 
     def __iter__(self) -> Iterator[str]:
         return self._deltas
@@ -279,11 +279,11 @@ class Engine:
             )
         max_new_tokens = min(max_new_tokens, self.context_length - len(prompt))
         is_cancelled = cancel.is_set if isinstance(cancel, threading.Event) else (cancel or (lambda: False))
-        generation = Generation(iter(()))
-        generation._deltas = self._stream(
-            generation, list(prompt), params, max_new_tokens, stop, is_cancelled, on_attention
+        return Generation(
+            lambda generation: self._stream(
+                generation, list(prompt), params, max_new_tokens, stop, is_cancelled, on_attention
+            )
         )
-        return generation
 
     def _stream(self, generation, prompt, params, max_new_tokens, stop, is_cancelled, on_attention) -> Iterator[str]:
         if not self._lock.acquire(blocking=False):

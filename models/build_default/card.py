@@ -277,7 +277,12 @@ def render_card(L: dict) -> str:
         "",
         "The learning-rate schedule is warmup-stable-decay: the peak rate is held for three quarters of the "
         "time budget and the decay length is then set from the speed measured at that point, so the run ends "
-        "on time however busy the CPU is.",
+        "on time however busy the CPU is. "
+        + " ".join(
+            f"{stage.capitalize()}: {r['plan']['stable_steps']} steps at the peak rate, {r['plan']['decay_steps']} "
+            f"decaying{' (' + r['plan']['note'] + ')' if r['plan'].get('note') else ''}."
+            for stage, r in (("pre-training", pre), ("chat tuning", sft)) if "stable_steps" in r["plan"]
+        ),
         "",
         "## Data",
         "",
@@ -328,7 +333,8 @@ def render_card(L: dict) -> str:
         "tokens for chat tuning); the unigram baseline is the add-one-smoothed token frequency of the training "
         "text, scored on the same targets.",
         "",
-        "Validation loss during pre-training: "
+        f"Validation loss during pre-training, on the first {pre['config']['eval_batches']} validation batches "
+        "(Chit-Chat conversations, harder than the WordNet answers, so above the full-set figure): "
         + ", ".join(f"step {p['step']}: {_f(p['val_loss'])}" for p in pre["val_curve"]) + ".",
         "",
         "## Sampling defaults",
