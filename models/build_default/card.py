@@ -280,7 +280,7 @@ def render_card(L: dict) -> str:
         "on time however busy the CPU is. "
         + " ".join(
             f"{stage.capitalize()}: {r['plan']['stable_steps']} steps at the peak rate, {r['plan']['decay_steps']} "
-            f"decaying{' (' + r['plan']['note'] + ')' if r['plan'].get('note') else ''}."
+            f"decaying{'; ' + r['plan']['note'] if r['plan'].get('note') else ''}."
             for stage, r in (("pre-training", pre), ("chat tuning", sft)) if "stable_steps" in r["plan"]
         ),
         "",
@@ -375,17 +375,24 @@ def render_card(L: dict) -> str:
             lines += ["", f"(A word held out of training; WordNet's answer: {_quote(sample['reference'])})"]
         lines.append("")
     lines += [
-        "## What it cannot do",
+        "## What it can and cannot do",
         "",
-        "- It is tiny and saw only a few million tokens: replies are often generic, off topic or contradictory, "
-        "and it loses the thread after a few turns.",
-        "- Facts are unreliable. It knows no news, cannot do arithmetic, write code or follow complex "
-        "instructions, and speaks only simple English.",
-        "- Definitions of common words are often right in outline and wrong in detail; rarer words get "
-        "invented definitions.",
-        "- Its chat style is that of the Chit-Chat data (students chatting online): casual, sometimes "
-        "mistaken about itself (it may claim to be a person, have a job or hobbies), and it may reproduce "
-        "opinions or language from that data.",
+        "It can: greet and make short small talk in the casual style of the Chit-Chat data, answer a question "
+        "with a related sentence and ask one back, and stay on the general topic for a turn or two. It has "
+        "learned the shape of the dictionary answers (word, part of speech, definition, example) and of its "
+        "persona answers.",
+        "",
+        "It cannot, honestly:",
+        "",
+        "- Define words. The definitions it writes are mostly invented, and it often misspells or replaces the "
+        "word it was asked about (see the samples); synonyms and example sentences are rarely right. Four "
+        "million parameters and about one pass over the data were not enough to memorise WordNet.",
+        "- Hold a conversation together: replies are often generic, contradictory or off topic, and it loses "
+        "the thread after a few turns.",
+        "- Know facts, do arithmetic, write code or follow instructions; it knows no news and only simple "
+        "English.",
+        "- Describe itself reliably: the Chit-Chat data was written by people, so it may claim to be a person, "
+        "have a job, family or hobbies, and it may reproduce opinions or language from that data.",
         f"- The context window is {cfg['max_position_embeddings']} tokens; chattui drops the oldest turns beyond it.",
         "",
         "## Rebuild",

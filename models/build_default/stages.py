@@ -12,7 +12,6 @@ import math
 import platform
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from engine.tokenizer import ChatTokenizer
-from engine.train import IGNORE_INDEX, Progress, TrainConfig, evaluate, latest_checkpoint, load_checkpoint, train
+from engine.train import IGNORE_INDEX, Progress, TrainConfig, evaluate, train
 from engine.train_data import ChatExample, RowBatches, chat_example, pack_documents, pack_examples
 from models.build_default.data import read_jsonl
 from models.build_default.tokenizer import IM_END, PAD, SPECIAL_TOKENS, render
@@ -339,13 +338,3 @@ def export(work: Path, out: Path, generation_config: dict) -> None:
         shutil.copyfile(tokenizer_dir / name, out / name)
     for name in ("LICENSE-WordNet", "LICENSE-chitchat-dataset"):
         shutil.copyfile(work / name, out / name)
-
-
-def resume_model(work: Path, stage: str, vocab_size: int) -> nn.Module:
-    """The latest checkpoint of a stage, for inspecting a run in progress."""
-    model = build_model(vocab_size, 0)
-    checkpoint = latest_checkpoint(work / stage / "checkpoints")
-    if checkpoint is None:
-        raise FileNotFoundError(f"no checkpoint in {work / stage}")
-    load_checkpoint(checkpoint, model, restore_rng=False)
-    return model
