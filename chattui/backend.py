@@ -169,7 +169,10 @@ class EngineBackend:
                 watch = None
                 if on_attention is not None:
                     tokens = engine.tokenizer.token_strings(ids)
-                    watch = lambda rows: on_attention(rows, tokens)  # noqa: E731
+
+                    def watch(rows, sequence, tokens=tokens):
+                        tokens += engine.tokenizer.token_strings(sequence[len(tokens):])  # only the new ones
+                        on_attention(rows, tokens[: len(sequence)])
                 with engine.generate(ids, params, max_new, cancel=cancel, on_attention=watch) as generation:
                     yield from generation  # closing early (the app quit) frees the engine at once
             except (EngineError, ValueError) as e:

@@ -256,12 +256,12 @@ class Engine:
         max_new_tokens: int,
         stop: list[str] | tuple[str, ...] = (),
         cancel: threading.Event | Callable[[], bool] | None = None,
-        on_attention: Callable[[np.ndarray], None] | None = None,
+        on_attention: Callable[[np.ndarray, list[int]], None] | None = None,
     ) -> Generation:
         """Stream a continuation of prompt ids. One request at a time per engine.
 
         on_attention, if given, is called after every forward with the attention weights of the
-        position that chose the next token: (layers, heads, positions so far) float32."""
+        position that chose the next token, (layers, heads, S) float32, and the S token ids they cover."""
         try:
             params.validate()
         except ValueError as e:
@@ -289,13 +289,18 @@ class Engine:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("the engine is already generating; one request at a time")
         try:
-            watcher = AttentionWatcher(self.model, on_attention) if on_attention else contextlib.nullcontext()
+            sequence = list(prompt)  # prompt + tokens fed so far: what the live weights cover
+            watcher = (
+                AttentionWatcher(self.model, lambda weights: on_attention(weights, sequence[: weights.shape[-1]]))
+                if on_attention
+                else contextlib.nullcontext()
+            )
             with watcher:
-                yield from self._run(generation, prompt, params, max_new_tokens, stop, is_cancelled)
+                yield from self._run(generation, prompt, params, max_new_tokens, stop, is_cancelled, sequence)
         finally:
             self._lock.release()
 
-    def _run(self, generation, prompt, params, max_new_tokens, stop, is_cancelled) -> Iterator[str]:
+    def _run(self, generation, prompt, params, max_new_tokens, stop, is_cancelled, sequence) -> Iterator[str]:
         started = time.perf_counter()
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         rng = torch.Generator(device=self.device).manual_seed(seed)
@@ -317,6 +322,7 @@ class Engine:
                     finish = "eos"
                     break
                 generated.append(step.token)
+                sequence.append(step.token)
                 delta = stream.push(step.token)
                 if delta:
                     yield delta

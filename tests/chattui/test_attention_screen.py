@@ -356,4 +356,5 @@ def test_engine_backend_streams_live_attention_rows(checkpoint_factory):
     for i, (rows, tokens) in enumerate(received):
         assert rows.shape == (config.num_hidden_layers, config.num_attention_heads, prompt_len + i)
         np.testing.assert_allclose(rows.sum(-1), 1.0, atol=1e-5)
-        assert len(tokens) == prompt_len
+        assert len(tokens) == prompt_len + i  # the prompt's and the generated tokens' strings
+        assert tokens[:prompt_len] == received[0][1]

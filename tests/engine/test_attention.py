@@ -117,12 +117,15 @@ def test_live_attention_rows_equal_the_captured_matrix_rows(checkpoint_factory):
     """Each step's live weights equal the row of a full capture at the position that chose the token."""
     engine = Engine.load(checkpoint_factory("mistral"), dtype="float32")
     prompt = torch.randint(3, 300, (30,), generator=torch.Generator().manual_seed(2)).tolist()
-    rows = []
-    generation = engine.generate(prompt, SamplingParams(temperature=0), 6, on_attention=rows.append)
+    rows, covered = [], []
+    generation = engine.generate(
+        prompt, SamplingParams(temperature=0), 6, on_attention=lambda w, ids: (rows.append(w), covered.append(ids))
+    )
     list(generation)
     result = generation.result
     assert len(rows) == len(result.token_ids)  # one per forward: prefill + each decode step but the last
     sequence = prompt + result.token_ids
+    assert covered == [sequence[: len(prompt) + i] for i in range(len(rows))]
     maps = engine.attention(sequence)
     for i, row in enumerate(rows):
         position = len(prompt) - 1 + i
