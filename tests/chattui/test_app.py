@@ -666,9 +666,9 @@ def test_long_conversations_mount_recent_messages_and_show_earlier_on_request(ma
         for shown in (2 * MOUNT_LIMIT, 30):
             chat.view.scroll_home(animate=False)  # the button waits at the top of the conversation
             await pilot.pause()
-            await pilot.click("#earlier")
+            chat.query_one("#earlier").press()
             await wait_until(pilot, lambda: len(chat.boxes()) == shown, what=f"{shown} messages on screen")
-        assert not chat.query("#earlier")
+        await wait_until(pilot, lambda: not chat.query("#earlier"), what="the 'show earlier' button to go")
         await send(pilot, "q15")
         await reply_done(pilot, 16)
         shown = len(chat.boxes())
