@@ -30,9 +30,8 @@ Several processes (`nproc` > 1): this process starts `torch.distributed.run` (to
 that train under DistributedDataParallel (NCCL on GPUs, gloo on CPU). `batch_size` is the global batch, each
 worker takes its slice, so the optimizer sees the same batches for any process count. Each worker keeps its
 own checkpoint (rank 0 in checkpoints/, rank r in checkpoints/rank-r/); resuming needs the same nproc.
-engine.train normalises each worker's loss by that worker's target tokens and DDP averages the gradients, so
-they equal one process's exactly when the workers' shares hold as many target tokens (e.g. equal-length rows)
-and closely otherwise. DDP keeps a full copy of the model, gradients and optimizer state on every GPU; for models larger than one
+engine.train normalises each worker's loss by the target tokens of all workers (one all-reduce per step) and DDP
+averages the gradients, so a step equals one process's step on the same global batch. DDP keeps a full copy of the model, gradients and optimizer state on every GPU; for models larger than one
 GPU the path is FSDP (torch.distributed.fsdp.fully_shard, FSDP2), which shards parameters, gradients and
 optimizer state across the workers: wrap each decoder layer and then the model with `fully_shard` instead of
 DistributedDataParallel here, and save checkpoints with torch.distributed.checkpoint (sharded state dicts).
@@ -597,7 +596,7 @@ def _run(config, resume, dist, out, progress, stop, should_stop, on_progress) ->
         return flag
 
     def report(record: Progress) -> None:
-        if dist.active:  # every rank reports at the same steps: combine their numbers
+        if dist.active:  # every rank reports at the same steps: combine their numbers (losses are world x shares)
             loss, speed, seen = _all_reduce([record.loss or 0.0, record.tokens_per_s, float(record.tokens_seen)], device)
             record.loss = loss / dist.world if record.loss is not None else None
             record.tokens_per_s, record.tokens_seen = speed, int(seen)

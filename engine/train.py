@@ -155,6 +155,19 @@ def token_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     return loss_sum, int((targets != IGNORE_INDEX).sum())
 
 
+def _loss_scale(targets: int, device: torch.device) -> float:
+    """1 / (target tokens of the step). Under DistributedDataParallel, which averages gradients over
+    ranks, world / (targets of all ranks): the step then equals one large batch even when ranks hold
+    different numbers of target tokens."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1.0 / max(targets, 1)
+    total = torch.tensor([float(targets)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return dist.get_world_size() / max(float(total.item()), 1.0)
+
+
 def count_targets(batch: Batch) -> int:
     return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
 
@@ -431,13 +444,14 @@ def train(
                 break
             micro = [next_batch() for _ in range(config.grad_accum)]
             targets = sum(count_targets(b) for b in micro)
+            scale = _loss_scale(targets, device)
             step_loss = 0.0
             for batch in micro:
                 batch = _to_device(batch, device)
                 with _autocast(device, config.bf16):
                     loss_sum, _ = token_losses(model, batch)
                 # Normalise by the targets of the whole step, so accumulation equals one large batch.
-                (loss_sum / max(targets, 1)).backward()
+                (loss_sum * scale).backward()
                 step_loss += float(loss_sum.detach())
                 window_tokens += batch.input_ids.numel()
             params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -448,7 +462,7 @@ def train(
             scheduler.step()
             step += 1
             tokens_seen += targets
-            window_loss += step_loss / max(targets, 1)
+            window_loss += step_loss * scale  # under DDP: this rank's share of the global mean, times world
             window_count += 1
 
             evaluated = False

@@ -335,11 +335,14 @@ def test_job_run_as_a_subprocess_writes_progress_and_ends_done(base, tmp_path):
     assert json.loads((out / "job.json").read_text())["plan"]["total_steps"] == 3
 
 
-def test_two_ddp_processes_match_one_process_with_the_same_global_batch(base, tmp_path):
-    # Every record is cut to 16 tokens, so both processes' shares hold the same number of target tokens.
+@pytest.mark.parametrize("lengths", ["equal", "unequal"])
+def test_two_ddp_processes_match_one_process_with_the_same_global_batch(base, tmp_path, lengths):
+    # "equal": every record is cut to 16 tokens, so both processes' shares hold as many target tokens;
+    # "unequal": short and long records, so the shares differ and the loss must be normalised globally.
     # float32: bfloat16 rounding depends on the matmul shapes, which differ between one and two processes.
     texts = ["The quick brown fox jumps over the lazy dog. 0123456789 ", "Hello there! How are you doing today? "]
-    data = write_jsonl(tmp_path / "text.jsonl", [{"text": texts[i % 2] * 3 + str(i)} for i in range(8)])
+    repeats = (lambda i: 3) if lengths == "equal" else (lambda i: 1 if i % 4 < 2 else 3)
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": texts[i % 2][: 12 * repeats(i)] * repeats(i) + str(i)} for i in range(8)])
     settings = {"model": str(base), "data": str(data), "max_steps": 3, "lr": 1e-2, "batch_size": 4, "grad_accum": 2,
                 "max_seq_len": 16, "lora_dropout": 0.0, "val_fraction": 0.0, "log_interval": 1, "device": "cpu",
                 "precision": "fp32"}
