@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from chattui.backend import BackendError, ModelInfo
+from engine.attention import AttentionMaps
 
 DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "min_p": 0.0, "repetition_penalty": 1.0,
             "max_new_tokens": 64}
@@ -105,9 +106,9 @@ def fake_tokens(prompt) -> list[str]:
     return [word for m in prompt for word in [f"<{m['role']}>"] + m["content"].split()]
 
 
-class FakeAttentionMaps:
-    """engine.AttentionMaps' numpy interface on deterministic weights: 2 layers x 3 heads, causal rows
-    that sum to 1, different for every (layer, head)."""
+class FakeAttentionMaps(AttentionMaps):
+    """engine.AttentionMaps (its aggregations are the real ones) on deterministic weights: 2 layers x
+    3 heads, causal rows that sum to 1, different for every (layer, head)."""
 
     num_layers = 2
     num_heads = 3
@@ -116,9 +117,6 @@ class FakeAttentionMaps:
         self.tokens = list(tokens)
         self.token_ids = list(range(len(tokens)))
         self.truncated = truncated
-
-    def __len__(self) -> int:
-        return len(self.tokens)
 
     def layer(self, layer: int) -> np.ndarray:
         if not 0 <= layer < self.num_layers:
@@ -132,24 +130,6 @@ class FakeAttentionMaps:
             w = np.exp(scores - scores.max(-1, keepdims=True))
             heads.append(w / w.sum(-1, keepdims=True))
         return np.stack(heads).astype(np.float32)
-
-    def head(self, layer: int, head: int) -> np.ndarray:
-        return self.layer(layer)[head]
-
-    def mean_over_heads(self, layer: int) -> np.ndarray:
-        return self.layer(layer).mean(axis=0)
-
-    def max_over_heads(self, layer: int) -> np.ndarray:
-        return self.layer(layer).max(axis=0)
-
-    def rollout(self, up_to_layer: int | None = None) -> np.ndarray:
-        last = self.num_layers - 1 if up_to_layer is None else up_to_layer
-        T = len(self)
-        flow = np.eye(T, dtype=np.float32)
-        for layer in range(last + 1):
-            mixed = 0.5 * self.mean_over_heads(layer) + 0.5 * np.eye(T, dtype=np.float32)
-            flow = (mixed / mixed.sum(-1, keepdims=True)) @ flow
-        return flow
 
     def head_summaries(self, layer: int) -> list:
         from types import SimpleNamespace
