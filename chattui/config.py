@@ -8,11 +8,12 @@ replacing its own line, so the user's comments and layout survive.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from chattui.paths import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +140,7 @@ def set_value(path: Path, key: str, value: str) -> None:
             break
     else:
         lines.insert(end, line)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def _toml_string(value: str) -> str:

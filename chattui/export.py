@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from chattui.catalog import display_name
+from chattui.paths import write_text_atomic
 from chattui.store import Conversation, Message
 
 EXPORT_FORMAT = "chattui.conversation"
@@ -83,5 +84,5 @@ def write_export(folder: Path, conversation: Conversation, messages: list[Messag
     text = to_markdown(conversation, messages) if fmt == "markdown" else to_json(conversation, messages)
     folder.mkdir(parents=True, exist_ok=True)
     path = export_path(folder, conversation, "md" if fmt == "markdown" else "json")
-    path.write_text(text, encoding="utf-8")
+    write_text_atomic(path, text)
     return path

@@ -1,4 +1,4 @@
-"""Where chattui keeps its files, found without importing torch or creating anything."""
+"""Where chattui keeps its files (found without importing torch or creating anything), and how it writes them."""
 
 from __future__ import annotations
 
@@ -37,3 +37,12 @@ def hf_hub_cache() -> Path:
         return Path(os.environ["HF_HOME"]).expanduser() / "hub"
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to path through a temporary file renamed into place: readers, and a crash, never
+    leave a half-written file. Creates the parent folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)

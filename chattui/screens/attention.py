@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from textual.screen import Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer, Label, Static
 
 from chattui.backend import Backend, BackendError, Prompt
+from chattui.paths import write_text_atomic
 from chattui.widgets.heatmap import Heatmap, attended_text, legend, token_label
 
 log = logging.getLogger(__name__)
@@ -380,12 +380,8 @@ class AttentionScreen(Screen):
                 "dims": ["query", "key"], "attention": self.matrix.tolist(),
             }, ensure_ascii=False)
         try:
-            folder = self._export_dir()
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{self._stem()}.{fmt}"
-            partial = path.with_name(path.name + ".part")
-            partial.write_text(data, encoding="utf-8")
-            os.replace(partial, path)  # readers never see a half-written file
+            path = self._export_dir() / f"{self._stem()}.{fmt}"
+            write_text_atomic(path, data)
         except OSError as e:
             self.notify(f"Export failed: {e}", title="Attention", severity="error", markup=False)
             return
