@@ -5,6 +5,10 @@
 - On CPU in float32, matmuls run through oneDNN, which spreads a single-row (decode) matmul over
   every core where MKL's sgemv uses one, and each weight is stored in the memory order that kernel
   reads fastest. `chattui bench` measures the effect.
+- On CPU in bfloat16 with AVX512-BF16, single-row (decode) matmuls run through engine.kernels'
+  linear_bf16, which streams the weights about twice as fast as PyTorch's kernel, with the same
+  rounding steps (float32 sums in another order: rare last-bit differences), and so does each
+  single-position RMSNorm (rms_norm_bf16, one op instead of eight); prefill keeps PyTorch's kernels.
 - Layers that carry a LoRA adapter (engine.lora) are left as they are: no fusing, no oneDNN class.
 
 `prepare_for_training` undoes all of it, for fine-tuning a model loaded by engine.checkpoint.load_model.
@@ -15,9 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from engine.kernels import bf16_decode_ops
 from engine.lora import is_lora_layer
 from models.gpt2 import Conv1D
-from models.llama import LlamaAttention, LlamaMLP
+from models.llama import LlamaAttention, LlamaMLP, RMSNorm
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -33,6 +38,37 @@ class OneDNNLinear(nn.Linear):
 class OneDNNConv1D(Conv1D):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _onednn_linear(x, self.weight.t(), self.bias)
+
+
+class DecodeBF16Linear(nn.Linear):
+    """bfloat16 Linear whose single-row calls use engine.kernels' linear_bf16, with nn.Linear's results."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.in_features:
+            return super().forward(x)
+        if self.bias is not None and x.dim() > 2:
+            # F.linear rounds x Wᵀ to bfloat16 before adding the bias for inputs of 3+ dims: so do we.
+            return bf16_decode_ops().linear_bf16(x, self.weight, None).add_(self.bias)
+        return bf16_decode_ops().linear_bf16(x, self.weight, self.bias)
+
+
+class DecodeBF16Conv1D(Conv1D):
+    """GPT-2's Conv1D, its weight stored (out, in)-contiguous, single-row calls as in DecodeBF16Linear
+    (addmm adds the bias before rounding, as the kernel does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.weight.shape[0]:
+            return super().forward(x)
+        return bf16_decode_ops().linear_bf16(x, self.weight.t(), self.bias)
+
+
+class DecodeBF16RMSNorm(RMSNorm):
+    """RMSNorm whose single-position calls use engine.kernels' rms_norm_bf16 (one op instead of eight)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[-2] != 1:
+            return super().forward(x)
+        return bf16_decode_ops().rms_norm_bf16(x, self.weight, self.eps)
 
 
 def onednn_available() -> bool:
@@ -93,24 +129,32 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
             object.__setattr__(module, "fused_gate_up", fused)
             fused_parts += parts
             fused_layers.append(fused)
-    use_onednn = device.type == "cpu" and dtype == torch.float32 and onednn_available()
-    if use_onednn:
-        standalone = [
-            m for m in model.modules()
-            if isinstance(m, nn.Linear) and m not in fused_parts and id(m) not in with_lora
-        ]
+    if device.type != "cpu":
+        return model
+    standalone = [
+        m for m in model.modules() if isinstance(m, nn.Linear) and m not in fused_parts and id(m) not in with_lora
+    ]
+    conv1ds = [m for m in model.modules() if isinstance(m, Conv1D) and id(m) not in with_lora]
+    if dtype == torch.float32 and onednn_available():
         for linear in standalone + fused_layers:
             linear.weight.data = _store_for_onednn(linear.weight.data)
             linear.__class__ = OneDNNLinear
+        for conv in conv1ds:
+            conv.weight.data = _store_for_onednn(conv.weight.data.t()).t()
+            conv.__class__ = OneDNNConv1D
+        return model
+    # bfloat16 kernels (PyTorch's and ours) read (out, in)-contiguous weights fastest; GPT-2 stores (in, out).
+    for conv in conv1ds:
+        conv.weight.data = conv.weight.data.t().contiguous().t()
+    if dtype == torch.bfloat16 and bf16_decode_ops() is not None:
+        for linear in standalone + fused_layers:
+            if linear.weight.is_contiguous():
+                linear.__class__ = DecodeBF16Linear
+        for conv in conv1ds:
+            conv.__class__ = DecodeBF16Conv1D
         for module in model.modules():
-            if isinstance(module, Conv1D) and id(module) not in with_lora:
-                module.weight.data = _store_for_onednn(module.weight.data.t()).t()
-                module.__class__ = OneDNNConv1D
-    elif device.type == "cpu":
-        # bfloat16 kernels read (out, in)-contiguous weights fastest; GPT-2 stores (in, out).
-        for module in model.modules():
-            if isinstance(module, Conv1D) and id(module) not in with_lora:
-                module.weight.data = module.weight.data.t().contiguous().t()
+            if type(module) is RMSNorm:
+                module.__class__ = DecodeBF16RMSNorm
     return model
 
 
@@ -131,10 +175,12 @@ def prepare_for_training(model: nn.Module) -> nn.Module:
                         part.bias.data = part.bias.data.clone()
                 object.__delattr__(module, attr)  # back to the class attribute None: unfused forward
     for module in model.modules():
-        if type(module) is OneDNNLinear:
+        if type(module) in (OneDNNLinear, DecodeBF16Linear):
             module.__class__ = nn.Linear
-        elif type(module) is OneDNNConv1D:
+        elif type(module) in (OneDNNConv1D, DecodeBF16Conv1D):
             module.__class__ = Conv1D
+        elif type(module) is DecodeBF16RMSNorm:
+            module.__class__ = RMSNorm
     for p in model.parameters():
         if not p.is_contiguous():
             p.data = p.data.contiguous()

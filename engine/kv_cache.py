@@ -26,6 +26,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views: fewer ops per update
 
     @classmethod
     def for_model(cls, config, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
@@ -36,9 +37,10 @@ class KVCache:
         end = start + k.shape[2]
         if end > self.capacity:
             raise ValueError(f"KV cache overflow: position {end} > capacity {self.capacity}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self._layers[layer]  # (B, kvh, capacity, hd)
+        keys.narrow(2, start, end - start).copy_(k)
+        values.narrow(2, start, end - start).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def grown(self, capacity: int, keep: int) -> KVCache:
         """A larger cache holding this one's first `keep` positions."""

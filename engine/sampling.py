@@ -72,7 +72,7 @@ def sample(
 ) -> int:
     """One token id from logits (V,); temperature 0 is argmax."""
     if temperature <= 0:
-        return int(torch.argmax(logits))
+        return int(torch.argmax(logits.float()))  # same id; PyTorch's argmax is ~3x slower on bfloat16
     logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     probs = logits.softmax(-1)  # (V,)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -57,6 +57,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, hd) rotated by cos, sin (1, 1, T, hd)."""
+    return x * cos + rotate_half(x) * sin
+
+
 class LlamaAttention(nn.Module):
     # Inference only (engine.inference): one matmul for q, k and v whose weight the three share.
     fused_qkv: nn.Module | None = None
@@ -81,20 +86,21 @@ class LlamaAttention(nn.Module):
     def project_qkv(self, x, cos, sin):
         """Rotated queries (B, nh, T, hd) and keys, values (B, kvh, T, hd) for hidden states x (B, T, D)."""
         B, T, _ = x.shape
+        nh, kvh, hd = self.n_heads, self.n_kv_heads, self.head_dim
         if self.fused_qkv is not None:
-            kv_width = self.n_kv_heads * self.head_dim
-            q, k, v = self.fused_qkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+            qkv = self.fused_qkv(x).view(B, T, nh + 2 * kvh, hd).transpose(1, 2)  # (B, nh + 2 kvh, T, hd)
+            if not hasattr(self, "q_norm"):
+                # q and k heads are adjacent: rotate them in one go (fewer ops per decode step).
+                q, k = apply_rope(qkv[:, : nh + kvh], cos, sin).split([nh, kvh], dim=1)
+                return q, k, qkv[:, nh + kvh :]
+            q, k, v = qkv.split([nh, kvh, kvh], dim=1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, kvh, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, kvh, hd)
+            q = self.q_proj(x).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+            k = self.k_proj(x).view(B, T, kvh, hd).transpose(1, 2)  # (B, kvh, T, hd)
+            v = self.v_proj(x).view(B, T, kvh, hd).transpose(1, 2)  # (B, kvh, T, hd)
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        return q, k, v
+            q, k = self.q_norm(q), self.k_norm(k)  # per head, over hd
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, start: int, cache: LayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
