@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -146,11 +148,65 @@ def make_samples(out: Path) -> list[dict]:
     return samples
 
 
+EVAL_WORDS = 100  # trained-on common words asked about in the definition test (and half as many held-out ones)
+
+
+def _words(text: str) -> Counter:
+    return Counter(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def overlap_f1(reply: str, reference: str) -> float:
+    """Word-overlap F1 of reply against reference (1: the same words, 0: none shared)."""
+    a, b = _words(reply), _words(reference)
+    shared = sum((a & b).values())
+    if not shared:
+        return 0.0
+    precision, recall = shared / sum(a.values()), shared / sum(b.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def definition_of(answer: str) -> str:
+    """The definition in a "Word (pos) means DEFINITION. For example: ..." answer (the whole text if not so shaped)."""
+    body = answer.split(" means ", 1)[-1]
+    return re.split(r"\. (?:For example:|It can also mean)", body, maxsplit=1)[0].strip().rstrip(".")
+
+
+def definition_test(work: Path, engine) -> dict:
+    """Greedy answers to "What does X mean?" against WordNet's, for common words it trained on and held-out ones."""
+    from engine import SamplingParams
+    from models.build_default.data import read_jsonl
+
+    trained = [c for c in read_jsonl(work / "train.jsonl") if c.get("common") and re.search(r"/mean/\w+/0$", c["id"])]
+    trained = random.Random(0).sample(trained, min(EVAL_WORDS, len(trained)))
+    held_out = [c for c in read_jsonl(work / "val.jsonl") if "/mean/" in c["id"]][: EVAL_WORDS // 2]
+    greedy = SamplingParams(temperature=0.0)
+    result = {}
+    for name, records in (("trained", trained), ("held_out", held_out)):
+        rows = []
+        for c in records:
+            question, reference = c["messages"][0]["content"], c["messages"][1]["content"]
+            reply, _ = _reply(engine, [{"role": "user", "content": question}], greedy, max_new_tokens=80)
+            headword = reference.split(" (", 1)[0].lower()
+            rows.append({"question": question, "reply": reply.strip(), "reference": reference,
+                         "right_word": reply.strip().lower().startswith(headword + " ("),
+                         "exact": definition_of(reply) == definition_of(reference),
+                         "f1": overlap_f1(definition_of(reply), definition_of(reference))})
+        result[name] = {
+            "words": len(rows),
+            "right_word": sum(r["right_word"] for r in rows),
+            "exact": sum(r["exact"] for r in rows),
+            "half_right": sum(r["f1"] >= 0.5 for r in rows),
+            "mean_f1": sum(r["f1"] for r in rows) / max(len(rows), 1),
+            "examples": rows[:3],
+        }
+    return result
+
+
 def write_card(work: Path, out: Path, console) -> None:
     """Samples, then models/default/README.md and training_log.json from work/training_log.json."""
-    from models.build_default.data import read_jsonl
+    from models.build_default.data import COMMON_PHRASINGS, read_jsonl
     from models.build_default.sources import SOURCES
-    from models.build_default.stages import GRAD_ACCUM, MICRO_BATCH, SEQ_LEN, update_log
+    from models.build_default.stages import COMMON_REPEATS, GRAD_ACCUM, MICRO_BATCH, SEQ_LEN, update_log
 
     samples = make_samples(out)
     # One more: a word whose WordNet entry was held out of training, with the reference answer.
@@ -167,7 +223,10 @@ def write_card(work: Path, out: Path, console) -> None:
         "settings": samples[0]["settings"], "reference": held_out["messages"][1]["content"],
     })
     update_log(work, "samples", samples)
+    update_log(work, "definitions", definition_test(work, engine))
     corpus = json.loads((work / "corpus_stats.json").read_text())
+    common = {c["id"].split("/")[1] for c in read_jsonl(work / "train.jsonl") if c.get("common")}
+    corpus["wordnet"].update(common_words=len(common), common_phrasings=COMMON_PHRASINGS, sft_repeats=COMMON_REPEATS)
     update_log(work, "corpus", corpus)
     update_log(work, "sources", [s.__dict__ for s in SOURCES])
     update_log(work, "model", {
@@ -209,6 +268,15 @@ def _f(x: float, digits: int = 3) -> str:
 
 def _int(x: float) -> str:
     return f"{int(round(x)):,}"
+
+
+def _common_words_note(wordnet: dict) -> str:
+    if "common_words" not in wordnet:
+        return ""
+    return (f"The {_int(wordnet['common_words'])} words of WordNet used most in the chat data are always in "
+            f"training, their meaning asked in {wordnet['common_phrasings']} phrasings ({_int(wordnet['common'])} "
+            f"records); chat tuning repeats those {wordnet['sft_repeats']} times and leaves the rarer words to "
+            "pre-training. ")
 
 
 def render_card(L: dict) -> str:
@@ -302,7 +370,9 @@ def render_card(L: dict) -> str:
         "time), deduplicates conversations (normalised text), and splits train / validation by conversation "
         "(all questions about one word stay on one side). WordNet entries of words seen in WordNet's "
         "sense-tagged corpus become \"What does X mean?\", \"Use X in a sentence\" and \"Another word for X?\" "
-        "questions answered from the definitions, examples and synonyms. ChatterBot's `ai.yml` and "
+        "questions answered from the definitions (most frequent sense), examples and synonyms. "
+        + _common_words_note(corpus.get("wordnet", {})) +
+        "ChatterBot's `ai.yml` and "
         "`botprofile.yml` were left out (they describe ChatterBot itself). Licence notices: "
         "`LICENSE-WordNet` (WordNet 3.0 licence, kept as it requires) and `LICENSE-chitchat-dataset` (MIT); "
         "the ChatterBot corpus is BSD-licensed per its package metadata. No GPL text is included.",
@@ -331,7 +401,7 @@ def render_card(L: dict) -> str:
         "autocast, float32 weights. Losses are nats per token. Validation is held-out conversations "
         f"({_int(pre['val_tokens'])} tokens for pre-training, {_int(sft['val_assistant_tokens'])} assistant "
         "tokens for chat tuning); the unigram baseline is the add-one-smoothed token frequency of the training "
-        "text, scored on the same targets.",
+        "text, scored on the same targets." + _tuning_tradeoff(sft),
         "",
         f"Validation loss during pre-training, on the first {pre['config']['eval_batches']} validation batches "
         "(Chit-Chat conversations, harder than the WordNet answers, so above the full-set figure): "
@@ -374,19 +444,21 @@ def render_card(L: dict) -> str:
         if "reference" in sample:
             lines += ["", f"(A word held out of training; WordNet's answer: {_quote(sample['reference'])})"]
         lines.append("")
+    lines += _definition_lines(L["definitions"]) if "definitions" in L else []
     lines += [
         "## What it can and cannot do",
         "",
         "It can: greet and make short small talk in the casual style of the Chit-Chat data, answer a question "
-        "with a related sentence and ask one back, and stay on the general topic for a turn or two. It has "
-        "learned the shape of the dictionary answers (word, part of speech, definition, example) and of its "
-        "persona answers.",
+        "with a related sentence and ask one back, and stay on the general topic for a turn or two. "
+        + _can_define(L.get("definitions")) + "It knows the shape of the dictionary answers (word, part of "
+        "speech, definition, example) and of its persona answers.",
         "",
         "It cannot, honestly:",
         "",
-        "- Define words. The definitions it writes are mostly invented, and it often misspells or replaces the "
-        "word it was asked about (see the samples); synonyms and example sentences are rarely right. Four "
-        "million parameters and about one pass over the data were not enough to memorise WordNet.",
+        "- Define words it was not drilled on: for the rarer WordNet words (seen only in pre-training) and "
+        "held-out ones it invents a definition, often for a different or misspelled word. Even for common "
+        "words some answers are wrong or half-invented, synonyms are often wrong, and the example sentences it "
+        "writes itself ramble (see the samples).",
         "- Hold a conversation together: replies are often generic, contradictory or off topic, and it loses "
         "the thread after a few turns.",
         "- Know facts, do arithmetic, write code or follow instructions; it knows no news and only simple "
@@ -409,6 +481,45 @@ def render_card(L: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _tuning_tradeoff(sft: dict) -> str:
+    before, after = sft["val_loss_before_sft"], sft["final_val_loss"]
+    if after <= before:
+        return ""
+    return (f" Chat tuning raised the validation loss on held-out conversations ({_f(before)} -> {_f(after)}): its "
+            "data is weighted towards the repeated dictionary answers, trading some fit to small talk for "
+            "definitions (see \"Definitions, measured\").")
+
+
+def _can_define(d: dict | None) -> str:
+    if not d:
+        return ""
+    t = d["trained"]
+    return (f"It defines many common words with WordNet's own definition ({t['exact']} of {t['words']} sampled, "
+            "greedy; see above). ")
+
+
+def _definition_lines(d: dict) -> list[str]:
+    lines = [
+        "## Definitions, measured",
+        "",
+        "Greedy answers (temperature 0) to \"What does X mean?\"-style questions, compared with WordNet's: does "
+        "the reply name the word asked about, is its definition WordNet's word for word, and how many words the "
+        "two definitions share (word-overlap F1: 1 = the same words, 0 = none).",
+        "",
+        "| words asked about | names the word | exact definition | definition F1 >= 0.5 | mean definition F1 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, label in (("trained", "common words it was trained on (random sample)"), ("held_out", "held-out words")):
+        r = d[name]
+        lines.append(f"| {r['words']} {label} | {r['right_word']} | {r['exact']} | {r['half_right']} | "
+                     f"{_f(r['mean_f1'], 2)} |")
+    lines += ["", "First three of each:", ""]
+    for name in ("trained", "held_out"):
+        for r in d[name]["examples"]:
+            lines.append(f"- {_quote(r['question'])} → {_quote(r['reply'])} (WordNet: {_quote(r['reference'])})")
+    return lines + [""]
 
 
 def _quote(text: str) -> str:

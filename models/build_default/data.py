@@ -16,6 +16,7 @@ import random
 import re
 import tarfile
 import zipfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,8 +137,36 @@ SYNONYM = ("Another word for {w}?", "What is another word for {w}?", "What's a s
            "Give me a synonym of {w}.", "another word for {w}")
 
 
-def wordnet_conversations(files: dict[str, bytes], seed: int = 0) -> Iterator[dict]:
-    """Questions about common words (those seen in WordNet's sense-tagged corpus) answered from WordNet."""
+COMMON_WORDS = 2500  # WordNet words asked about most in chat tuning: the most frequent ones in the chat data
+COMMON_PHRASINGS = 3  # "What does X mean?" asked in this many ways for a common word
+
+
+def word_frequencies(conversations: list[dict]) -> Counter:
+    """How often each lower-case word occurs in the conversations' messages."""
+    counts: Counter = Counter()
+    for conv in conversations:
+        for m in conv["messages"]:
+            counts.update(re.findall(r"[a-z]+(?:'[a-z]+)?", m["content"].lower()))
+    return counts
+
+
+def common_words(files: dict[str, bytes], frequencies: Counter, n: int = COMMON_WORDS) -> dict[str, str]:
+    """The n most frequent (in `frequencies`) words WordNet knows -> their main part of speech (most tagged senses)."""
+    best: dict[str, tuple[int, str]] = {}
+    for pos in WORDNET_POS:
+        for lemma, tagged, _ in _index(files[f"index.{pos}"]):
+            if frequencies[lemma] and tagged > best.get(lemma, (-1, ""))[0]:
+                best[lemma] = (tagged, pos)
+    ranked = sorted(best, key=lambda w: (-frequencies[w], w))[:n]
+    return {w: best[w][1] for w in ranked}
+
+
+def wordnet_conversations(files: dict[str, bytes], common: dict[str, str], seed: int = 0) -> Iterator[dict]:
+    """Questions about words seen in WordNet's sense-tagged corpus, answered from WordNet (most frequent sense).
+
+    Records about a common word in its main part of speech carry `"common": True`: they stay in training
+    (never validation), the meaning question comes in COMMON_PHRASINGS phrasings, and chat tuning repeats them.
+    """
     rng = random.Random(seed)
     for pos, pos_name in WORDNET_POS.items():
         synsets = _synsets(files[f"data.{pos}"])
@@ -148,32 +177,35 @@ def wordnet_conversations(files: dict[str, bytes], seed: int = 0) -> Iterator[di
             if not senses:
                 continue
             gid = f"wordnet/{lemma}"
-            # What does it mean? The most frequent senses first.
+            is_common = common.get(lemma) == pos
+            # What does it mean? One sense, the most frequent: a small model learns one answer per word.
             first = senses[0]
             answer = f"{_cap(lemma)} ({pos_name}) means {_sentence(first['definition'])}"
             example = next((e for e in first["examples"] if lemma.split()[0] in e.lower()), None)
             if example:
                 answer += f' For example: "{_cap(example)}."'
-            for other in senses[1:]:
-                answer += f" It can also mean {_sentence(other['definition'])}"
-            template = rng.choice(WHAT_IS_NOUN if pos == "noun" and rng.random() < 0.3 else WHAT_DOES)
-            yield _qa(f"{gid}/mean/{pos}", template.format(w=lemma), answer)
+            questions = list(WHAT_IS_NOUN + WHAT_DOES if pos == "noun" else WHAT_DOES)
+            rng.shuffle(questions)
+            for k, template in enumerate(questions[: COMMON_PHRASINGS if is_common else 1]):
+                yield _qa(f"{gid}/mean/{pos}/{k}", template.format(w=lemma), answer, is_common)
             # Use it in a sentence, when WordNet has an example that contains the word.
             examples = [e for s in senses for e in s["examples"] if re.search(rf"\b{re.escape(lemma)}", e.lower())]
             if examples:
-                yield _qa(f"{gid}/use/{pos}", rng.choice(USE_IN_SENTENCE).format(w=lemma), f"{_cap(examples[0])}.")
+                yield _qa(f"{gid}/use/{pos}", rng.choice(USE_IN_SENTENCE).format(w=lemma), f"{_cap(examples[0])}.",
+                          is_common)
             # Another word for it.
             synonyms = list(dict.fromkeys(w for s in senses for w in s["words"] if w.lower() != lemma and "(" not in w))
             if synonyms:
                 picked = synonyms[:3]
                 listed = picked[0] if len(picked) == 1 else ", ".join(picked[:-1]) + f" or {picked[-1]}"
                 yield _qa(f"{gid}/syn/{pos}", rng.choice(SYNONYM).format(w=lemma),
-                          f"Another word for {lemma} is {listed}.")
+                          f"Another word for {lemma} is {listed}.", is_common)
 
 
-def _qa(conv_id: str, question: str, answer: str) -> dict:
-    return {"id": conv_id, "source": conv_id.split("/", 1)[0],
-            "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+def _qa(conv_id: str, question: str, answer: str, common: bool) -> dict:
+    record = {"id": conv_id, "source": conv_id.split("/", 1)[0],
+              "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+    return (record | {"common": True}) if common else record
 
 
 def _cap(text: str) -> str:
@@ -238,11 +270,9 @@ def build_corpus(cache: Path, work: Path) -> dict:
     (work / "LICENSE-WordNet").write_text(wordnet_licence(wordnet_files), encoding="utf-8")
     (work / "LICENSE-chitchat-dataset").write_text(chitchat_licence(paths["chitchat"]), encoding="utf-8")
 
-    streams = [
-        chitchat_conversations(paths["chitchat"]),
-        wordnet_conversations(wordnet_files),
-        chatterbot_conversations(paths["chatterbot"]),
-    ]
+    chitchat = list(chitchat_conversations(paths["chitchat"]))
+    common = common_words(wordnet_files, word_frequencies(chitchat))
+    streams = [chitchat, wordnet_conversations(wordnet_files, common), chatterbot_conversations(paths["chatterbot"])]
     seen: set[str] = set()
     stats: dict[str, dict[str, int]] = {}
     with open(work / "train.jsonl", "w", encoding="utf-8") as train, open(work / "val.jsonl", "w", encoding="utf-8") as val:
@@ -254,8 +284,10 @@ def build_corpus(cache: Path, work: Path) -> dict:
                     s["duplicates"] += 1
                     continue
                 seen.add(key)
-                split = "val" if _is_val(conv["id"]) else "train"
+                split = "val" if _is_val(conv["id"]) and not conv.get("common") else "train"
                 s[split] += 1
+                if conv.get("common"):
+                    s["common"] = s.get("common", 0) + 1
                 (val if split == "val" else train).write(json.dumps(conv, ensure_ascii=False) + "\n")
         for conv in persona_conversations():
             s = stats.setdefault(conv["source"], {"train": 0, "val": 0, "duplicates": 0})

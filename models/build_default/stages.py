@@ -103,6 +103,21 @@ def pretrain_rows(tokenizer: ChatTokenizer, conversations: list[dict]) -> torch.
     return pack_documents(_tokenize_texts(tokenizer, conversations), SEQ_LEN, SPECIAL_TOKENS.index(PAD))
 
 
+COMMON_REPEATS = 3  # copies of each common-word record in the chat-tuning data
+
+
+def sft_conversations(conversations: list[dict]) -> list[dict]:
+    """Chat-tuning data: everything but the rarer WordNet words (pre-training has seen those); the common
+    words' records repeated, so the model learns their definitions by heart."""
+    kept = []
+    for conv in conversations:
+        if conv.get("common"):
+            kept += [conv] * COMMON_REPEATS
+        elif conv["source"] != "wordnet":
+            kept.append(conv)
+    return kept
+
+
 def chat_examples(tokenizer: ChatTokenizer, conversations: list[dict]) -> list[ChatExample]:
     """Chat examples with loss on assistant messages; long conversations are cut into windows of whole turns."""
     examples = []
@@ -256,25 +271,22 @@ def pretrain(work: Path, minutes: float, steps: int | None, on_progress=None, se
         checkpoint_interval=150, keep_last=2, log_interval=10, seed=seed,
     )
     record = fit("pretrain", model, train_batches, val_batches, config, work / "pretrain", minutes, steps, on_progress)
-    record.update(
-        parameters=count_parameters(model),
+    return finish_stage(
+        work, "pretrain", model, record,
         train_tokens_per_epoch=int(train_rows.numel()),
         val_tokens=int(val_rows.numel()),
         unigram_val_loss=unigram_loss(train_rows, val_rows[:, 1:], tokenizer.vocab_size),
-        hardware=hardware(),
     )
-    record["unigram_val_perplexity"] = math.exp(record["unigram_val_loss"])
-    save_weights(model, work / "pretrain" / "model.safetensors")
-    update_log(work, "pretrain", record)
-    return record
 
 
 def sft(work: Path, minutes: float, steps: int | None, on_progress=None, seed: int = 0) -> dict:
     torch.set_flush_denormal(True)
     tokenizer = ChatTokenizer.from_dir(work / "tokenizer")
     pad = SPECIAL_TOKENS.index(PAD)
-    train_ids, train_labels = pack_examples(chat_examples(tokenizer, read_jsonl(work / "train.jsonl")), SEQ_LEN, pad, seed)
-    val_ids, val_labels = pack_examples(chat_examples(tokenizer, read_jsonl(work / "val.jsonl")), SEQ_LEN, pad, None)
+    train_chats = sft_conversations(read_jsonl(work / "train.jsonl"))
+    train_ids, train_labels = pack_examples(chat_examples(tokenizer, train_chats), SEQ_LEN, pad, seed)
+    val_chats = sft_conversations(read_jsonl(work / "val.jsonl"))
+    val_ids, val_labels = pack_examples(chat_examples(tokenizer, val_chats), SEQ_LEN, pad, None)
     model = build_model(tokenizer.vocab_size, seed)
     load_weights(model, work / "pretrain" / "model.safetensors")
     train_batches = RowBatches(train_ids, train_labels, batch_size=MICRO_BATCH, seed=seed + 1)
@@ -287,18 +299,22 @@ def sft(work: Path, minutes: float, steps: int | None, on_progress=None, seed: i
     before = evaluate(model, val_batches, bf16=True)
     record = fit("sft", model, train_batches, val_batches, config, work / "sft", minutes, steps, on_progress)
     train_rows = pretrain_rows(tokenizer, read_jsonl(work / "train.jsonl"))
-    record.update(
-        parameters=count_parameters(model),
+    return finish_stage(
+        work, "sft", model, record,
         train_examples_rows=len(train_ids),
         assistant_tokens_per_epoch=int((train_labels[:, 1:] != IGNORE_INDEX).sum()),
         val_assistant_tokens=int((val_labels[:, 1:] != IGNORE_INDEX).sum()),
         val_loss_before_sft=before,
         unigram_val_loss=unigram_loss(train_rows, val_labels[:, 1:], tokenizer.vocab_size),
-        hardware=hardware(),
     )
+
+
+def finish_stage(work: Path, stage: str, model: nn.Module, record: dict, **numbers) -> dict:
+    """Complete a stage's record (its numbers, the model size, the hardware), save its weights, log it."""
+    record.update(numbers, parameters=count_parameters(model), hardware=hardware())
     record["unigram_val_perplexity"] = math.exp(record["unigram_val_loss"])
-    save_weights(model, work / "sft" / "model.safetensors")
-    update_log(work, "sft", record)
+    save_weights(model, work / stage / "model.safetensors")
+    update_log(work, stage, record)
     return record
 
 
