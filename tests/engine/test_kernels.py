@@ -129,3 +129,24 @@ def test_no_compiler_means_pytorch_kernels_and_a_warning(monkeypatch, tmp_path, 
         assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
     finally:
         kernels.bf16_decode_ops.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gpt2"])
+def test_bfloat16_greedy_ids_equal_transformers_in_bfloat16(checkpoint_factory, family):
+    """What a user compares: `--dtype bfloat16 --temperature 0` against transformers loaded in bfloat16."""
+    import transformers
+
+    from engine import Engine, SamplingParams
+
+    folder = checkpoint_factory(family)
+    engine = Engine.load(folder, device="cpu", dtype="bfloat16")
+    assert any(isinstance(m, DecodeBF16Linear) for m in engine.model.modules())
+    engine.eos_token_ids = set()  # compare all 32 tokens whatever the random model emits
+    prompt = engine.chat_prompt([{"role": "user", "content": "Hello there, how are you today? 你好"}], 32).token_ids
+    generation = engine.generate(prompt, SamplingParams(temperature=0.0), 32)
+    list(generation)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    want = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32, pad_token_id=0,
+                              eos_token_id=None)[0, len(prompt):].tolist()
+    assert generation.result.token_ids == want
