@@ -56,6 +56,9 @@ def _compile(target: Path) -> None:
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
         built.replace(target)  # atomic: a concurrent loader sees the whole library or none
+    for stale in target.parent.glob("decode_bf16-*.so"):  # builds for an older source or PyTorch
+        if stale != target:
+            stale.unlink(missing_ok=True)
 
 
 @functools.cache

@@ -15,6 +15,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -106,7 +107,7 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double e
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
               "rms_norm_bf16: bfloat16 tensors expected");
   const int64_t dim = x.size(-1);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == dim && weight.is_contiguous(),
+  TORCH_CHECK(dim > 0 && weight.dim() == 1 && weight.size(0) == dim && weight.is_contiguous(),
               "rms_norm_bf16: weight must be (", dim, ") contiguous");
   const at::Tensor rows = x.contiguous();
   at::Tensor y = at::empty(rows.sizes(), rows.options());

@@ -115,6 +115,18 @@ def test_training_gets_plain_layers_back(checkpoint_factory):
     assert not any(isinstance(m, (DecodeBF16Linear, DecodeBF16RMSNorm)) for m in model.modules())
 
 
+@needs_kernel
+def test_build_writes_one_library_and_removes_stale_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv(kernels.KERNEL_DIR_ENV, str(tmp_path))
+    stale = tmp_path / "decode_bf16-0000000000000000.so"
+    stale.write_bytes(b"an older build")
+    target = kernels._library_path()
+    assert target.parent == tmp_path
+    kernels._compile(target)  # not loaded: this process already holds the chattui ops
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    assert target.read_bytes()[:4] == b"\x7fELF"
+
+
 def test_no_compiler_means_pytorch_kernels_and_a_warning(monkeypatch, tmp_path, caplog, checkpoint_factory):
     monkeypatch.setenv(kernels.KERNEL_DIR_ENV, str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
