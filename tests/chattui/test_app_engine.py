@@ -86,10 +86,11 @@ def test_backend_reports_bad_settings_and_long_prompts_as_one_line(qwen2):
         list(backend.stream("word " * 400, GREEDY, threading.Event()))
 
 
-def test_chat_end_to_end_on_a_tiny_qwen2_checkpoint(qwen2, broken, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the decode kernels run in the worker thread
+def test_chat_end_to_end_on_a_tiny_qwen2_checkpoint(qwen2, broken, tmp_path, dtype):
     store = Store(tmp_path / "chattui.db")
     app = ChattuiApp(
-        EngineBackend(), store, Config(), model_dir=qwen2, device="cpu", dtype="float32",
+        EngineBackend(), store, Config(), model_dir=qwen2, device="cpu", dtype=dtype,
         bundled_dir=tmp_path / "none", hf_cache=tmp_path / "hub", export_dir=tmp_path,
     )
     shown = record_notifications(app)
@@ -97,7 +98,7 @@ def test_chat_end_to_end_on_a_tiny_qwen2_checkpoint(qwen2, broken, tmp_path):
     async def scenario(pilot):
         chat = app.chat
         await wait_until(pilot, lambda: app.model is not None, timeout=60, what="the model to load")
-        assert chat.status.model_text.startswith(f"{qwen2.name} · ") and "cpu/float32" in chat.status.model_text
+        assert chat.status.model_text.startswith(f"{qwen2.name} · ") and f"cpu/{dtype}" in chat.status.model_text
         for turn, text in enumerate(["hi", "and again"], start=1):
             chat.prompt.load_text(text)
             chat.prompt.focus()
