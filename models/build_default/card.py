@@ -127,24 +127,26 @@ def tune_sampling(work: Path, out: Path, console) -> dict:
     return record
 
 
-def make_samples(out: Path) -> list[dict]:
-    """A dozen conversations with the model's own defaults, each with its seed; the last one on a held-out word."""
-    from engine import Engine, SamplingParams
+def make_samples(engine, held_out: dict) -> list[dict]:
+    """A dozen conversations with the model's own defaults, each with its seed; the last one on a word whose WordNet
+    entry (held_out, a validation record) was held out of training, with WordNet's answer as the reference."""
+    from engine import SamplingParams
 
-    engine = Engine.load(out, device="cpu", dtype="float32")
     d = engine.defaults
+    settings = {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
+                "repetition_penalty": d.repetition_penalty, "max_new_tokens": MAX_NEW_TOKENS}
+    conversations = [(100 + i, turns) for i, turns in enumerate(SAMPLE_CONVERSATIONS)]
+    conversations.append((200, [held_out["messages"][0]["content"]]))
     samples = []
-    for i, turns in enumerate(SAMPLE_CONVERSATIONS):
-        seed = 100 + i
+    for seed, turns in conversations:
         messages: list[dict] = []
         for turn in turns:
             messages.append({"role": "user", "content": turn})
             params = SamplingParams(d.temperature, d.top_k, d.top_p, d.min_p, d.repetition_penalty, seed=seed)
-            text, result = _reply(engine, messages, params)
+            text, _ = _reply(engine, messages, params)
             messages.append({"role": "assistant", "content": text})
-        samples.append({"messages": messages, "seed": seed, "settings": {
-            "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p, "repetition_penalty": d.repetition_penalty,
-            "max_new_tokens": MAX_NEW_TOKENS}})
+        samples.append({"messages": messages, "seed": seed, "settings": settings})
+    samples[-1]["reference"] = held_out["messages"][1]["content"]
     return samples
 
 
@@ -171,14 +173,13 @@ def definition_of(answer: str) -> str:
     return re.split(r"\. (?:For example:|It can also mean)", body, maxsplit=1)[0].strip().rstrip(".")
 
 
-def definition_test(work: Path, engine) -> dict:
+def definition_test(engine, train: list[dict], val: list[dict]) -> dict:
     """Greedy answers to "What does X mean?" against WordNet's, for common words it trained on and held-out ones."""
     from engine import SamplingParams
-    from models.build_default.data import read_jsonl
 
-    trained = [c for c in read_jsonl(work / "train.jsonl") if c.get("common") and re.search(r"/mean/\w+/0$", c["id"])]
+    trained = [c for c in train if c.get("common") and re.search(r"/mean/\w+/0$", c["id"])]
     trained = random.Random(0).sample(trained, min(EVAL_WORDS, len(trained)))
-    held_out = [c for c in read_jsonl(work / "val.jsonl") if "/mean/" in c["id"]][: EVAL_WORDS // 2]
+    held_out = [c for c in val if "/mean/" in c["id"]][: EVAL_WORDS // 2]
     greedy = SamplingParams(temperature=0.0)
     result = {}
     for name, records in (("trained", trained), ("held_out", held_out)):
@@ -204,35 +205,24 @@ def definition_test(work: Path, engine) -> dict:
 
 def write_card(work: Path, out: Path, console) -> None:
     """Samples, then models/default/README.md and training_log.json from work/training_log.json."""
+    from engine import Engine
     from models.build_default.data import COMMON_PHRASINGS, read_jsonl
     from models.build_default.sources import SOURCES
     from models.build_default.stages import COMMON_REPEATS, GRAD_ACCUM, MICRO_BATCH, SEQ_LEN, update_log
 
-    samples = make_samples(out)
-    # One more: a word whose WordNet entry was held out of training, with the reference answer.
-    held_out = next(c for c in read_jsonl(work / "val.jsonl") if "/mean/" in c["id"] and c["id"].startswith("wordnet/"))
-    from engine import Engine, SamplingParams
-
     engine = Engine.load(out, device="cpu", dtype="float32")
-    d = engine.defaults
-    question = held_out["messages"][0]["content"]
-    params = SamplingParams(d.temperature, d.top_k, d.top_p, d.min_p, d.repetition_penalty, seed=200)
-    text, _ = _reply(engine, [{"role": "user", "content": question}], params)
-    samples.append({
-        "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": text}], "seed": 200,
-        "settings": samples[0]["settings"], "reference": held_out["messages"][1]["content"],
-    })
-    update_log(work, "samples", samples)
-    update_log(work, "definitions", definition_test(work, engine))
+    train, val = read_jsonl(work / "train.jsonl"), read_jsonl(work / "val.jsonl")
+    held_out = next(c for c in val if "/mean/" in c["id"] and c["id"].startswith("wordnet/"))
+    update_log(work, "samples", make_samples(engine, held_out))
+    update_log(work, "definitions", definition_test(engine, train, val))
     corpus = json.loads((work / "corpus_stats.json").read_text())
-    common = {c["id"].split("/")[1] for c in read_jsonl(work / "train.jsonl") if c.get("common")}
+    common = {c["id"].split("/")[1] for c in train if c.get("common")}
     corpus["wordnet"].update(common_words=len(common), common_phrasings=COMMON_PHRASINGS, sft_repeats=COMMON_REPEATS)
     update_log(work, "corpus", corpus)
     update_log(work, "sources", [s.__dict__ for s in SOURCES])
+    config = json.loads((out / "config.json").read_text())
     update_log(work, "model", {
-        "config": json.loads((out / "config.json").read_text()),
-        "batch_tokens": MICRO_BATCH * SEQ_LEN * GRAD_ACCUM,
-        "size_candidates": size_candidates(json.loads((out / "config.json").read_text())),
+        "config": config, "batch_tokens": MICRO_BATCH * SEQ_LEN * GRAD_ACCUM, "size_candidates": size_candidates(config),
     })
     shutil.copyfile(work / "training_log.json", out / "training_log.json")
     training_log = json.loads((out / "training_log.json").read_text())
