@@ -252,9 +252,8 @@ def _key(conv: dict) -> str:
 
 
 def _is_val(conv_id: str) -> bool:
-    group = conv_id.rsplit("/", 1)[0] if conv_id.startswith("wordnet/") else conv_id
-    if conv_id.startswith("wordnet/"):
-        group = "/".join(conv_id.split("/")[:2])  # all questions about one word on the same side
+    # All questions about one word (wordnet/<word>/...) on the same side.
+    group = "/".join(conv_id.split("/")[:2]) if conv_id.startswith("wordnet/") else conv_id
     h = int(hashlib.sha1(group.encode()).hexdigest()[:8], 16)
     return h / 0xFFFFFFFF < VAL_FRACTION
 
