@@ -21,10 +21,19 @@ PLAIN = {DecodeBF16Linear: nn.Linear, DecodeBF16Conv1D: Conv1D, DecodeBF16RMSNor
 
 def load_model(folder, device, dtype):
     return checkpoint.load_model(folder, checkpoint.read_model_config(folder), device, dtype)
+
+
 needs_kernel = pytest.mark.skipif(
     not cpu_has_avx512_bf16() or kernels.bf16_decode_ops() is None,
     reason="the bfloat16 decode kernel needs a CPU with AVX512-BF16 and a C++ compiler",
 )
+
+
+def assert_last_bit_close(y: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal but for the last bit of a few values (float32 sums taken in another order than PyTorch's)."""
+    last_bit = expected.float().abs() * 2**-7 + 1e-30  # one bfloat16 ulp or less
+    assert ((y.float() - expected.float()).abs() <= last_bit).all()
+    assert (y != expected).float().mean() < 0.02
 
 
 def test_cpu_flags_are_read_from_cpuinfo():
@@ -55,13 +64,6 @@ def test_linear_bf16_matches_pytorch(out, inp, with_bias):
         else:
             expected = torch.addmm(bias, x.reshape(1, inp), weight.t()).reshape(y.shape)
         assert_last_bit_close(y, expected)
-
-
-def assert_last_bit_close(y: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal but for the last bit of a few values (float32 sums taken in another order than PyTorch's)."""
-    last_bit = expected.float().abs() * 2**-7 + 1e-30  # one bfloat16 ulp or less
-    assert ((y.float() - expected.float()).abs() <= last_bit).all()
-    assert (y != expected).float().mean() < 0.02
 
 
 @needs_kernel
