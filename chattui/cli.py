@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark prefill and decode on a checkpoint or on random weights of a preset shape; "
         "--compare-hf runs transformers' generate on the same weights, interleaved, and prints ratios.",
     )
-    from engine.bench import PRESETS
+    from engine.presets import PRESETS
 
     b.add_argument("--model", metavar="DIR", type=Path, help="checkpoint folder (instead of --preset)")
     b.add_argument("--preset", choices=sorted(PRESETS), help="random weights of a known shape (default: smollm-135m)")
@@ -269,12 +269,13 @@ def app_arguments(argv: list[str]) -> argparse.Namespace | None:
 
 def cmd_app(args) -> int:
     from chattui.app import run_app
-    from chattui.config import DEVICE_PATTERN, DTYPES
+    from chattui.config import DEVICE_PATTERN
+    from engine.params import DTYPE_CHOICES, DTYPE_NAMES
 
     if args.app_device is not None and not DEVICE_PATTERN.fullmatch(args.app_device):
         raise CommandError(f"unknown device {args.app_device!r} (expected auto, cpu, cuda, cuda:N or mps)")
-    if args.app_dtype is not None and args.app_dtype not in DTYPES:
-        raise CommandError(f"unknown dtype {args.app_dtype!r} (expected auto, float32, bfloat16, float16)")
+    if args.app_dtype is not None and args.app_dtype not in DTYPE_CHOICES:
+        raise CommandError(f"unknown dtype {args.app_dtype!r} (expected auto, {', '.join(DTYPE_NAMES)})")
     model = args.app_model.expanduser().resolve() if args.app_model is not None else None
     if model is not None and not model.is_dir():
         raise CommandError(f"{model}: not a directory")

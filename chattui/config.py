@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chattui.paths import write_text_atomic
+from engine.params import DTYPE_CHOICES, DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.toml"
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half")
 DEFAULT_THEME = "textual-dark"
 
 EXAMPLE = """\
@@ -103,7 +103,7 @@ def _device(value) -> str | None:
 
 
 def _dtype(value) -> str | None:
-    return None if value in DTYPES else "expected auto, float32, bfloat16 or float16"
+    return None if value in DTYPE_CHOICES else f"expected auto, {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}"
 
 
 def _folders(value) -> str | None:

@@ -269,7 +269,7 @@ class _Display:
 def watch(state: jobs.JobState) -> int:
     """Follow a job until it ends; Ctrl-C (or SIGTERM, SIGHUP) cancels it with a checkpoint."""
     display = _Display(state)
-    display.print(f"job folder: {state.dir} (log: {jobs.LOG})")
+    display.print(f"job folder: {state.dir} (log: {jobs.LOG_FILE})")
     cancelling: list[str] = []
 
     def on_signal(signum, frame):
@@ -305,7 +305,7 @@ def watch(state: jobs.JobState) -> int:
 def report(state: jobs.JobState) -> int:
     result = state.result
     if state.status == "failed":
-        print(f"chattui: error: {state.reason or 'the job failed'} (log: {state.dir / jobs.LOG})", file=sys.stderr)
+        print(f"chattui: error: {state.reason or 'the job failed'} (log: {state.dir / jobs.LOG_FILE})", file=sys.stderr)
         return 1
     if state.status == "cancelled":
         print(

@@ -37,14 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from chattui.paths import data_dir
+from engine.job_files import FINAL_STATUSES, JOB_CONFIG, LOG_FILE, PID_FILE, PROGRESS_FILE, RESOLVED_FILE
 
-JOB_CONFIG = "job.toml"
-RESOLVED = "job.json"
-PROGRESS = "progress.jsonl"
-LOG = "job.log"
-PID_FILE = "job.pid"
-STATUSES = ("queued", "running", "done", "failed", "cancelled")
-FINAL_STATUSES = ("done", "failed", "cancelled")
 EXIT_GRACE_S = 15.0  # how long a job that reported its end may take to exit before resume_job gives up
 DIED_REASON = "the job process ended without reporting a result (killed, or out of memory?)"
 
@@ -111,7 +105,7 @@ def read_config(job_dir: Path) -> dict[str, Any]:
 def read_resolved_config(job_dir: Path) -> dict[str, Any]:
     """job.json's settings with every default filled in ({} before the job has started)."""
     try:
-        return json.loads((Path(job_dir) / RESOLVED).read_text(encoding="utf-8")).get("config", {})
+        return json.loads((Path(job_dir) / RESOLVED_FILE).read_text(encoding="utf-8")).get("config", {})
     except (OSError, json.JSONDecodeError, AttributeError):
         return {}
 
@@ -206,7 +200,7 @@ class JobState:
         """Apply the records appended since the last call (and return them). A job whose process is gone
         without a final status is marked failed, in progress.jsonl too."""
         if self._tail is None:
-            self._tail = ProgressTail(self.dir / PROGRESS)
+            self._tail = ProgressTail(self.dir / PROGRESS_FILE)
         alive = self.alive  # checked before reading, so a final record written just before exiting is seen
         records = self._tail.poll()
         for record in records:
@@ -317,7 +311,7 @@ class JobState:
     def plan(self) -> dict[str, Any] | None:
         """job.json's plan (total steps, lr, batch size, targets, device...) once the job has started."""
         try:
-            return json.loads((self.dir / RESOLVED).read_text(encoding="utf-8")).get("plan")
+            return json.loads((self.dir / RESOLVED_FILE).read_text(encoding="utf-8")).get("plan")
         except (OSError, json.JSONDecodeError):
             return None
 
@@ -383,7 +377,7 @@ def list_jobs(root: str | Path | None = None) -> list[JobState]:
 
 def log_tail(job_dir: str | Path, lines: int = 20) -> list[str]:
     """The last lines of the job's log (its stdout and stderr)."""
-    path = Path(job_dir) / LOG
+    path = Path(job_dir) / LOG_FILE
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -400,7 +394,7 @@ def log_tail(job_dir: str | Path, lines: int = 20) -> list[str]:
 
 def _append_status(job_dir: Path, status: str, **extra: Any) -> None:
     record = {"type": "status", "status": status, **extra, "time": time.time()}
-    with open(job_dir / PROGRESS, "a", encoding="utf-8") as f:
+    with open(job_dir / PROGRESS_FILE, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -412,7 +406,7 @@ def _spawn(job_dir: Path, resume: bool, env: dict[str, str] | None) -> subproces
     environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), environment.get("PYTHONPATH")) if p)
     environment.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        with open(job_dir / LOG, "ab") as log:
+        with open(job_dir / LOG_FILE, "ab") as log:
             process = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=environment,
                 cwd=job_dir, start_new_session=True,  # its own session: Ctrl-C or closing the UI leaves it running
@@ -442,7 +436,7 @@ def start_job(config: dict[str, Any], root: str | Path | None = None, env: dict[
         if key in config:
             files = [config[key]] if isinstance(config[key], (str, Path)) else config[key]
             config[key] = [str(Path(p).expanduser().resolve()) for p in files]
-    if (out / RESOLVED).exists() or (out / PROGRESS).exists():
+    if (out / RESOLVED_FILE).exists() or (out / PROGRESS_FILE).exists():
         raise JobError(f"{out}: already holds a job; resume it or choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / JOB_CONFIG).write_text(to_toml(config), encoding="utf-8")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import platformdirs
 
-APP_NAME = "chattui"
-DATA_DIR_ENV = "CHATTUI_DATA_DIR"  # overrides the platform's user data dir (tests, portable installs)
+from engine.job_files import APP_NAME
+from engine.job_files import user_data_dir as data_dir  # noqa: F401 (where jobs, conversations and pulls live)
+
 CONFIG_DIR_ENV = "CHATTUI_CONFIG_DIR"  # overrides the platform's user config dir
 
 
@@ -19,10 +20,6 @@ def bundled_model_dir() -> Path:
     locations = list(spec.submodule_search_locations or []) if spec else []
     base = Path(locations[0]) if locations else Path(__file__).resolve().parents[1] / "models"
     return base / "default"
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get(DATA_DIR_ENV) or platformdirs.user_data_dir(APP_NAME)).expanduser()
 
 
 def config_dir() -> Path:

@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from engine.params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 
 MAX_SEED = 2**63 - 1
 
-FALLBACK_DEFAULTS: dict[str, Any] = {  # used until a model is loaded (the engine's own defaults)
-    "temperature": 0.7,
-    "top_k": 50,
-    "top_p": 0.9,
-    "min_p": 0.0,
-    "repetition_penalty": 1.0,
-    "max_new_tokens": 512,
-    "seed": None,
-}
+# used until a model is loaded: the engine's own defaults
+FALLBACK_DEFAULTS: dict[str, Any] = {**asdict(SamplingParams()), "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
 
 
 class SettingError(ValueError):

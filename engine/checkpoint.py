@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from engine.errors import CheckpointError
 from engine.inference import prepare_for_inference
-from engine.sampling import SamplingParams
+from engine.params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from models import IGNORED_CHECKPOINT_KEYS, ModelConfig, build_model, checkpoint_prefix, config_from_hf
 from models.config import ConfigError
 
@@ -55,16 +55,19 @@ def read_model_config(model_dir: Path) -> ModelConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+_ENGINE_SAMPLING = SamplingParams()  # the defaults where generation_config.json says nothing
+
+
 @dataclass
 class GenerationDefaults:
     """Sampling defaults and stop ids from generation_config.json (absent values: our defaults)."""
 
-    temperature: float = 0.7  # 0 means greedy
-    top_k: int = 50  # 0 disables
-    top_p: float = 0.9  # 1.0 disables
-    min_p: float = 0.0  # 0 disables
-    repetition_penalty: float = 1.0  # 1.0 disables
-    max_new_tokens: int = 512
+    temperature: float = _ENGINE_SAMPLING.temperature  # 0 means greedy
+    top_k: int = _ENGINE_SAMPLING.top_k  # 0 disables
+    top_p: float = _ENGINE_SAMPLING.top_p  # 1.0 disables
+    min_p: float = _ENGINE_SAMPLING.min_p  # 0 disables
+    repetition_penalty: float = _ENGINE_SAMPLING.repetition_penalty  # 1.0 disables
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     eos_token_ids: list[int] = field(default_factory=list)  # any of these ends a reply
     bos_token_id: int | None = None
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from engine.errors import EngineError
+from engine.params import DTYPE_ALIASES, DTYPE_NAMES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def resolve_device(name: str = "auto") -> torch.device:

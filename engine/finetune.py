@@ -66,21 +66,16 @@ from engine.device import cpu_has_fast_bfloat16
 from engine.errors import EngineError
 from engine.finetune_data import DataError, ExampleBatches, pad_token_id, prepare_data
 from engine.inference import prepare_for_training
+from engine.job_files import (
+    CANCEL_FILE, CHECKPOINTS, EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED, FINAL_STATUSES, PROGRESS_FILE, RESOLVED_FILE,
+    user_data_dir,
+)
 from engine.lora import LoRAConfig, apply_lora, default_targets, merge_lora, save_adapter, save_hf_checkpoint
 from engine.tokenizer import ChatTokenizer
 from engine.train import Progress, TrainConfig, latest_checkpoint, list_checkpoints, train
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "chattui"
-DATA_DIR_ENV = "CHATTUI_DATA_DIR"  # as chattui.paths: overrides the platform's user data dir
-PROGRESS_FILE = "progress.jsonl"
-RESOLVED_FILE = "job.json"
-CANCEL_FILE = ".cancel"  # created by the launcher on SIGTERM/SIGINT; workers stop at the next step
-CHECKPOINTS = "checkpoints"
-EXIT_DONE, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 130
-STATUSES = ("queued", "running", "done", "failed", "cancelled")
-FINAL_STATUSES = ("done", "failed", "cancelled")
 AUTO_VAL_FRACTION, AUTO_VAL_MIN_RECORDS = 0.05, 20  # validation split when none is asked for
 
 
@@ -174,12 +169,6 @@ _FIELD_TYPES = {
 }
 _PATH_FIELDS = ("model", "out")
 _PATH_LIST_FIELDS = ("data", "val_data")
-
-
-def user_data_dir() -> Path:
-    import platformdirs
-
-    return Path(os.environ.get(DATA_DIR_ENV) or platformdirs.user_data_dir(APP_NAME)).expanduser()
 
 
 def new_job_id() -> str:

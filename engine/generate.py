@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 from engine.kv_cache import KVCache
-from engine.sampling import SamplingParams, apply_repetition_penalty, sample
+from engine.params import SamplingParams
+from engine.sampling import apply_repetition_penalty, sample
 
 
 def prefill(model: nn.Module, ids: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:

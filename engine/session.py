@@ -32,7 +32,7 @@ from engine.generate import generate_tokens
 from engine.inference import prepare_for_inference, prepare_for_training
 from engine.kv_cache import KVCache
 from engine.lora import apply_adapter, read_adapter, set_lora_enabled
-from engine.sampling import SamplingParams
+from engine.params import SamplingParams
 from engine.text_stream import TextStream
 from engine.tokenizer import ChatTokenizer
 

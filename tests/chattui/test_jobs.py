@@ -42,7 +42,7 @@ def test_progress_tail_returns_only_new_complete_lines(tmp_path):
 
 
 def _write(job_dir: Path, *records: dict) -> None:
-    with open(job_dir / jobs.PROGRESS, "a") as f:
+    with open(job_dir / jobs.PROGRESS_FILE, "a") as f:
         for r in records:
             f.write(json.dumps({"time": time.time(), **r}) + "\n")
 
@@ -74,7 +74,7 @@ def test_a_running_job_whose_process_is_gone_is_marked_failed(tmp_path):
     (tmp_path / jobs.JOB_CONFIG).write_text(jobs.to_toml({"model": "/m", "data": ["/d.jsonl"]}))
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    (tmp_path / jobs.LOG).write_text("loading\nKilled\n")
+    (tmp_path / jobs.LOG_FILE).write_text("loading\nKilled\n")
     _write(tmp_path, {"type": "status", "status": "running", "pid": gone.pid, "start_step": 0}, _progress(1, 3.0))
     state = jobs.read_job(tmp_path)
     assert state.status == "failed" and state.reason.startswith(jobs.DIED_REASON) and "Killed" in state.reason

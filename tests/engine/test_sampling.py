@@ -19,7 +19,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from engine.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
+from engine.params import SamplingParams
+from engine.sampling import apply_repetition_penalty, filter_logits, sample
 
 # Probabilities chosen so that no top-p / min-p threshold used below sits on a boundary.
 PROBS = [0.10, 0.50, 0.15, 0.25]  # token 1 > token 3 > token 2 > token 0

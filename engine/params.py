@@ -1,0 +1,34 @@
+"""Definitions the UI shares with the engine, in plain Python so that importing them costs no torch:
+sampling settings and their defaults, and the names of the dtypes a model can be loaded in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MAX_NEW_TOKENS = 512  # when generation_config.json does not say
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES, *DTYPE_ALIASES)  # what `--dtype` and config.toml accept
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.7  # 0 = greedy (argmax)
+    top_k: int = 50  # keep the k most likely tokens; 0 = off
+    top_p: float = 0.9  # keep the smallest set with this much probability; 1.0 = off
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0 = off
+    repetition_penalty: float = 1.0  # divide (or multiply, if negative) logits of seen tokens; 1.0 = off
+    seed: int | None = None  # None: a fresh random seed, reported in the result
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting outside its allowed range."""
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min-p must be in [0, 1), got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition penalty must be > 0 (1 = off), got {self.repetition_penalty}")
