@@ -252,21 +252,6 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def app_arguments(argv: list[str]) -> argparse.Namespace | None:
-    """The app's options when argv names no subcommand (`chattui`, `chattui --model DIR ...`), else None.
-
-    Parsed without build_parser(), which imports the engine (and torch) for `bench --preset`."""
-    p = argparse.ArgumentParser(prog="chattui", add_help=False, exit_on_error=False)
-    p.add_argument("--model", dest="app_model", type=Path)
-    p.add_argument("--device", dest="app_device")
-    p.add_argument("--dtype", dest="app_dtype")
-    try:
-        args, rest = p.parse_known_args(argv)
-    except argparse.ArgumentError:
-        return None
-    return None if rest else args
-
-
 def cmd_app(args) -> int:
     from chattui.app import run_app
     from chattui.config import DEVICE_PATTERN
@@ -285,9 +270,7 @@ def cmd_app(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="chattui: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = app_arguments(argv)
-    if args is None:
-        args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if getattr(args, "command", None) is None:
         try:
             return cmd_app(args)
