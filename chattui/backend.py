@@ -153,10 +153,8 @@ class EngineBackend:
         )
         max_new = int(settings["max_new_tokens"])
         with self._busy:
-            adapter_off = engine.adapter_dir is not None and settings.get("adapter_enabled") is False
+            use_adapter = engine.adapter_dir is None or settings.get("adapter_enabled") is not False
             try:
-                if adapter_off:
-                    engine.set_adapter_enabled(False)
                 params.validate()
                 dropped = 0
                 if isinstance(prompt, str):
@@ -173,13 +171,12 @@ class EngineBackend:
                     def watch(rows, sequence, tokens=tokens):
                         tokens += engine.tokenizer.token_strings(sequence[len(tokens):])  # only the new ones
                         on_attention(rows, tokens[: len(sequence)])
-                with engine.generate(ids, params, max_new, cancel=cancel, on_attention=watch) as generation:
+                with engine.generate(
+                    ids, params, max_new, cancel=cancel, on_attention=watch, use_adapter=use_adapter
+                ) as generation:
                     yield from generation  # closing early (the app quit) frees the engine at once
             except (EngineError, ValueError) as e:
                 raise BackendError(str(e)) from None
-            finally:
-                if adapter_off:
-                    engine.set_adapter_enabled(True)
             result = generation.result.to_dict()
         result.pop("token_ids", None)
         result["dropped_messages"] = dropped

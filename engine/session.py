@@ -115,6 +115,7 @@ class Engine:
     _cache: KVCache | None = None
     _cached_ids: list[int] = field(default_factory=list)  # tokens whose keys/values are in _cache
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _adapter_on: bool = True  # whether the loaded adapter's layers are active (per request: generate's use_adapter)
 
     @classmethod
     def load(
@@ -128,7 +129,7 @@ class Engine:
         """Load a checkpoint folder; raises CheckpointError / TemplateError / EngineError with one-line messages.
 
         adapter: a LoRA adapter folder in PEFT's format (engine.lora), applied on top of the base weights
-        without merging them (its layers run unfused; `set_adapter_enabled(False)` gives the base model).
+        without merging them (its layers run unfused; `generate(..., use_adapter=False)` answers as the base model).
         """
         model_dir = Path(model_dir).expanduser()
         if not model_dir.is_dir():
@@ -237,18 +238,6 @@ class Engine:
         """Forget cached keys/values (e.g. when switching conversation); the memory is kept."""
         self._cached_ids = []
 
-    def set_adapter_enabled(self, enabled: bool) -> None:
-        """With an adapter loaded: generate with it (True) or as the base model (False), e.g. to compare."""
-        if self.adapter_dir is None:
-            raise EngineError("no adapter is loaded")
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("the engine is generating; switch the adapter between requests")
-        try:
-            set_lora_enabled(self.model, enabled)
-            self.reset_cache()
-        finally:
-            self._lock.release()
-
     def generate(
         self,
         prompt: list[int],
@@ -257,8 +246,11 @@ class Engine:
         stop: list[str] | tuple[str, ...] = (),
         cancel: threading.Event | Callable[[], bool] | None = None,
         on_attention: Callable[[np.ndarray, list[int]], None] | None = None,
+        use_adapter: bool = True,
     ) -> Generation:
         """Stream a continuation of prompt ids. One request at a time per engine.
+
+        use_adapter=False answers as the base model when an adapter is loaded (e.g. to compare).
 
         on_attention, if given, is called after every forward with the attention weights of the
         position that chose the next token, (layers, heads, S) float32, and the S token ids they cover."""
@@ -278,17 +270,25 @@ class Engine:
                 f"prompt is {len(prompt)} tokens; the model's context window is {self.context_length}"
             )
         max_new_tokens = min(max_new_tokens, self.context_length - len(prompt))
+        if not use_adapter and self.adapter_dir is None:
+            raise EngineError("no adapter is loaded")
         is_cancelled = cancel.is_set if isinstance(cancel, threading.Event) else (cancel or (lambda: False))
         return Generation(
             lambda generation: self._stream(
-                generation, list(prompt), params, max_new_tokens, stop, is_cancelled, on_attention
+                generation, list(prompt), params, max_new_tokens, stop, is_cancelled, on_attention, use_adapter
             )
         )
 
-    def _stream(self, generation, prompt, params, max_new_tokens, stop, is_cancelled, on_attention) -> Iterator[str]:
+    def _stream(
+        self, generation, prompt, params, max_new_tokens, stop, is_cancelled, on_attention, use_adapter
+    ) -> Iterator[str]:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("the engine is already generating; one request at a time")
         try:
+            if self.adapter_dir is not None and use_adapter != self._adapter_on:
+                set_lora_enabled(self.model, use_adapter)
+                self._adapter_on = use_adapter
+                self.reset_cache()  # keys and values were computed with the other weights
             sequence = list(prompt)  # prompt + tokens fed so far: what the live weights cover
             watcher = (
                 AttentionWatcher(self.model, lambda weights: on_attention(weights, sequence[: weights.shape[-1]]))

@@ -93,9 +93,10 @@ def test_lora_memorises_four_answers_and_greedy_replies_become_the_targets(check
         assert "".join(generation) == answer
         assert generation.result.finish_reason == "eos"
 
-    engine.set_adapter_enabled(False)  # the base model does not know the answers
     prompt = engine.chat_prompt([{"role": "user", "content": PAIRS[0][0]}], 16)
-    assert "".join(engine.generate(prompt.token_ids, SamplingParams(temperature=0.0), 16)) != PAIRS[0][1]
+    greedy = SamplingParams(temperature=0.0)
+    assert "".join(engine.generate(prompt.token_ids, greedy, 16, use_adapter=False)) != PAIRS[0][1]  # the base
+    assert "".join(engine.generate(prompt.token_ids, greedy, 16)) == PAIRS[0][1]  # per request: tuned again
 
 
 def test_a_fresh_adapter_leaves_the_logits_unchanged_and_only_adapters_train(checkpoint_factory):
@@ -178,8 +179,14 @@ def test_engine_with_adapter_equals_the_merged_model_and_keeps_lora_layers_unfus
         assert attention.fused_qkv is None  # q/k/v carry LoRA: not fused
         assert type(engine.model.lm_head) is not LoRALinear
 
-    engine.set_adapter_enabled(False)
     plain = Engine.load(base, device="cpu", dtype="float32")
+    ids = plain.raw_prompt("Hello there")
+    greedy = SamplingParams(temperature=0.0)
+    as_base = engine.generate(ids, greedy, 12, use_adapter=False)
+    as_base_text = "".join(as_base)
+    expected = plain.generate(ids, greedy, 12)
+    assert as_base_text == "".join(expected) and as_base.result.token_ids == expected.result.token_ids
+    # the adapter stays off until a request asks for it: the weights are the base model's
     torch.testing.assert_close(logits(engine.model), logits(plain.model), rtol=1e-5, atol=1e-5)
 
 
