@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from engine.atomic import atomic_folder
 from engine.errors import CheckpointError
 from models.gpt2 import Conv1D
 
@@ -258,25 +258,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # -- files ---------------------------------------------------------------------------------------------------
 
 
-def _fsync_dir_files(folder: Path) -> None:
-    for f in folder.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a completed temporary folder into place (the old folder, if any, is removed first)."""
-    _fsync_dir_files(tmp)
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: str | Path, base_model: str | Path) -> Path:
     """Write adapter_config.json and adapter_model.safetensors (PEFT's format) into out_dir, atomically."""
     out_dir = Path(out_dir)
@@ -284,19 +265,11 @@ def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: str | Path, base
     if not layers:
         raise ValueError("the model carries no LoRA adapter")
     fan_in_fan_out = any(isinstance(layer, Conv1D) for layer in layers.values())
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out_dir) as tmp:
         state = {k: v.float().contiguous().cpu() for k, v in lora_state(model).items()}
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         peft_config = config.to_peft(str(base_model), fan_in_fan_out)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -481,17 +454,9 @@ def save_hf_checkpoint(model: nn.Module, base_dir: str | Path, out_dir: str | Pa
             continue
         seen.add(identity)
         state[key] = tensor.detach().to(device="cpu", dtype=dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out_dir) as tmp:
         for f in base_dir.iterdir():
             if f.is_file() and not _WEIGHT_FILE.search(f.name):
                 shutil.copyfile(f, tmp / f.name)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

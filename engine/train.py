@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import re
 import shutil
@@ -30,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from engine.atomic import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -247,31 +248,17 @@ def save_checkpoint(
 ) -> Path:
     """Write out_dir/step-NNNNNNN/{model.safetensors, trainer.pt, meta.json} atomically and prune old ones.
 
-    Everything goes to a temporary folder first, which is renamed into place with os.replace once complete:
-    a crash leaves either the whole checkpoint or none of it (stale temporary folders are removed later).
+    Written through engine.atomic.atomic_folder: a crash leaves either the whole checkpoint or none of it
+    (stale temporary folders are removed later).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"{CHECKPOINT_PREFIX}{meta['step']:07d}"
-    tmp = out_dir / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    final = Path(out_dir) / f"{CHECKPOINT_PREFIX}{meta['step']:07d}"
+    with atomic_folder(final) as tmp:
         save_file(trainable_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
             tmp / "trainer.pt",
         )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -323,7 +310,7 @@ def load_checkpoint(
 
 def _remove_stale_temporaries(out_dir: Path) -> None:
     if out_dir.is_dir():
-        for p in out_dir.glob(".tmp-*"):
+        for p in [*out_dir.glob(".tmp-*"), *out_dir.glob(".old-*")]:  # left by a write that crashed
             shutil.rmtree(p, ignore_errors=True)
 
 
