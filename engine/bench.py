@@ -24,8 +24,7 @@ from engine.device import dtype_name, resolve_device, resolve_dtype
 from engine.generate import generate_tokens
 from engine.kv_cache import KVCache
 from engine.sampling import SamplingParams
-from models import build_model
-from models.config import config_from_hf
+from models.registry import config_from_hf, family_of
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smollm-135m": {
@@ -64,7 +63,8 @@ class RunTiming:
 
 def _random_model(hf_config: dict, device, dtype) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model(config_from_hf(hf_config))
+    config = config_from_hf(hf_config)
+    model = family_of(config).build(config)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)

@@ -25,7 +25,10 @@ CORPUS = [
     "def main():\n    print('hello world')\n    return 0\n",
 ]
 
-FAMILIES = ("llama", "llama_tied_llama3_rope", "mistral", "qwen2", "qwen3", "gpt2")
+FAMILIES = ("llama", "llama_tied_llama3_rope", "mistral", "qwen2", "qwen3", "gpt2", "gemma3")
+
+
+GEMMA3_ATTN_SOFTCAP, GEMMA3_FINAL_SOFTCAP = 2.0, 4.0
 
 
 def train_tokenizer(vocab_size: int = 400):
@@ -68,6 +71,15 @@ def hf_config(family: str, vocab_size: int, **overrides):
         cfg = tf.Qwen2Config(**llama_like, tie_word_embeddings=True)
     elif family == "qwen3":
         cfg = tf.Qwen3Config(**llama_like, head_dim=24, tie_word_embeddings=False)
+    elif family == "gemma3":
+        # Local (sliding) and global layers alternate; the window (8) is shorter than the tests' sequences,
+        # head_dim is not hidden // heads, and the final soft-cap is low enough to change the logits.
+        # attn_logit_softcapping is set too: transformers' Gemma 3 ignores it, so must we.
+        cfg = tf.Gemma3TextConfig(
+            **{**llama_like, "num_hidden_layers": 4}, head_dim=24, sliding_window=8, sliding_window_pattern=2,
+            query_pre_attn_scalar=20, attn_logit_softcapping=GEMMA3_ATTN_SOFTCAP,
+            final_logit_softcapping=GEMMA3_FINAL_SOFTCAP, rope_theta=5000.0, rope_local_base_freq=100.0,
+        )
     elif family == "gpt2":
         cfg = tf.GPT2Config(
             vocab_size=vocab_size, n_positions=256, n_embd=64, n_layer=2, n_head=4,

@@ -8,22 +8,22 @@ forward on the same ids, for a full forward and for incremental decoding through
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from checkpoints import hf_model
+from checkpoints import GEMMA3_FINAL_SOFTCAP, hf_model, make_checkpoint
 from engine.checkpoint import load_model, read_model_config
 from engine.kv_cache import KVCache
 from models.config import RopeScaling
 
 ATOL = 1e-4
 RTOL = 1e-4
-BATCH, SEQ = 2, 40  # SEQ is longer than Mistral's sliding window (24)
+BATCH, SEQ = 2, 40  # SEQ is longer than Mistral's sliding window (24) and Gemma 3's test window (8)
 CPU = torch.device("cpu")
-
 
 
 def _ours(path: Path, config=None) -> torch.nn.Module:
@@ -141,6 +141,56 @@ def test_llama_mlp_bias_matches_transformers(checkpoint_factory, tmp_path):
     assert config.mlp_bias and not config.qkv_bias
     mlp = _ours(path).model.layers[0].mlp
     assert all(m.bias is not None for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    _assert_logits_match_hf(path)
+
+
+def test_gemma3_local_layers_use_the_window_and_their_own_rope_and_global_layers_do_not(checkpoint_factory):
+    path = checkpoint_factory("gemma3")
+    config = read_model_config(path)
+    assert config.sliding == (True, False, True, False) and config.sliding_window == 8 < SEQ
+    assert (config.rope_theta, config.rope_local_theta) == (5000.0, 100.0)
+    windowed = _assert_logits_match_hf(path)
+    ids = _random_ids(config.vocab_size)
+    with torch.inference_mode():
+        all_global = _ours(path, dataclasses.replace(config, sliding=(False,) * 4))(ids)
+        one_rope = _ours(path, dataclasses.replace(config, rope_local_theta=config.rope_theta))(ids)
+    assert (all_global[:, 8:] - windowed[:, 8:]).abs().max() > 1e-2  # the window matters past 8 positions
+    assert (one_rope - windowed).abs().max() > 1e-2  # and so does the local RoPE base
+
+
+def test_gemma3_final_logits_are_soft_capped(checkpoint_factory):
+    path = checkpoint_factory("gemma3")
+    config = read_model_config(path)
+    assert config.final_logit_softcapping == GEMMA3_FINAL_SOFTCAP
+    capped = _assert_logits_match_hf(path)
+    with torch.inference_mode():
+        uncapped = _ours(path, dataclasses.replace(config, final_logit_softcapping=None))(_random_ids(config.vocab_size))
+    assert capped.abs().max() < GEMMA3_FINAL_SOFTCAP < uncapped.abs().max()
+    torch.testing.assert_close(capped, torch.tanh(uncapped / GEMMA3_FINAL_SOFTCAP) * GEMMA3_FINAL_SOFTCAP)
+
+
+def test_gemma3_published_config_spelling_matches_transformers(checkpoint_factory, tmp_path):
+    """The hub's Gemma 3 config.json files predate transformers 5: rope_theta, rope_local_base_freq and
+    sliding_window_pattern instead of rope_parameters and layer_types; the 4B and larger also scale the
+    global layers' RoPE linearly (rope_scaling). Both sides read that spelling to the same model."""
+    folder = Path(shutil.copytree(checkpoint_factory("gemma3"), tmp_path / "gemma3"))
+    hf = json.loads((folder / "config.json").read_text())
+    for key in ("rope_parameters", "layer_types"):
+        del hf[key]
+    hf.update(rope_theta=5000.0, rope_local_base_freq=100.0, sliding_window_pattern=2,
+              rope_scaling={"rope_type": "linear", "factor": 8.0})
+    (folder / "config.json").write_text(json.dumps(hf))
+    config = read_model_config(folder)
+    assert config.sliding == (True, False, True, False)
+    assert (config.rope_theta, config.rope_local_theta, config.rope_scaling) == (5000.0, 100.0, RopeScaling("linear", 8.0))
+    _assert_logits_match_hf(folder)
+
+
+def test_gemma3_untied_and_with_attention_bias_matches_transformers(tokenizer, tmp_path):
+    folder = make_checkpoint(tmp_path / "base", "gemma3", tokenizer, tie_word_embeddings=False, attention_bias=True)
+    path = _perturbed_copy(folder, tmp_path / "perturbed")
+    config = read_model_config(path)
+    assert not config.tie_word_embeddings and config.attention_bias
     _assert_logits_match_hf(path)
 
 
