@@ -118,10 +118,15 @@ def make_checkpoint(path: Path, family: str, tokenizer=None, seed: int = 0, **co
     return path
 
 
-def hf_model(path: Path):
+# Parity tests run on the CPU, and on CUDA too where there is one.
+DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
+def hf_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """transformers' model of the checkpoint with eager attention (the reference for attention weights too)."""
     import transformers as tf
 
-    return tf.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    return tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").to(device).eval()
 
 
 def hf_tokenizer(path: Path):

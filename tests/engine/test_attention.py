@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from checkpoints import hf_model
+from checkpoints import DEVICES, hf_model
 
 from engine import Engine, SamplingParams
 from engine.attention import MAX_CAPTURE_TOKENS, AttentionMaps
@@ -25,6 +25,21 @@ def test_captured_weights_equal_transformers_eager_attentions(family_checkpoint,
     assert maps.num_layers == len(reference)
     for layer in range(maps.num_layers):
         np.testing.assert_allclose(maps.layer(layer), reference[layer][0].numpy(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_captured_weights_are_as_accurate_as_transformers_eager_in_bfloat16(family_checkpoint, ids, device):
+    """Ours (float32 softmax of bfloat16 queries and keys) against transformers' bfloat16 eager weights: each
+    no further from the float32 weights than 2x the other's largest error (measured over all layers: 0.8x to 1.3x)."""
+    family, folder = family_checkpoint
+    ours = Engine.load(folder, device=device, dtype="bfloat16").attention(ids)
+    exact = Engine.load(folder, device=device, dtype="float32").attention(ids)
+    with torch.no_grad():
+        theirs = hf_model(folder, torch.bfloat16, device)(torch.tensor([ids], device=device), output_attentions=True)
+    for layer in range(ours.num_layers):
+        their_error = np.abs(theirs.attentions[layer][0].float().cpu().numpy() - exact.layer(layer)).max()
+        assert np.abs(ours.layer(layer) - exact.layer(layer)).max() <= 2 * their_error
+        np.testing.assert_allclose(ours.layer(layer).sum(-1), 1.0, atol=1e-5)
 
 
 def test_rows_sum_to_one_and_future_keys_get_zero(checkpoint_factory, ids):

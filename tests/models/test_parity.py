@@ -3,6 +3,11 @@
 Each checkpoint is a tiny random-weight model saved by transformers itself (tests/checkpoints.py); we load
 it with engine.checkpoint.load_model in float32 and compare logits against transformers' eager float32
 forward on the same ids, for a full forward and for incremental decoding through the KV cache.
+
+In bfloat16 the two sides round at different places (fused q/k/v matmuls, SDPA's float32 softmax against
+eager's bfloat16 scores), so no fixed tolerance is honest for every family; instead, our bfloat16 logits
+must be as close to the float32 truth as transformers' own bfloat16 logits are: the largest error within
+2x of theirs (measured: 0.6x to 1.4x across families), the mean error within 1.25x (measured: 0.9x-1.0x).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints import GEMMA3_FINAL_SOFTCAP, hf_model, make_checkpoint
+from checkpoints import DEVICES, GEMMA3_FINAL_SOFTCAP, hf_model, make_checkpoint
 from engine.checkpoint import load_model, read_model_config
 from engine.kv_cache import KVCache
 from models.config import RopeScaling
@@ -26,9 +31,9 @@ BATCH, SEQ = 2, 40  # SEQ is longer than Mistral's sliding window (24) and Gemma
 CPU = torch.device("cpu")
 
 
-def _ours(path: Path, config=None) -> torch.nn.Module:
+def _ours(path: Path, config=None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
     config = config or read_model_config(path)
-    return load_model(path, config, CPU, torch.float32)
+    return load_model(path, config, torch.device(device), dtype)
 
 
 def _random_ids(vocab: int, batch: int = BATCH, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
@@ -68,9 +73,49 @@ def _perturbed_copy(src: Path, dst: Path, seed: int = 1) -> Path:
 # -- full forward ------------------------------------------------------------------------------
 
 
-def test_full_forward_logits_match_transformers(family_checkpoint):
+@pytest.mark.parametrize("device", DEVICES)
+def test_full_forward_logits_match_transformers(family_checkpoint, device):
     family, path = family_checkpoint
-    _assert_logits_match_hf(path)
+    ours = _ours(path, device=device)
+    ids = _random_ids(ours.config.vocab_size).to(device)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(ids), hf_model(path, device=device)(ids).logits, atol=ATOL, rtol=RTOL)
+
+
+def assert_as_close_to_float32_as_transformers(ours: torch.Tensor, theirs: torch.Tensor, exact: torch.Tensor) -> None:
+    """Our bfloat16 result is about as far from the float32 one as transformers' bfloat16 result (see above)."""
+    ours, theirs, exact = ours.float().cpu(), theirs.float().cpu(), exact.float().cpu()
+    our_error, their_error = (ours - exact).abs(), (theirs - exact).abs()
+    assert our_error.max() <= 2 * their_error.max(), (our_error.max(), their_error.max())
+    assert our_error.mean() <= 1.25 * their_error.mean(), (our_error.mean(), their_error.mean())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_logits_are_as_accurate_as_transformers_in_bfloat16(family_checkpoint, device):
+    family, path = family_checkpoint
+    ours = _ours(path, dtype=torch.bfloat16, device=device)
+    ids = _random_ids(ours.config.vocab_size).to(device)
+    with torch.inference_mode():
+        got = ours(ids)
+        theirs = hf_model(path, torch.bfloat16, device)(ids).logits
+        exact = hf_model(path, device=device)(ids).logits
+    assert got.dtype == theirs.dtype == torch.bfloat16
+    assert_as_close_to_float32_as_transformers(got, theirs, exact)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_incremental_decoding_is_as_accurate_as_transformers_full_forward(family_checkpoint, device):
+    """Prefill then one token at a time through the bfloat16 KV cache (the decode kernels' path on CPU)."""
+    family, path = family_checkpoint
+    model = _ours(path, dtype=torch.bfloat16, device=device)
+    ids = _random_ids(model.config.vocab_size, batch=1, seq=SEQ, seed=5).to(device)
+    cache = KVCache.for_model(model.config, 64, torch.bfloat16, torch.device(device))
+    with torch.inference_mode():
+        steps = [model(ids[:, :20], start=0, cache=cache)]
+        steps += [model(ids[:, t : t + 1], start=t, cache=cache) for t in range(20, SEQ)]
+        theirs = hf_model(path, torch.bfloat16, device)(ids).logits
+        exact = hf_model(path, device=device)(ids).logits
+    assert_as_close_to_float32_as_transformers(torch.cat(steps, dim=1), theirs, exact)
 
 
 def test_logits_match_transformers_with_random_norm_weights_and_biases(family_checkpoint, tmp_path):
