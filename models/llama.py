@@ -31,11 +31,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_inverse_frequencies(
-    dim: int, theta: float, s: RopeScaling, device: torch.device | None = None
+    dim: int, theta: float, scaling: RopeScaling, device: torch.device | None = None
 ) -> torch.Tensor:
     """(dim // 2,) float32 inverse frequencies for RoPE base theta, after `linear` or `llama3` scaling."""
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
     inv_freq = 1.0 / (theta**exponents)  # (hd/2,)
+    s = scaling
     if s.kind == "linear":
         return inv_freq / s.factor
     if s.kind == "llama3":
@@ -189,14 +190,11 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         return rope_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, device)
 
-    def rope(self, start: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_cos_sin(self.inv_freq, start, T, dtype)
-
     def attention_inputs(self, input_ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, AttentionSpec]]:
         """Per layer, lazily: the rotated queries (B, nh, T, hd) and keys (B, kvh, T, hd) its attention
         sees for input_ids (B, T) from position 0, and its AttentionSpec (for attention capture)."""
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        cos, sin = self.rope(0, input_ids.shape[1], x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, 0, input_ids.shape[1], x.dtype)
         for layer in self.model.layers:
             q, k, _ = layer.self_attn.project_qkv(layer.input_layernorm(x), cos, sin)
             yield q, k, layer.self_attn.spec
@@ -211,7 +209,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, V) for input_ids (B, T) at positions start..start+T-1 (only the last if last_only)."""
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        cos, sin = self.rope(start, input_ids.shape[1], x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, start, input_ids.shape[1], x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, start, cache)
         if last_only:
