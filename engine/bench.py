@@ -107,7 +107,7 @@ def _hf_model(options: BenchOptions, hf_config: dict, ours: torch.nn.Module, dev
     if options.model_dir is not None:
         return transformers.AutoModelForCausalLM.from_pretrained(options.model_dir, dtype=dtype).to(device).eval()
     config = transformers.AutoConfig.for_model(
-        {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}[hf_config["architectures"][0]],
+        family_of(ours.config).model_type(ours.config.architecture),
         **{k: v for k, v in hf_config.items() if k != "architectures"},
     )
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -56,6 +56,10 @@ class Family:
     fusions: tuple[Fusion, ...]  # what prepare_for_inference fuses
     estimate_parameters: Callable[[Any], int]  # parameter count of a config, without building the model
 
+    def model_type(self, architecture: str) -> str:
+        """The HF model_type of one of the family's architectures."""
+        return self.model_types[self.architectures.index(architecture)]
+
     def module_class(self) -> type:
         module, _, name = self.module.rpartition(".")
         return getattr(importlib.import_module(module), name)

@@ -214,6 +214,14 @@ def test_gemma3_final_logits_are_soft_capped(checkpoint_factory):
     torch.testing.assert_close(capped, torch.tanh(uncapped / GEMMA3_FINAL_SOFTCAP) * GEMMA3_FINAL_SOFTCAP)
 
 
+def test_gemma3_embeddings_are_scaled_by_sqrt_hidden_rounded_to_their_dtype_as_transformers_does(checkpoint_factory):
+    path = checkpoint_factory("gemma3")
+    ids = _random_ids(read_model_config(path).vocab_size)
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.inference_mode():
+            assert torch.equal(_ours(path, dtype=dtype).embed(ids), hf_model(path, dtype).model.embed_tokens(ids))
+
+
 def test_gemma3_published_config_spelling_matches_transformers(checkpoint_factory, tmp_path):
     """The hub's Gemma 3 config.json files predate transformers 5: rope_theta, rope_local_base_freq and
     sliding_window_pattern instead of rope_parameters and layer_types; the 4B and larger also scale the
