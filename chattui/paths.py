@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import platformdirs
+
+from models import DEFAULT_MODEL_DIR
 
 APP_NAME = "chattui"
 DATA_DIR_ENV = "CHATTUI_DATA_DIR"  # overrides the platform's user data dir (tests, portable installs)
@@ -14,11 +15,8 @@ CONFIG_DIR_ENV = "CHATTUI_CONFIG_DIR"  # overrides the platform's user config di
 
 
 def bundled_model_dir() -> Path:
-    """models/default, located through the import system without importing `models` (which imports torch)."""
-    spec = importlib.util.find_spec("models")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    base = Path(locations[0]) if locations else Path(__file__).resolve().parents[1] / "models"
-    return base / "default"
+    """models/default (importing `models` imports no torch)."""
+    return DEFAULT_MODEL_DIR
 
 
 def data_dir() -> Path:
