@@ -1,8 +1,8 @@
 """Attention capture: how much every layer and head attends from each token to each earlier one.
 
 The weights come from an explicit softmax(QKᵀ/√d) on the very queries and keys the fast path uses
-(same RoPE, each layer's scaling and causal/sliding-window mask, GQA head mapping), so they are what the model
-computes, not an approximation. Normal decoding is untouched: capture is a separate forward pass.
+(same RoPE, each layer's AttentionSpec: scaling and causal/sliding-window mask, GQA head mapping), so
+they are what the model computes, not an approximation. Normal decoding is untouched: capture is a separate forward pass.
 
 Memory stays bounded for long contexts: the pass keeps only each layer's queries and keys
 (O(layers x T x width)); a layer's (heads, T, T) weights are computed when asked for, and only the

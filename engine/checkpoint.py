@@ -283,7 +283,7 @@ def load_weights(
                 if progress:
                     progress(done, total)
     model.load_state_dict(state, strict=False, assign=True)
-    del state  # the model owns the tensors now; fusing below must be free to release the originals
+    del state  # the model owns the tensors now; fusing (prepare_for_inference) must be free to release them
     model.tie_weights()
     model.init_buffers()
     return model

@@ -52,7 +52,8 @@ def causal_attention(
         if window is not None and S > window:
             k, v = k[:, :, S - window :], v[:, :, S - window :]
         # One query per head: fold the query heads that share a kv head into rows, no copy of k/v.
-        y = F.scaled_dot_product_attention(q.reshape(B, kvh, groups, hd), k, v, scale=spec.scale)  # (B, kvh, groups, hd)
+        folded = q.reshape(B, kvh, groups, hd)
+        y = F.scaled_dot_product_attention(folded, k, v, scale=spec.scale)  # (B, kvh, groups, hd)
         return y.reshape(B, nh, 1, hd)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)

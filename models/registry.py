@@ -72,7 +72,10 @@ class Family:
 # Every linear layer of attention and MLP (QLoRA's finding: adapting all of them beats q/v alone at the
 # same parameter budget).
 ROPE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-QKV_AND_GATE_UP = (Fusion("fused_qkv", ("q_proj", "k_proj", "v_proj")), Fusion("fused_gate_up", ("gate_proj", "up_proj")))
+QKV_AND_GATE_UP = (
+    Fusion("fused_qkv", ("q_proj", "k_proj", "v_proj")),
+    Fusion("fused_gate_up", ("gate_proj", "up_proj")),
+)
 
 FAMILIES: tuple[Family, ...] = (
     Family(

@@ -77,7 +77,8 @@ def hf_config(family: str, vocab_size: int, **overrides):
         # and the final soft-cap is low enough to change the logits.
         # attn_logit_softcapping is set too: transformers' Gemma 3 ignores it, so must we.
         cfg = tf.Gemma3TextConfig(
-            **{**llama_like, "hidden_size": 48, "num_hidden_layers": 4}, head_dim=24, sliding_window=8, sliding_window_pattern=2,
+            **{**llama_like, "hidden_size": 48, "num_hidden_layers": 4}, head_dim=24,
+            sliding_window=8, sliding_window_pattern=2,
             query_pre_attn_scalar=20, attn_logit_softcapping=GEMMA3_ATTN_SOFTCAP,
             final_logit_softcapping=GEMMA3_FINAL_SOFTCAP, rope_theta=5000.0, rope_local_base_freq=100.0,
         )

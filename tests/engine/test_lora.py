@@ -71,7 +71,9 @@ def adapted(request, checkpoint_factory, tmp_path_factory):
 
 # Gemma 3 without a final soft-cap, as the published models: the tests' cap of 4 keeps every probability far from 1.
 @pytest.mark.parametrize("family, overrides", [("llama", {}), ("gemma3", {"final_logit_softcapping": None})])
-def test_lora_memorises_four_answers_and_greedy_replies_become_the_targets(checkpoint_factory, tmp_path, family, overrides):
+def test_lora_memorises_four_answers_and_greedy_replies_become_the_targets(
+    checkpoint_factory, tmp_path, family, overrides
+):
     base = checkpoint_factory(family, **overrides)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(
