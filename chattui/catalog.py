@@ -8,17 +8,15 @@ in and the size on disk; a folder that cannot be loaded says why.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 from chattui.paths import bundled_model_dir
+from models.config import ConfigError
+from models.registry import config_from_hf, family_of
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +31,6 @@ class ModelEntry:
     dtype: str | None = None  # torch_dtype in config.json (how the weights are stored)
     size_bytes: int = 0
     problem: str | None = None  # why it cannot be loaded; None when it looks loadable
-
-
-@functools.cache
-def _models_config() -> ModuleType | None:
-    """models/config.py (pure Python) loaded on its own, so the `models` package and torch stay unimported."""
-    if "models.config" in sys.modules:
-        return sys.modules["models.config"]
-    try:
-        spec = importlib.util.find_spec("models")
-        folder = Path(list(spec.submodule_search_locations)[0])
-        file_spec = importlib.util.spec_from_file_location("chattui._models_config", folder / "config.py")
-        module = importlib.util.module_from_spec(file_spec)
-        sys.modules[file_spec.name] = module  # dataclasses look their module up here
-        file_spec.loader.exec_module(module)
-        return module
-    except Exception as e:  # the picker still lists folders; loading will say what is wrong
-        log.warning("cannot read models/config.py for architecture checks: %s", e)
-        return None
 
 
 def display_name(path: str | Path) -> str:
@@ -78,28 +58,16 @@ def inspect_folder(path: Path, source: str, name: str | None = None) -> ModelEnt
     entry.size_bytes = folder_size(path)
     archs = hf.get("architectures") or []
     entry.architecture = archs[0] if archs and isinstance(archs[0], str) else hf.get("model_type")
-    module = _models_config()
-    if module is None:
-        return entry
     try:
-        config = module.config_from_hf(hf)
-    except (module.ConfigError, ValueError, TypeError, KeyError) as e:
+        config = config_from_hf(hf)
+    except (ConfigError, ValueError, TypeError, KeyError) as e:
         entry.problem = str(e)
         return entry
     entry.architecture = config.architecture
-    entry.parameters = estimate_parameters(config)
+    entry.parameters = family_of(config).estimate_parameters(config)
     if not any(path.glob("*.safetensors")):
         entry.problem = "no .safetensors weights"
     return entry
-
-
-def estimate_parameters(config) -> int:
-    if hasattr(config, "num_parameters_estimate"):
-        return int(config.num_parameters_estimate)
-    # GPT-2: embeddings + per block (2 LayerNorms, c_attn, c_proj, c_fc, mlp c_proj) + final LayerNorm.
-    d, inner, layers = config.n_embd, config.n_inner, config.n_layer
-    block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * inner + inner) + (inner * d + d)
-    return config.vocab_size * d + config.n_positions * d + layers * block + 2 * d
 
 
 def folder_size(path: Path) -> int:
@@ -180,7 +148,7 @@ def scan(
             add(inspect_folder(child, "config"))
     for _, snapshot in hf_cache_models(hf_cache):
         entry = inspect_folder(snapshot, "hf-cache")
-        if entry.parameters is None and _models_config() is not None:
+        if entry.parameters is None:
             continue  # not a supported architecture: the issue asks to list only those
         add(entry)
     return entries

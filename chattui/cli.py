@@ -17,7 +17,7 @@ from pathlib import Path
 
 from chattui.paths import bundled_model_dir
 
-DEFAULT_MODEL_DIR = bundled_model_dir()  # models.DEFAULT_MODEL_DIR, found without importing torch
+DEFAULT_MODEL_DIR = bundled_model_dir()
 
 log = logging.getLogger("chattui")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -10,16 +9,14 @@ import platformdirs
 
 from engine.job_files import APP_NAME
 from engine.job_files import user_data_dir as data_dir  # noqa: F401 (where jobs, conversations and pulls live)
+from models import DEFAULT_MODEL_DIR
 
 CONFIG_DIR_ENV = "CHATTUI_CONFIG_DIR"  # overrides the platform's user config dir
 
 
 def bundled_model_dir() -> Path:
-    """models/default, located through the import system without importing `models` (which imports torch)."""
-    spec = importlib.util.find_spec("models")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    base = Path(locations[0]) if locations else Path(__file__).resolve().parents[1] / "models"
-    return base / "default"
+    """models/default (importing `models` imports no torch)."""
+    return DEFAULT_MODEL_DIR
 
 
 def config_dir() -> Path:

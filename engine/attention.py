@@ -1,8 +1,8 @@
 """Attention capture: how much every layer and head attends from each token to each earlier one.
 
 The weights come from an explicit softmax(QKᵀ/√d) on the very queries and keys the fast path uses
-(same RoPE, scaling, causal/sliding-window mask and GQA head mapping), so they are what the model
-computes, not an approximation. Normal decoding is untouched: capture is a separate forward pass.
+(same RoPE, each layer's AttentionSpec: scaling and causal/sliding-window mask, GQA head mapping), so
+they are what the model computes, not an approximation. Normal decoding is untouched: capture is a separate forward pass.
 
 Memory stays bounded for long contexts: the pass keeps only each layer's queries and keys
 (O(layers x T x width)); a layer's (heads, T, T) weights are computed when asked for, and only the
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.attention import attention_probabilities
+from models.attention import AttentionSpec, attention_probabilities
 
 MAX_CAPTURE_TOKENS = 4096
 _KEPT_LAYERS = 2
@@ -47,10 +47,9 @@ class AttentionMaps:
         config = model.config
         self.num_layers: int = config.num_hidden_layers
         self.num_heads: int = config.num_attention_heads
-        self._window: int | None = getattr(config, "sliding_window", None)
         ids = torch.tensor([self.token_ids], dtype=torch.long, device=device)
-        self._inputs = model.attention_inputs(ids)  # lazily yields each layer's (q, k)
-        self._qk: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._inputs = model.attention_inputs(ids)  # lazily yields each layer's (q, k, AttentionSpec)
+        self._qk: list[tuple[torch.Tensor, torch.Tensor, AttentionSpec]] = []
         self._weights: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
@@ -66,8 +65,8 @@ class AttentionMaps:
         with torch.inference_mode():
             while len(self._qk) <= layer:
                 self._qk.append(next(self._inputs))
-            q, k = self._qk[layer]
-            weights = attention_probabilities(q, k, 0, self._window)[0].cpu().numpy()  # (nh, T, T)
+            q, k, spec = self._qk[layer]
+            weights = attention_probabilities(q, k, 0, spec)[0].cpu().numpy()  # (nh, T, T)
         self._weights[layer] = weights
         if len(self._weights) > _KEPT_LAYERS:
             self._weights.popitem(last=False)
@@ -130,8 +129,8 @@ class AttentionWatcher:
 
     def _observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, start: int) -> None:
         last = q.shape[2] - 1
-        window = getattr(self._modules[layer], "sliding_window", None)
-        weights = attention_probabilities(q[:, :, last:], k, start + last, window)  # (B, nh, 1, S)
+        spec = self._modules[layer].spec
+        weights = attention_probabilities(q[:, :, last:], k, start + last, spec)  # (B, nh, 1, S)
         self._rows.append(weights[0, :, 0].cpu().numpy())
         if len(self._rows) == len(self._modules):
             rows, self._rows = self._rows, []

@@ -25,8 +25,7 @@ from engine.generate import generate_tokens
 from engine.kv_cache import KVCache
 from engine.params import SamplingParams
 from engine.presets import PRESETS
-from models import build_model
-from models.config import config_from_hf
+from models.registry import config_from_hf, family_of
 
 @dataclass
 class BenchOptions:
@@ -49,7 +48,8 @@ class RunTiming:
 
 def _random_model(hf_config: dict, device, dtype) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model(config_from_hf(hf_config))
+    config = config_from_hf(hf_config)
+    model = family_of(config).build(config)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
@@ -92,7 +92,7 @@ def _hf_model(options: BenchOptions, hf_config: dict, ours: torch.nn.Module, dev
     if options.model_dir is not None:
         return transformers.AutoModelForCausalLM.from_pretrained(options.model_dir, dtype=dtype).to(device).eval()
     config = transformers.AutoConfig.for_model(
-        {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}[hf_config["architectures"][0]],
+        family_of(ours.config).model_type(ours.config.architecture),
         **{k: v for k, v in hf_config.items() if k != "architectures"},
     )
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +23,8 @@ import torch.nn as nn
 from engine.errors import CheckpointError
 from engine.inference import prepare_for_inference
 from engine.params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
-from models import IGNORED_CHECKPOINT_KEYS, ModelConfig, build_model, checkpoint_prefix, config_from_hf
-from models.config import ConfigError
+from models.config import ConfigError, ModelConfig
+from models.registry import config_from_hf, family_of
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +207,14 @@ def _read_tensor(f, info: _TensorInfo, device: torch.device, dtype: torch.dtype,
     return out
 
 
-def _normalize_keys(tensors: dict[str, _TensorInfo], expected: set[str], prefix: str) -> dict[str, _TensorInfo]:
-    """Drop non-weight keys and add the base-model prefix where a checkpoint was saved without it."""
+def _normalize_keys(
+    tensors: dict[str, _TensorInfo], expected: set[str], prefix: str, ignored: str
+) -> dict[str, _TensorInfo]:
+    """Drop non-weight keys (matching the regex `ignored`) and add the base-model prefix where a checkpoint
+    was saved without it."""
     out: dict[str, _TensorInfo] = {}
     for key, info in tensors.items():
-        if IGNORED_CHECKPOINT_KEYS.search(key):
+        if ignored and re.search(ignored, key):
             continue
         if key not in expected and prefix + key in expected:
             key = prefix + key
@@ -230,13 +234,29 @@ def load_model(
     dtype: torch.dtype,
     progress: ProgressCallback | None = None,
 ) -> nn.Module:
-    """Build the model for config and fill it from the folder's safetensors, checking every key and shape."""
+    """The checkpoint's model ready for decoding: load_weights, then engine.inference.prepare_for_inference."""
+    return prepare_for_inference(load_weights(model_dir, config, device, dtype, progress), device, dtype)
+
+
+def load_weights(
+    model_dir: Path,
+    config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: ProgressCallback | None = None,
+) -> nn.Module:
+    """Build the model for config and fill it from the folder's safetensors, checking every key and shape.
+
+    The model is in Hugging Face's layout (plain layers, nothing fused), in train mode with every parameter
+    trainable: what fine-tuning trains, and what an adapter is applied to before prepare_for_inference."""
+    family = family_of(config)
     with torch.device("meta"):
-        model = build_model(config)
+        model = family.build(config)
     expected_params = dict(model.named_parameters())  # tied weights appear once, under their first name
     expected_shapes = {name: tuple(p.shape) for name, p in expected_params.items()}
-    tensors = _normalize_keys(_scan_headers(weight_files(model_dir)), set(expected_shapes), checkpoint_prefix(config))
-    if getattr(config, "tie_word_embeddings", True):
+    found = _scan_headers(weight_files(model_dir))
+    tensors = _normalize_keys(found, set(expected_shapes), family.checkpoint_prefix, family.ignored_keys)
+    if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # tied: the embedding is the output projection
     missing = sorted(set(expected_shapes) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected_shapes))
@@ -266,7 +286,7 @@ def load_model(
                 if progress:
                     progress(done, total)
     model.load_state_dict(state, strict=False, assign=True)
-    del state  # the model owns the tensors now; fusing below must be free to release the originals
+    del state  # the model owns the tensors now; fusing (prepare_for_inference) must be free to release them
     model.tie_weights()
     model.init_buffers()
-    return prepare_for_inference(model, device, dtype)
+    return model

@@ -61,11 +61,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from engine.checkpoint import load_model, read_model_config
+from engine.checkpoint import load_weights, read_model_config
 from engine.device import cpu_has_fast_bfloat16
 from engine.errors import EngineError
 from engine.finetune_data import DataError, ExampleBatches, pad_token_id, prepare_data
-from engine.inference import prepare_for_training
 from engine.job_files import (
     CANCEL_FILE, CHECKPOINTS, EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED, FINAL_STATUSES, PROGRESS_FILE, RESOLVED_FILE,
     user_data_dir,
@@ -346,8 +345,7 @@ def _check_out_dir(config: JobConfig, resume: bool) -> None:
 def load_trainable_model(model_dir: str | Path, device: torch.device) -> nn.Module:
     """A checkpoint as a trainable float32 model in Hugging Face's layout (no inference fusing), in train mode."""
     model_dir = Path(model_dir)
-    config = read_model_config(model_dir)
-    return prepare_for_training(load_model(model_dir, config, device, torch.float32))
+    return load_weights(model_dir, read_model_config(model_dir), device, torch.float32)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

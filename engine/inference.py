@@ -11,7 +11,8 @@
   single-position RMSNorm (rms_norm_bf16, one op instead of eight); prefill keeps PyTorch's kernels.
 - Layers that carry a LoRA adapter (engine.lora) are left as they are: no fusing, no oneDNN class.
 
-`prepare_for_training` undoes all of it, for fine-tuning a model loaded by engine.checkpoint.load_model.
+What fuses comes from the family's registry entry (models.registry.Family.fusions); kernels are swapped
+in with engine.layers.swap_layers.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import torch
 import torch.nn as nn
 
 from engine.kernels import bf16_decode_ops
+from engine.layers import recast, swap_layers
 from engine.lora import is_lora_layer
 from models.gpt2 import Conv1D
-from models.llama import LlamaAttention, LlamaMLP, RMSNorm
+from models.llama import RMSNorm
+from models.registry import Fusion, family_of
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -103,85 +106,62 @@ def _store_for_onednn(weight_out_in: torch.Tensor) -> torch.Tensor:
     return weight_out_in.t().contiguous().t()
 
 
+def _fuse(model: nn.Module, fusions: tuple[Fusion, ...]) -> list[tuple[nn.Module, Fusion]]:
+    """Apply the family's fusion plan wherever all parts are plain Linear layers (LoRA-wrapped ones stay
+    unfused); returns the (module, fusion) pairs done."""
+    done = []
+    for module in model.modules():
+        for fusion in fusions:
+            if not hasattr(type(module), fusion.into):
+                continue
+            parts = [getattr(module, name) for name in fusion.parts]
+            if any(type(p) is not nn.Linear for p in parts):
+                continue
+            # object.__setattr__ keeps the fused layer out of _modules, so state_dict() stays HF's keys.
+            object.__setattr__(module, fusion.into, fuse_linears(parts))
+            done.append((module, fusion))
+    return done
+
+
 def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Freeze the model and arrange its weights for decoding (see module docstring).
 
-    The last step after loading: moving the model afterwards would break the shared storage."""
+    The last step of loading (build, load weights, apply an adapter if any, prepare): moving the model
+    afterwards would break the shared storage, and nothing undoes it (fine-tuning loads unprepared)."""
     model.eval().requires_grad_(False)
-    with_lora = {id(m) for layer in model.modules() if is_lora_layer(layer) for m in layer.modules()}
-    fused_parts: list[nn.Linear] = []
-    fused_layers: list[nn.Linear] = []
-    for module in model.modules():
-        # object.__setattr__ keeps the fused layers out of _modules, so state_dict() stays HF's keys.
-        if isinstance(module, LlamaAttention):
-            parts = [module.q_proj, module.k_proj, module.v_proj]
-            if any(id(p) in with_lora for p in parts):
-                continue
-            fused = fuse_linears(parts)
-            object.__setattr__(module, "fused_qkv", fused)
-            fused_parts += parts
-            fused_layers.append(fused)
-        elif isinstance(module, LlamaMLP):
-            parts = [module.gate_proj, module.up_proj]
-            if any(id(p) in with_lora for p in parts):
-                continue
-            fused = fuse_linears(parts)
-            object.__setattr__(module, "fused_gate_up", fused)
-            fused_parts += parts
-            fused_layers.append(fused)
+    fused = _fuse(model, family_of(model.config).fusions)
     if device.type != "cpu":
         return model
-    standalone = [
-        m for m in model.modules() if isinstance(m, nn.Linear) and m not in fused_parts and id(m) not in with_lora
-    ]
-    conv1ds = [m for m in model.modules() if isinstance(m, Conv1D) and id(m) not in with_lora]
-    if dtype == torch.float32 and onednn_available():
-        for linear in standalone + fused_layers:
-            linear.weight.data = _store_for_onednn(linear.weight.data)
-            linear.__class__ = OneDNNLinear
-        for conv in conv1ds:
-            conv.weight.data = _store_for_onednn(conv.weight.data.t()).t()
-            conv.__class__ = OneDNNConv1D
-        return model
-    # bfloat16 kernels (PyTorch's and ours) read (out, in)-contiguous weights fastest; GPT-2 stores (in, out).
-    for conv in conv1ds:
-        conv.weight.data = conv.weight.data.t().contiguous().t()
-    if dtype == torch.bfloat16 and bf16_decode_ops() is not None:
-        for linear in standalone + fused_layers:
-            if linear.weight.is_contiguous():
-                linear.__class__ = DecodeBF16Linear
-        for conv in conv1ds:
-            conv.__class__ = DecodeBF16Conv1D
-        for module in model.modules():
-            if type(module) is RMSNorm:
-                module.__class__ = DecodeBF16RMSNorm
+    fused_parts = {id(getattr(module, name)) for module, fusion in fused for name in fusion.parts}
+    onednn = dtype == torch.float32 and onednn_available()
+    bf16_kernels = dtype == torch.bfloat16 and bf16_decode_ops() is not None
+
+    def on_cpu_kernel(layer: nn.Module) -> nn.Module:
+        """The plain layer on the fastest CPU kernel for dtype, its weight laid out as that kernel reads it."""
+        if type(layer) is nn.Linear:
+            if onednn:
+                layer.weight.data = _store_for_onednn(layer.weight.data)
+                return recast(layer, OneDNNLinear)
+            if bf16_kernels and layer.weight.is_contiguous():
+                return recast(layer, DecodeBF16Linear)
+        elif type(layer) is Conv1D:
+            if onednn:
+                layer.weight.data = _store_for_onednn(layer.weight.data.t()).t()
+                return recast(layer, OneDNNConv1D)
+            # bfloat16 kernels (PyTorch's and ours) read (out, in)-contiguous weights fastest; GPT-2 stores (in, out).
+            layer.weight.data = layer.weight.data.t().contiguous().t()
+            if bf16_kernels:
+                return recast(layer, DecodeBF16Conv1D)
+        elif type(layer) is RMSNorm and bf16_kernels:
+            return recast(layer, DecodeBF16RMSNorm)
+        return layer
+
+    def replace(name: str, layer: nn.Module) -> nn.Module | None:
+        if is_lora_layer(layer) or id(layer) in fused_parts:
+            return layer  # as it is: LoRA layers run unfused on PyTorch's kernels; fused parts do not run
+        return on_cpu_kernel(layer) if type(layer) in (nn.Linear, Conv1D, RMSNorm) else None
+
+    swap_layers(model, replace)
+    for module, fusion in fused:
+        object.__setattr__(module, fusion.into, on_cpu_kernel(getattr(module, fusion.into)))
     return model
-
-
-def prepare_for_training(model: nn.Module) -> nn.Module:
-    """Undo prepare_for_inference: separate q/k/v and gate/up weights again, plain nn.Linear/Conv1D layers,
-    contiguous weights in HF's layout, every parameter trainable, train mode. Values are unchanged.
-
-    For fine-tuning a model loaded with engine.checkpoint.load_model (which prepares for inference);
-    each fused weight is released as soon as its parts own their storage again.
-    """
-    for module in model.modules():
-        for attr, parts in (("fused_qkv", ("q_proj", "k_proj", "v_proj")), ("fused_gate_up", ("gate_proj", "up_proj"))):
-            if attr in module.__dict__:
-                for name in parts:
-                    part = getattr(module, name)
-                    part.weight.data = part.weight.data.clone()
-                    if part.bias is not None:
-                        part.bias.data = part.bias.data.clone()
-                object.__delattr__(module, attr)  # back to the class attribute None: unfused forward
-    for module in model.modules():
-        if type(module) in (OneDNNLinear, DecodeBF16Linear):
-            module.__class__ = nn.Linear
-        elif type(module) in (OneDNNConv1D, DecodeBF16Conv1D):
-            module.__class__ = Conv1D
-        elif type(module) is DecodeBF16RMSNorm:
-            module.__class__ = RMSNorm
-    for p in model.parameters():
-        if not p.is_contiguous():
-            p.data = p.data.contiguous()
-    return model.train().requires_grad_(True)

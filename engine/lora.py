@@ -37,20 +37,15 @@ from safetensors.torch import save_file
 
 from engine.atomic import atomic_folder
 from engine.errors import CheckpointError
+from engine.layers import recast, swap_layers
 from models.gpt2 import Conv1D
+from models.registry import family_of
 
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the Hugging Face model
-
-# The projections LoRA goes on by default: every linear layer of attention and MLP (QLoRA's finding: adapting
-# all of them beats q/v alone at the same parameter budget).
-DEFAULT_TARGETS = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-}
 
 # adapter_config.json settings that change the math: any value but those listed is refused, never ignored.
 _UNSUPPORTED = {
@@ -160,11 +155,12 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def _wrap(module: nn.Module, config: LoRAConfig) -> None:
-    """Turn a Linear/Conv1D into its LoRA subclass in place; the adapter is float32 on the weight's device."""
-    n_in, n_out = _in_out(module)
-    device = module.weight.device
-    module.__class__ = _LORA_CLASS[type(module)]
+def _with_adapter(layer: nn.Module, config: LoRAConfig) -> LoRALayer:
+    """The Linear/Conv1D as its LoRA subclass (same weight and bias), with a fresh float32 adapter on the
+    weight's device."""
+    n_in, n_out = _in_out(layer)
+    device = layer.weight.device
+    module = recast(layer, _LORA_CLASS[type(layer)])
     module.lora_A = nn.Linear(n_in, config.r, bias=False, device=device, dtype=torch.float32)
     module.lora_B = nn.Linear(config.r, n_out, bias=False, device=device, dtype=torch.float32)
     module.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -172,6 +168,7 @@ def _wrap(module: nn.Module, config: LoRAConfig) -> None:
     # PEFT's initialisation: A Kaiming-uniform (nn.Linear's default), B zero.
     nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))
     nn.init.zeros_(module.lora_B.weight)
+    return module
 
 
 def apply_lora(
@@ -213,14 +210,14 @@ def apply_lora_config(model: nn.Module, config: LoRAConfig) -> list[str]:
             raise ValueError(f"{name} already carries a LoRA adapter")
         if type(module) not in _LORA_CLASS:
             raise ValueError(f"{name} is a {type(module).__name__}; LoRA applies to linear layers only")
-    for _, module in targets:
-        _wrap(module, config)
+    names = {name for name, _ in targets}
+    swap_layers(model, lambda name, layer: _with_adapter(layer, config) if name in names else None)
     return [name for name, _ in targets]
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    family = "gpt2" if any(isinstance(m, Conv1D) for m in model.modules()) else "llama"
-    return list(DEFAULT_TARGETS[family])
+    """The module names LoRA adapts by default for the model's family (its registry entry)."""
+    return list(family_of(model.config).lora_targets)
 
 
 def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
@@ -238,20 +235,25 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _merged(layer: LoRALayer) -> nn.Module:
+    """The layer with its adapter folded into the weight (W += scaling * B @ A), as a plain Linear/Conv1D."""
+    delta = layer.delta_weight().to(layer.weight.dtype)  # (out, in)
+    if isinstance(layer, Conv1D):
+        layer.weight += delta.t()  # stored (in, out): PEFT's fan_in_fan_out
+    else:
+        layer.weight += delta
+    plain = recast(layer, _BASE_CLASS[type(layer)])
+    for name in ("lora_A", "lora_B", "lora_dropout"):
+        delattr(plain, name)
+    plain.__dict__.pop("scaling", None)
+    plain.__dict__.pop("lora_enabled", None)
+    return plain
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and turn the layers back into plain Linear/Conv1D."""
     with torch.no_grad():
-        for layer in lora_layers(model).values():
-            delta = layer.delta_weight().to(layer.weight.dtype)  # (out, in)
-            if isinstance(layer, Conv1D):
-                layer.weight += delta.t()  # stored (in, out): PEFT's fan_in_fan_out
-            else:
-                layer.weight += delta
-            for name in ("lora_A", "lora_B", "lora_dropout"):
-                delattr(layer, name)
-            layer.__dict__.pop("scaling", None)
-            layer.__dict__.pop("lora_enabled", None)
-            layer.__class__ = _BASE_CLASS[type(layer)]
+        swap_layers(model, lambda name, layer: _merged(layer) if is_lora_layer(layer) else None)
     return model
 
 

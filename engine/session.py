@@ -21,7 +21,7 @@ from engine.attention import AttentionMaps, AttentionWatcher
 from engine.checkpoint import (
     GenerationDefaults,
     ProgressCallback,
-    load_model,
+    load_weights,
     read_generation_defaults,
     read_json,
     read_model_config,
@@ -29,7 +29,7 @@ from engine.checkpoint import (
 from engine.device import dtype_name, resolve_device, resolve_dtype
 from engine.errors import CheckpointError, EngineError, PromptTooLongError
 from engine.generate import generate_tokens
-from engine.inference import prepare_for_inference, prepare_for_training
+from engine.inference import prepare_for_inference
 from engine.kv_cache import KVCache
 from engine.lora import apply_adapter, read_adapter, set_lora_enabled
 from engine.params import SamplingParams
@@ -140,13 +140,12 @@ class Engine:
         torch_dtype = resolve_dtype(dtype, torch_device)
         tokenizer = ChatTokenizer.from_dir(model_dir)
         defaults = read_generation_defaults(model_dir, read_json(model_dir / "config.json"))
-        model = load_model(model_dir, config, torch_device, torch_dtype, progress)
-        if lora is not None:
-            prepare_for_training(model)  # plain layers again, so the adapted ones can stay unfused
+        model = load_weights(model_dir, config, torch_device, torch_dtype, progress)
+        if lora is not None:  # before preparing, so the adapted layers stay plain and unfused
             for layer in apply_adapter(model, lora).values():
                 layer.lora_A.to(dtype=torch_dtype)
                 layer.lora_B.to(dtype=torch_dtype)
-            prepare_for_inference(model, torch_device, torch_dtype)
+        prepare_for_inference(model, torch_device, torch_dtype)
         eos = set(defaults.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)

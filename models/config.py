@@ -1,7 +1,7 @@
-"""Typed model configs built from a Hugging Face `config.json` dict.
+"""Typed model configs built from a Hugging Face `config.json` dict, and their parameter estimates.
 
-Each supported family has one dataclass; `config_from_hf` picks it from the `architectures`
-field (or `model_type`) and rejects anything else with the list of what is supported.
+Each supported family has one dataclass and one `*_config_from_hf(hf, architecture)`; which family a
+config.json belongs to is models.registry's job. Pure Python (no torch): the UI reads configs too.
 """
 
 from __future__ import annotations
@@ -47,13 +47,13 @@ class LlamaConfig:
     sliding_window: int | None = None  # Mistral: each token sees at most this many keys
     hidden_act: str = "silu"  # activation of the gate projection
 
-    @property
-    def num_parameters_estimate(self) -> int:
-        d, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        attn = d * self.head_dim * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        per_layer = attn + 3 * d * i + 2 * d
-        embeddings = v * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + embeddings + d
+
+def estimate_llama_parameters(config: LlamaConfig) -> int:
+    d, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    attn = d * config.head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    per_layer = attn + 3 * d * i + 2 * d
+    embeddings = v * d * (1 if config.tie_word_embeddings else 2)
+    return config.num_hidden_layers * per_layer + embeddings + d
 
 
 @dataclass
@@ -90,47 +90,65 @@ class GPT2Config:
     def num_attention_heads(self) -> int:
         return self.n_head
 
-
-ModelConfig = LlamaConfig | GPT2Config
-
-LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-SUPPORTED_ARCHITECTURES = (*LLAMA_FAMILY, "GPT2LMHeadModel")
-_MODEL_TYPE_TO_ARCHITECTURE = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gpt2": "GPT2LMHeadModel",
-}
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return True  # GPT-2 always ties lm_head to wte
 
 
-def architecture_of(hf: dict[str, Any]) -> str:
-    """The HF architecture name in config.json, or one inferred from model_type."""
-    architectures = hf.get("architectures") or []
-    if isinstance(architectures, str):
-        architectures = [architectures]
-    if architectures:
-        return str(architectures[0])
-    model_type = hf.get("model_type")
-    if model_type in _MODEL_TYPE_TO_ARCHITECTURE:
-        return _MODEL_TYPE_TO_ARCHITECTURE[model_type]
-    raise ConfigError(
-        f"names no architecture (no 'architectures', model_type={model_type!r}); "
-        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-    )
+def estimate_gpt2_parameters(config: GPT2Config) -> int:
+    # Embeddings + per block (2 LayerNorms, c_attn, c_proj, c_fc, mlp c_proj) + final LayerNorm.
+    d, inner = config.n_embd, config.n_inner
+    block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * inner + inner) + (inner * d + d)
+    return config.vocab_size * d + config.n_positions * d + config.n_layer * block + 2 * d
 
 
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Build the typed config for a config.json dict; ConfigError says which key is wrong and why."""
-    architecture = architecture_of(hf)
-    if architecture in LLAMA_FAMILY:
-        return _llama_config(architecture, hf)
-    if architecture == "GPT2LMHeadModel":
-        return _gpt2_config(hf)
-    raise ConfigError(
-        f"unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-    )
+@dataclass
+class Gemma3Config:
+    """Gemma 3 (text): sliding-window layers between global ones, q/k norms, (1 + w) RMSNorm, GeGLU,
+    sqrt(hidden)-scaled embeddings, pre/post norms around attention and MLP, optional final soft-capping.
+    (attn_logit_softcapping is not read: transformers' Gemma 3 ignores it, see models/gemma3.py.)"""
 
+    architecture: str  # "Gemma3ForCausalLM"
+    vocab_size: int  # rows of embed_tokens / lm_head
+    hidden_size: int  # width of the residual stream
+    intermediate_size: int  # width of the GeGLU MLP
+    num_hidden_layers: int  # decoder blocks
+    num_attention_heads: int  # query heads
+    num_key_value_heads: int  # key/value heads
+    head_dim: int  # per-head width (256 in the published models, not hidden // heads)
+    max_position_embeddings: int  # the context length the model was trained for
+    sliding: tuple[bool, ...]  # per layer: True for a sliding-window ("local") layer
+    sliding_window: int  # keys a local layer sees (the query's own included)
+    query_pre_attn_scalar: float  # scores are scaled by query_pre_attn_scalar ** -0.5
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0  # RoPE base of the global layers
+    rope_scaling: RopeScaling = field(default_factory=lambda: RopeScaling("default"))  # global layers only
+    rope_local_theta: float = 10_000.0  # RoPE base of the local layers (unscaled)
+    final_logit_softcapping: float | None = None  # logits become c * tanh(logits / c)
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # bias on q/k/v/o projections
+    hidden_act: str = "gelu_pytorch_tanh"  # activation of the gate projection
+    qk_norm: bool = True  # RMSNorm over head_dim on queries and keys before RoPE
+    mlp_bias: bool = False
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias
+
+
+def estimate_gemma3_parameters(config: Gemma3Config) -> int:
+    d, i, v, hd = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    attn = d * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads) + 2 * hd  # + q/k norms
+    per_layer = attn + 3 * d * i + 4 * d  # 4 RMSNorms around attention and MLP
+    embeddings = v * d * (1 if config.tie_word_embeddings else 2)
+    return config.num_hidden_layers * per_layer + embeddings + d
+
+
+ModelConfig = LlamaConfig | GPT2Config | Gemma3Config
 
 _REQUIRED = object()
 
@@ -158,14 +176,22 @@ def _get(hf: dict[str, Any], key: str, cast: type, default: Any = _REQUIRED, whe
         raise ConfigError(f"{where}{key!r} must be {kind}, got {value!r}") from None
 
 
+def _json_object(hf: dict[str, Any], key: str) -> dict[str, Any]:
+    value = hf.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key!r} must be a JSON object, got {value!r}")
+    return value
+
+
 def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
     # transformers >= 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`.
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    if not isinstance(params, dict) or not isinstance(scaling, dict):
-        raise ConfigError("'rope_scaling' / 'rope_parameters' must be JSON objects")
-    theta = _get(params, "rope_theta", float, _get(hf, "rope_theta", float, 10000.0))
-    merged = {**params, **scaling}
+    params, scaling = _json_object(hf, "rope_parameters"), _json_object(hf, "rope_scaling")
+    return _rope_from({**params, **scaling}, _get(hf, "rope_theta", float, 10000.0))
+
+
+def _rope_from(merged: dict[str, Any], default_theta: float) -> tuple[float, RopeScaling]:
+    """(theta, scaling) from one rope_parameters / rope_scaling object."""
+    theta = _get(merged, "rope_theta", float, default_theta)
     kind = merged.get("rope_type", merged.get("type", "default"))
     where = "rope_scaling."
     if kind == "default":
@@ -183,7 +209,7 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
     raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
 
 
-def _llama_config(architecture: str, hf: dict[str, Any]) -> LlamaConfig:
+def llama_config_from_hf(hf: dict[str, Any], architecture: str) -> LlamaConfig:
     hidden = _get(hf, "hidden_size", int)
     heads = _get(hf, "num_attention_heads", int)
     kv_heads = _get(hf, "num_key_value_heads", int, heads)
@@ -221,7 +247,7 @@ def _llama_config(architecture: str, hf: dict[str, Any]) -> LlamaConfig:
     )
 
 
-def _gpt2_config(hf: dict[str, Any]) -> GPT2Config:
+def gpt2_config_from_hf(hf: dict[str, Any], architecture: str) -> GPT2Config:
     n_embd = _get(hf, "n_embd", int)
     n_head = _get(hf, "n_head", int)
     if n_embd % n_head:
@@ -235,7 +261,7 @@ def _gpt2_config(hf: dict[str, Any]) -> GPT2Config:
     if hf.get("scale_attn_weights") is False:
         raise ConfigError("scale_attn_weights=false is not supported")
     return GPT2Config(
-        architecture="GPT2LMHeadModel",
+        architecture=architecture,
         vocab_size=_get(hf, "vocab_size", int),
         n_positions=_get(hf, "n_positions", int),
         n_embd=n_embd,
@@ -244,4 +270,61 @@ def _gpt2_config(hf: dict[str, Any]) -> GPT2Config:
         n_inner=_get(hf, "n_inner", int, 4 * n_embd),
         layer_norm_epsilon=_get(hf, "layer_norm_epsilon", float, 1e-5),
         activation_function=act,
+    )
+
+
+def gemma3_config_from_hf(hf: dict[str, Any], architecture: str) -> Gemma3Config:
+    heads = _get(hf, "num_attention_heads", int)
+    kv_heads = _get(hf, "num_key_value_heads", int, heads)
+    if heads % kv_heads:
+        raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise ConfigError(f"hidden_activation {act!r} is not supported (expected 'gelu_pytorch_tanh')")
+    if hf.get("use_bidirectional_attention"):
+        raise ConfigError("use_bidirectional_attention=true is not supported (chattui runs causal language models)")
+    layers = _get(hf, "num_hidden_layers", int)
+    layer_types = hf.get("layer_types")
+    if layer_types is None:  # older files: every `sliding_window_pattern`-th layer is global
+        pattern = _get(hf, "sliding_window_pattern", int, 6)
+        sliding = tuple((i + 1) % pattern != 0 for i in range(layers))
+    elif isinstance(layer_types, list) and len(layer_types) == layers and set(layer_types) <= {
+        "sliding_attention", "full_attention"
+    }:
+        sliding = tuple(t == "sliding_attention" for t in layer_types)
+    else:
+        raise ConfigError(
+            f"'layer_types' must list num_hidden_layers={layers} entries of 'sliding_attention' or "
+            f"'full_attention', got {layer_types!r}"
+        )
+    # transformers >= 5: rope_parameters per layer type; older files: rope_theta, rope_scaling (global
+    # layers) and rope_local_base_freq.
+    params = _json_object(hf, "rope_parameters")
+    full = {**_json_object(params, "full_attention"), **_json_object(hf, "rope_scaling")}
+    theta, scaling = _rope_from(full, _get(hf, "rope_theta", float, 1_000_000.0))
+    local_theta, local_scaling = _rope_from(
+        _json_object(params, "sliding_attention"), _get(hf, "rope_local_base_freq", float, 10_000.0)
+    )
+    if local_scaling.kind != "default":
+        raise ConfigError(f"rope_parameters.sliding_attention type {local_scaling.kind!r} is not supported")
+    return Gemma3Config(
+        architecture=architecture,
+        vocab_size=_get(hf, "vocab_size", int),
+        hidden_size=_get(hf, "hidden_size", int),
+        intermediate_size=_get(hf, "intermediate_size", int),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=_get(hf, "head_dim", int, 256),
+        max_position_embeddings=_get(hf, "max_position_embeddings", int, 131_072),
+        sliding=sliding,
+        sliding_window=_get(hf, "sliding_window", int, 4096),
+        query_pre_attn_scalar=_get(hf, "query_pre_attn_scalar", float, 256.0),
+        rms_norm_eps=_get(hf, "rms_norm_eps", float, 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rope_local_theta=local_theta,
+        final_logit_softcapping=_get(hf, "final_logit_softcapping", float, None),
+        tie_word_embeddings=_get(hf, "tie_word_embeddings", bool, True),
+        attention_bias=_get(hf, "attention_bias", bool, False),
     )

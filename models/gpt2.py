@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.attention import LayerCache, causal_attention
+from models.attention import AttentionSpec, LayerCache, causal_attention
 from models.config import GPT2Config
 
 
@@ -38,6 +38,7 @@ class GPT2Attention(nn.Module):
         self.head_dim = config.head_dim
         self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)
         self.c_proj = Conv1D(config.n_embd, config.n_embd)
+        self.spec = AttentionSpec()
 
     def project_qkv(self, x: torch.Tensor):
         """Queries, keys, values (B, nh, T, hd) for hidden states x (B, T, D)."""
@@ -53,7 +54,7 @@ class GPT2Attention(nn.Module):
             k, v = cache.update(self.layer_idx, start, k, v)  # (B, nh, start+T, hd)
         if self.observer is not None:
             self.observer(self.layer_idx, q, k, start)
-        y = causal_attention(q, k, v, start)  # (B, nh, T, hd)
+        y = causal_attention(q, k, v, start, self.spec)  # (B, nh, T, hd)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -110,13 +111,13 @@ class GPT2LMHeadModel(nn.Module):
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         return self.transformer.wte(input_ids) + self.transformer.wpe(positions)
 
-    def attention_inputs(self, input_ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def attention_inputs(self, input_ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, AttentionSpec]]:
         """Per layer, lazily: the queries (B, nh, T, hd) and keys (B, nh, T, hd) its attention sees for
-        input_ids (B, T) from position 0 (for attention capture)."""
+        input_ids (B, T) from position 0, and its AttentionSpec (for attention capture)."""
         x = self.embed(input_ids, 0)  # (B, T, D)
         for block in self.transformer.h:
             q, k, _ = block.attn.project_qkv(block.ln_1(x))
-            yield q, k
+            yield q, k, block.attn.spec
             x = block(x, 0, None)
 
     def forward(

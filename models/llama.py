@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.attention import LayerCache, causal_attention
-from models.config import LlamaConfig
+from models.attention import AttentionSpec, LayerCache, causal_attention
+from models.config import LlamaConfig, RopeScaling
 
 
 class RMSNorm(nn.Module):
@@ -30,12 +30,13 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_inverse_frequencies(config: LlamaConfig, device: torch.device | None = None) -> torch.Tensor:
-    """(head_dim // 2,) float32 inverse frequencies, after `linear` or `llama3` scaling."""
-    dim = config.head_dim
+def rope_inverse_frequencies(
+    dim: int, theta: float, scaling: RopeScaling, device: torch.device | None = None
+) -> torch.Tensor:
+    """(dim // 2,) float32 inverse frequencies for RoPE base theta, after `linear` or `llama3` scaling."""
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    inv_freq = 1.0 / (config.rope_theta**exponents)  # (hd/2,)
-    s = config.rope_scaling
+    inv_freq = 1.0 / (theta**exponents)  # (hd/2,)
+    s = scaling
     if s.kind == "linear":
         return inv_freq / s.factor
     if s.kind == "llama3":
@@ -52,6 +53,16 @@ def rope_inverse_frequencies(config: LlamaConfig, device: torch.device | None = 
     return inv_freq
 
 
+def rope_cos_sin(
+    inv_freq: torch.Tensor, start: int, T: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: (1, 1, T, hd) for positions start..start+T-1, computed in float32 like HF."""
+    positions = torch.arange(start, start + T, device=inv_freq.device, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos().to(dtype)[None, None], emb.sin().to(dtype)[None, None]
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -62,26 +73,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+# The gate activations of the gated MLPs: SwiGLU (Llama) and GeGLU with tanh-approximated GELU (Gemma).
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
 class LlamaAttention(nn.Module):
     # Inference only (engine.inference): one matmul for q, k and v whose weight the three share.
     fused_qkv: nn.Module | None = None
     # Set by the engine to watch attention live: called with (layer, q, k, start) after the cache update.
     observer: Callable | None = None
 
-    def __init__(self, config: LlamaConfig, layer_idx: int):
+    def __init__(self, config: LlamaConfig, layer_idx: int, spec: AttentionSpec, norm: type[nn.Module] = RMSNorm):
+        """spec: how scores become weights; norm: the class of q_norm/k_norm (when config.qk_norm)."""
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = hd = config.head_dim
-        self.sliding_window = config.sliding_window
+        self.spec = spec
         self.q_proj = nn.Linear(config.hidden_size, self.n_heads * hd, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, config.hidden_size, bias=config.o_bias)
         if config.qk_norm:
-            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.q_norm = norm(hd, config.rms_norm_eps)
+            self.k_norm = norm(hd, config.rms_norm_eps)
 
     def project_qkv(self, x, cos, sin):
         """Rotated queries (B, nh, T, hd) and keys, values (B, kvh, T, hd) for hidden states x (B, T, D)."""
@@ -109,7 +125,7 @@ class LlamaAttention(nn.Module):
             k, v = cache.update(self.layer_idx, start, k, v)  # (B, kvh, start+T, hd)
         if self.observer is not None:
             self.observer(self.layer_idx, q, k, start)
-        y = causal_attention(q, k, v, start, self.sliding_window)  # (B, nh, T, hd)
+        y = causal_attention(q, k, v, start, self.spec)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -122,20 +138,21 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.activation = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up is not None:
             gate, up = self.fused_gate_up(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.activation(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, layer_idx)
+        self.self_attn = LlamaAttention(config, layer_idx, AttentionSpec(window=config.sliding_window))
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
@@ -158,7 +175,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.register_buffer("inv_freq", self._inverse_frequencies(None), persistent=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -167,23 +184,20 @@ class LlamaForCausalLM(nn.Module):
 
     def init_buffers(self) -> None:
         """Recompute non-persistent buffers on the weights' device (after building on `meta`)."""
-        self.inv_freq = rope_inverse_frequencies(self.config, self.lm_head.weight.device)
+        self.inv_freq = self._inverse_frequencies(self.lm_head.weight.device)
 
-    def rope(self, start: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: (1, 1, T, hd) for positions start..start+T-1, computed in float32 like HF."""
-        positions = torch.arange(start, start + T, device=self.inv_freq.device, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq[None, :]  # (T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
-        return emb.cos().to(dtype)[None, None], emb.sin().to(dtype)[None, None]
+    def _inverse_frequencies(self, device: torch.device | None) -> torch.Tensor:
+        c = self.config
+        return rope_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, device)
 
-    def attention_inputs(self, input_ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def attention_inputs(self, input_ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, AttentionSpec]]:
         """Per layer, lazily: the rotated queries (B, nh, T, hd) and keys (B, kvh, T, hd) its attention
-        sees for input_ids (B, T) from position 0 (for attention capture)."""
+        sees for input_ids (B, T) from position 0, and its AttentionSpec (for attention capture)."""
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        cos, sin = self.rope(0, input_ids.shape[1], x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, 0, input_ids.shape[1], x.dtype)
         for layer in self.model.layers:
             q, k, _ = layer.self_attn.project_qkv(layer.input_layernorm(x), cos, sin)
-            yield q, k
+            yield q, k, layer.self_attn.spec
             x = layer(x, cos, sin, 0, None)
 
     def forward(
@@ -195,7 +209,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, V) for input_ids (B, T) at positions start..start+T-1 (only the last if last_only)."""
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        cos, sin = self.rope(start, input_ids.shape[1], x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, start, input_ids.shape[1], x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, start, cache)
         if last_only:

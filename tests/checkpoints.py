@@ -25,7 +25,10 @@ CORPUS = [
     "def main():\n    print('hello world')\n    return 0\n",
 ]
 
-FAMILIES = ("llama", "llama_tied_llama3_rope", "mistral", "qwen2", "qwen3", "gpt2")
+FAMILIES = ("llama", "llama_tied_llama3_rope", "mistral", "qwen2", "qwen3", "gpt2", "gemma3")
+
+
+GEMMA3_ATTN_SOFTCAP, GEMMA3_FINAL_SOFTCAP = 2.0, 4.0
 
 
 def train_tokenizer(vocab_size: int = 400):
@@ -68,6 +71,17 @@ def hf_config(family: str, vocab_size: int, **overrides):
         cfg = tf.Qwen2Config(**llama_like, tie_word_embeddings=True)
     elif family == "qwen3":
         cfg = tf.Qwen3Config(**llama_like, head_dim=24, tie_word_embeddings=False)
+    elif family == "gemma3":
+        # Local (sliding) and global layers alternate; the window (8) is shorter than the tests' sequences,
+        # head_dim is not hidden // heads, sqrt(hidden) is no bfloat16 number (the embedding scale is rounded),
+        # and the final soft-cap is low enough to change the logits.
+        # attn_logit_softcapping is set too: transformers' Gemma 3 ignores it, so must we.
+        cfg = tf.Gemma3TextConfig(
+            **{**llama_like, "hidden_size": 48, "num_hidden_layers": 4}, head_dim=24,
+            sliding_window=8, sliding_window_pattern=2,
+            query_pre_attn_scalar=20, attn_logit_softcapping=GEMMA3_ATTN_SOFTCAP,
+            final_logit_softcapping=GEMMA3_FINAL_SOFTCAP, rope_theta=5000.0, rope_local_base_freq=100.0,
+        )
     elif family == "gpt2":
         cfg = tf.GPT2Config(
             vocab_size=vocab_size, n_positions=256, n_embd=64, n_layer=2, n_head=4,
@@ -106,10 +120,15 @@ def make_checkpoint(path: Path, family: str, tokenizer=None, seed: int = 0, **co
     return path
 
 
-def hf_model(path: Path):
+# Parity tests run on the CPU, and on CUDA too where there is one.
+DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
+def hf_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """transformers' model of the checkpoint with eager attention (the reference for attention weights too)."""
     import transformers as tf
 
-    return tf.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    return tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").to(device).eval()
 
 
 def hf_tokenizer(path: Path):

@@ -25,7 +25,7 @@ from engine.train import IGNORE_INDEX, Progress, TrainConfig, evaluate, train
 from engine.train_data import ChatExample, RowBatches, chat_example, pack_documents, pack_examples
 from models.build_default.data import read_jsonl
 from models.build_default.tokenizer import IM_END, PAD, SPECIAL_TOKENS, render
-from models.config import config_from_hf
+from models.registry import config_from_hf
 from models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ def fake_hub_repo(cache: Path, name: str, source: Path, revision: str = "abc123"
 
 
 def test_parameter_estimate_is_close_to_the_real_count(checkpoint_factory):
-    for family in ("qwen2", "gpt2", "llama"):
+    for family in ("qwen2", "gpt2", "llama", "gemma3"):
         folder = checkpoint_factory(family)
         entry = inspect_folder(folder, "config")
         assert entry.problem is None, entry.problem

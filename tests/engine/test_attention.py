@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from checkpoints import hf_model
+from checkpoints import DEVICES, hf_model
 
 from engine import Engine, SamplingParams
 from engine.attention import MAX_CAPTURE_TOKENS, AttentionMaps
-from models.attention import attention_probabilities
+from models.attention import AttentionSpec, attention_probabilities
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,21 @@ def test_captured_weights_equal_transformers_eager_attentions(family_checkpoint,
         np.testing.assert_allclose(maps.layer(layer), reference[layer][0].numpy(), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_captured_weights_are_as_accurate_as_transformers_eager_in_bfloat16(family_checkpoint, ids, device):
+    """Ours (float32 softmax of bfloat16 queries and keys) against transformers' bfloat16 eager weights: each
+    no further from the float32 weights than 2x the other's largest error (measured over all layers: 0.8x to 1.3x)."""
+    family, folder = family_checkpoint
+    ours = Engine.load(folder, device=device, dtype="bfloat16").attention(ids)
+    exact = Engine.load(folder, device=device, dtype="float32").attention(ids)
+    with torch.no_grad():
+        theirs = hf_model(folder, torch.bfloat16, device)(torch.tensor([ids], device=device), output_attentions=True)
+    for layer in range(ours.num_layers):
+        their_error = np.abs(theirs.attentions[layer][0].float().cpu().numpy() - exact.layer(layer)).max()
+        assert np.abs(ours.layer(layer) - exact.layer(layer)).max() <= 2 * their_error
+        np.testing.assert_allclose(ours.layer(layer).sum(-1), 1.0, atol=1e-5)
+
+
 def test_rows_sum_to_one_and_future_keys_get_zero(checkpoint_factory, ids):
     maps = Engine.load(checkpoint_factory("qwen3"), dtype="float32").attention(ids)
     weights = maps.layer(1)  # (nh, T, T)
@@ -42,6 +57,15 @@ def test_mistral_sliding_window_zeroes_keys_older_than_the_window(checkpoint_fac
     older = np.tril(np.ones((len(ids), len(ids)), dtype=bool), k=-window)  # key <= query - window
     assert np.all(weights[:, older] == 0)
     assert np.all(weights[:, ~older & np.tril(np.ones_like(older))] > 0)
+
+
+def test_gemma3_local_layers_zero_keys_older_than_the_window_and_global_layers_do_not(checkpoint_factory, ids):
+    maps = Engine.load(checkpoint_factory("gemma3"), dtype="float32").attention(ids)
+    window = 8
+    older = np.tril(np.ones((len(ids), len(ids)), dtype=bool), k=-window)  # key <= query - window
+    for layer, local in enumerate((True, False, True, False)):
+        weights = maps.layer(layer)
+        assert np.all(weights[:, older] == 0) if local else np.all(weights[:, older] > 0)
 
 
 def test_gqa_query_head_reads_kv_head_h_div_groups():
@@ -88,7 +112,7 @@ def test_uniform_attention_has_maximal_entropy():
         config = type("C", (), {"num_hidden_layers": 1, "num_attention_heads": 1})()
 
         def attention_inputs(self, ids):
-            yield torch.zeros(1, 1, T, 4), torch.zeros(1, 1, T, 4)  # equal scores everywhere
+            yield torch.zeros(1, 1, T, 4), torch.zeros(1, 1, T, 4), AttentionSpec()  # equal scores everywhere
 
     maps = AttentionMaps(Uniform(), list(range(T)), [str(i) for i in range(T)], torch.device("cpu"))
     (summary,) = maps.head_summaries(0)
@@ -113,9 +137,10 @@ def test_bad_layer_and_head_indices_are_reported(checkpoint_factory, ids):
         maps.head(0, 4)
 
 
-def test_live_attention_rows_equal_the_captured_matrix_rows(checkpoint_factory):
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_live_attention_rows_equal_the_captured_matrix_rows(checkpoint_factory, family):
     """Each step's live weights equal the row of a full capture at the position that chose the token."""
-    engine = Engine.load(checkpoint_factory("mistral"), dtype="float32")
+    engine = Engine.load(checkpoint_factory(family), dtype="float32")
     prompt = torch.randint(3, 300, (30,), generator=torch.Generator().manual_seed(2)).tolist()
     rows, covered = [], []
     generation = engine.generate(

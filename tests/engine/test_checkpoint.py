@@ -17,7 +17,8 @@ from engine import CheckpointError, Engine, EngineError, SamplingParams
 from engine.checkpoint import load_model, read_model_config
 from engine.device import resolve_device, resolve_dtype
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel")
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel",
+             "Gemma3ForCausalLM")
 CPU = torch.device("cpu")
 
 
@@ -100,6 +101,24 @@ def test_unsupported_architecture_lists_the_supported_ones(llama_copy):
     assert "BertForMaskedLM" in message and "unsupported architecture" in message
     for name in SUPPORTED:
         assert name in message
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"},
+         "unsupported architecture 'Gemma3ForConditionalGeneration'"),
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention=true is not supported"),
+        ({"layer_types": ["sliding_attention"]}, "'layer_types' must list num_hidden_layers=4 entries"),
+        ({"hidden_activation": "silu"}, "hidden_activation 'silu' is not supported"),
+    ],
+    ids=["multimodal", "bidirectional", "layer_types", "activation"],
+)
+def test_gemma3_configs_we_cannot_run_are_refused(checkpoint_factory, tmp_path, changes, expected):
+    folder = Path(shutil.copytree(checkpoint_factory("gemma3"), tmp_path / "gemma3"))
+    edit_json(folder / "config.json", **changes)
+    message = load_error(folder)
+    assert "config.json" in message and expected in message
 
 
 def test_missing_required_config_key_is_named(llama_copy):

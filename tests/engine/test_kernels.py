@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import engine.kernels as kernels
 from engine import checkpoint
 from engine.device import cpu_has_avx512_bf16, cpu_flags
-from engine.inference import DecodeBF16Conv1D, DecodeBF16Linear, DecodeBF16RMSNorm, prepare_for_training
+from engine.inference import DecodeBF16Conv1D, DecodeBF16Linear, DecodeBF16RMSNorm
 from models.gpt2 import Conv1D
 from models.llama import RMSNorm
 
@@ -94,12 +94,14 @@ def test_linear_bf16_rejects_what_it_cannot_compute():
 
 
 @needs_kernel
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2", "gemma3"])
 def test_bfloat16_model_uses_the_kernel_for_decode_with_the_same_outputs(checkpoint_factory, family):
     folder = checkpoint_factory(family)
     model = load_model(folder, CPU, torch.bfloat16)
     kinds = {type(m) for m in model.modules()} & {DecodeBF16Linear, DecodeBF16Conv1D, DecodeBF16RMSNorm}
-    assert kinds == {DecodeBF16Linear, DecodeBF16Conv1D if family == "gpt2" else DecodeBF16RMSNorm}
+    # Gemma's (1 + weight) RMSNorm rounds once, after scaling: the kernel's Llama rounding does not apply.
+    expected = {"gpt2": {DecodeBF16Linear, DecodeBF16Conv1D}, "gemma3": {DecodeBF16Linear}}
+    assert kinds == expected.get(family, {DecodeBF16Linear, DecodeBF16RMSNorm})
     plain = load_model(folder, CPU, torch.bfloat16)
     for m in plain.modules():  # the same model on PyTorch's kernels only
         m.__class__ = PLAIN.get(type(m), type(m))
@@ -109,12 +111,6 @@ def test_bfloat16_model_uses_the_kernel_for_decode_with_the_same_outputs(checkpo
         ours, reference = model(ids[:, :1]).float(), plain(ids[:, :1]).float()  # one row: our kernel
         torch.testing.assert_close(ours, reference, rtol=0.02, atol=0.02)
         assert ours.argmax() == reference.argmax()
-
-
-@needs_kernel
-def test_training_gets_plain_layers_back(checkpoint_factory):
-    model = prepare_for_training(load_model(checkpoint_factory("llama"), CPU, torch.bfloat16))
-    assert not any(isinstance(m, (DecodeBF16Linear, DecodeBF16RMSNorm)) for m in model.modules())
 
 
 @needs_kernel
@@ -146,7 +142,7 @@ def test_no_compiler_means_pytorch_kernels_and_a_warning(monkeypatch, tmp_path, 
 
 
 @needs_kernel
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma3"])
 def test_bfloat16_greedy_ids_equal_transformers_in_bfloat16(checkpoint_factory, family):
     """What a user compares: `--dtype bfloat16 --temperature 0` against transformers loaded in bfloat16."""
     import transformers

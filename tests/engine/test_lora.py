@@ -16,7 +16,7 @@ from checkpoints import hf_model
 from engine import CheckpointError, Engine, SamplingParams
 from engine.checkpoint import load_model, read_model_config
 from engine.finetune import config_from_dict, load_trainable_model, run_job
-from engine.inference import OneDNNLinear, prepare_for_training
+from engine.inference import OneDNNLinear
 from engine.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -58,7 +58,7 @@ def random_adapter(base: Path, out: Path, targets: list[str] | None = None) -> t
     return model.eval(), out
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "gpt2", "gemma3"])
 def adapted(request, checkpoint_factory, tmp_path_factory):
     """(family, base folder, our adapted model, adapter folder) with every projection adapted."""
     base = checkpoint_factory(request.param)
@@ -69,8 +69,12 @@ def adapted(request, checkpoint_factory, tmp_path_factory):
 # -- training ------------------------------------------------------------------------------------------------
 
 
-def test_lora_memorises_four_answers_and_greedy_replies_become_the_targets(checkpoint_factory, tmp_path):
-    base = checkpoint_factory("llama")
+# Gemma 3 without a final soft-cap, as the published models: the tests' cap of 4 keeps every probability far from 1.
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("gemma3", {"final_logit_softcapping": None})])
+def test_lora_memorises_four_answers_and_greedy_replies_become_the_targets(
+    checkpoint_factory, tmp_path, family, overrides
+):
+    base = checkpoint_factory(family, **overrides)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(
         json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
@@ -190,19 +194,20 @@ def test_engine_with_adapter_equals_the_merged_model_and_keeps_lora_layers_unfus
     torch.testing.assert_close(logits(engine.model), logits(plain.model), rtol=1e-5, atol=1e-5)
 
 
-def test_prepare_for_training_undoes_the_inference_layout(checkpoint_factory):
+def test_fine_tuning_loads_the_hf_layout_that_inference_prepares(checkpoint_factory):
+    """Loading goes one way: load_weights gives the trainable HF layout, prepare_for_inference only follows it."""
     base = checkpoint_factory("llama")
     config = read_model_config(base)
-    prepared = load_model(base, config, CPU, torch.float32)
-    expected = logits(prepared)
-    model = prepare_for_training(prepared)
+    model = load_trainable_model(base, CPU)
     assert model.training and all(p.requires_grad for p in model.parameters())
     assert not any(isinstance(m, OneDNNLinear) for m in model.modules())
     assert all(p.is_contiguous() for p in model.parameters())
     assert model.model.layers[0].self_attn.fused_qkv is None and model.model.layers[0].mlp.fused_gate_up is None
-    torch.testing.assert_close(logits(model.eval()), expected, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), hf_model(base)(IDS).logits, rtol=1e-4, atol=1e-4)
+    prepared = load_model(base, config, CPU, torch.float32)
+    assert prepared.model.layers[0].self_attn.fused_qkv is not None
+    torch.testing.assert_close(logits(prepared), logits(model.eval()), rtol=1e-5, atol=1e-5)
 
 
 # -- broken adapters -----------------------------------------------------------------------------------------

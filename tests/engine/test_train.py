@@ -19,7 +19,7 @@ from engine.train import (
     train,
 )
 from engine.train_data import RowBatches, assistant_spans, chat_example, pack_documents, pack_examples
-from models.config import config_from_hf
+from models.registry import config_from_hf
 from models.llama import LlamaForCausalLM
 
 VOCAB = 32
