@@ -489,3 +489,46 @@ def test_cli_error_is_one_line_with_exit_code_1(good_gguf, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "unsupported architecture 'mamba'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- other commands on a GGUF -------------------------------------------------------------------
+
+
+def test_lora_finetune_on_a_gguf_base_writes_an_adapter_the_engine_applies(checkpoint_factory, tmp_path):
+    from engine.finetune import config_from_dict, run_job
+
+    path, _ = write_gguf(checkpoint_factory("qwen2"), tmp_path / "base.gguf", "qwen2", Q.Q8_0)
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+    data = tmp_path / "data.jsonl"
+    data.write_text((json.dumps(record) + "\n") * 4)
+    result = run_job(config_from_dict({
+        "model": str(path), "data": [str(data)], "out": str(tmp_path / "job"), "max_steps": 2, "lr": 1e-2,
+        "batch_size": 2, "lora_rank": 4, "val_fraction": 0.0, "warmup_ratio": 0.0, "checkpoint_interval": 100,
+    }))
+    assert result.status == "done", result
+    engine = Engine.load(path, device="cpu", dtype="float32", adapter=result.adapter_dir)
+    assert engine.adapter_dir is not None
+
+
+def test_merge_or_full_finetune_of_a_gguf_base_is_refused(tmp_path):
+    from engine.finetune import JobError, config_from_dict
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n")
+    for extra in ({"merge": True}, {"method": "full"}):
+        with pytest.raises(JobError, match="a GGUF base model supports LoRA adapters only"):
+            config_from_dict({"model": str(tmp_path / "m.gguf"), "data": [str(data)], **extra})
+
+
+def test_generate_and_bench_commands_take_a_gguf(checkpoint_factory, tmp_path, capsys):
+    from chattui.cli import main
+
+    path, _ = write_gguf(checkpoint_factory("qwen2"), tmp_path / "m.gguf", "qwen2", Q.Q4_0)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(path), "--dtype", "float32", "--temperature", "0",
+                 "--max-new-tokens", "3", "--json", "hi"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == str(path)
+    assert main(["bench", "--model", str(path), "--new-tokens", "2", "--prompt-tokens", "4", "--repeat", "1",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["chattui"]["decode_tokens_per_s"] > 0
+    assert main(["attention", "--model", str(path), "--format", "json", "hello"]) == 0
