@@ -4,7 +4,7 @@ Like llama.cpp's convert_hf_to_gguf.py: tensor names from the gguf package's own
 `llama` models permuted with the converter's `permute`, GPT-2's Conv1D weights transposed (and the
 embedding written again as `output.weight`), Llama 3 RoPE scaling as a `rope_freqs` tensor, the
 tokenizer's special ids, merges and chat template through gguf.SpecialVocab. Quantized 2-D weights
-come from gguf.quants.quantize, or for K-quants from random blocks with sane scales; beside the GGUF
+come from gguf.quants.quantize, or for K-quants (and IQ4_NL) from random blocks with sane scales; beside the GGUF
 file, `effective_checkpoint` holds the same HF checkpoint with the weights the GGUF really stores
 (dequantized by gguf.quants), the oracle for quantized files.
 """
@@ -27,9 +27,9 @@ GGUF_ARCH = {"llama": "llama", "llama_tied_llama3_rope": "llama", "llama_linear_
 _MODEL_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
                "gpt2": gguf.MODEL_ARCH.GPT2}
 _GPT2_CONV1D = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
-K_QUANTS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-# Byte offsets of the float16 super-block scales (d, and dmin where present) inside each K-quant block.
-_K_SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+RANDOM_BLOCK_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL)  # gguf.quants cannot quantize these
+# Byte offsets of the float16 block scales (d, and dmin where present) inside each block.
+_K_SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_NL: (0,)}
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
@@ -39,8 +39,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) 
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def random_k_quant_blocks(rows: int, cols: int, qtype: Q, rng: np.random.Generator) -> np.ndarray:
-    """(rows, bytes) uint8: random K-quant blocks whose float16 scales are small finite numbers."""
+def random_block_bytes(rows: int, cols: int, qtype: Q, rng: np.random.Generator) -> np.ndarray:
+    """(rows, bytes) uint8: random blocks whose float16 scales are small finite numbers."""
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, size=(rows, cols // block, type_size), dtype=np.uint8)
     for offset in _K_SCALE_OFFSETS[qtype]:
@@ -191,8 +191,8 @@ def _encode(w: np.ndarray, qtype: Q, rng: np.random.Generator) -> tuple[np.ndarr
     if qtype == Q.F16:
         data = w.astype(np.float16)
         return data, data.astype(np.float32)
-    if qtype in K_QUANTS:
-        data = random_k_quant_blocks(w.shape[0], w.shape[1], qtype, rng)
+    if qtype in RANDOM_BLOCK_TYPES:
+        data = random_block_bytes(w.shape[0], w.shape[1], qtype, rng)
     else:
         data = gguf.quants.quantize(w, qtype)  # BF16 too
     return data, gguf.quants.dequantize(data, qtype).reshape(w.shape)

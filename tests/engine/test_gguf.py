@@ -20,7 +20,7 @@ from engine.checkpoint import load_model, read_model_config
 from engine.gguf import summarize_gguf
 from engine.gguf.tensors import unpermute_rows
 from engine.tokenizer import ChatTokenizer
-from gguf_files import K_QUANTS, Q, add_tokenizer, llama_cpp_permute, write_gguf
+from gguf_files import RANDOM_BLOCK_TYPES, Q, add_tokenizer, llama_cpp_permute, write_gguf
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,7 +137,10 @@ def _assert_same_model(gguf_path: Path, reference_dir: Path, atol: float = 1e-4)
     with torch.inference_mode():
         expected = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                       eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    assert generation.result.token_ids == expected
+    ids = generation.result.token_ids
+    assert ids == expected[: len(ids)]
+    if generation.result.finish_reason == "eos":  # ours stopped where transformers (told not to) went on
+        assert expected[len(ids)] in engine.eos_token_ids
 
 
 @pytest.mark.parametrize("family", ["llama", "llama_tied_llama3_rope", "llama_linear_rope", "mistral", "qwen2",
@@ -156,9 +159,9 @@ def test_quantized_gguf_matches_transformers_on_its_dequantized_weights(checkpoi
     _assert_same_model(path, effective)
 
 
-@pytest.mark.parametrize("weight_type", K_QUANTS, ids=lambda q: q.name)
-def test_k_quant_gguf_matches_transformers_on_its_dequantized_weights(checkpoint_factory, tmp_path, weight_type):
-    # K-quant blocks cover 256 values: every matrix here has rows of 256.
+@pytest.mark.parametrize("weight_type", RANDOM_BLOCK_TYPES, ids=lambda q: q.name)
+def test_k_quant_and_iq4_nl_gguf_match_transformers_on_their_dequantized_weights(checkpoint_factory, tmp_path, weight_type):
+    # K-quant blocks cover 256 values: every matrix here has rows of 256 (IQ4_NL blocks: 32).
     checkpoint = checkpoint_factory("llama", hidden_size=256, intermediate_size=256, head_dim=64)
     path, effective = write_gguf(checkpoint, tmp_path / "k.gguf", "llama", weight_type)
     _assert_same_model(path, effective)
@@ -532,3 +535,10 @@ def test_generate_and_bench_commands_take_a_gguf(checkpoint_factory, tmp_path, c
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["chattui"]["decode_tokens_per_s"] > 0
     assert main(["attention", "--model", str(path), "--format", "json", "hello"]) == 0
+
+
+def test_end_of_turn_tokens_stop_a_reply_as_in_llama_cpp(checkpoint_factory, tmp_path):
+    """<|endoftext|> and <|im_end|> are on llama.cpp's end-of-generation list; the file's eos is <|im_end|>."""
+    path, _ = write_gguf(checkpoint_factory("qwen2"), tmp_path / "m.gguf", "qwen2")
+    engine = Engine.load(path, device="cpu", dtype="float32")
+    assert engine.eos_token_ids == {0, 2}
