@@ -300,10 +300,9 @@ class _GGUFWeights:
     def read(self, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         for key, tensor in self.tensors.items():
             try:
-                weight = dequantize(tensor)  # float32, freed as soon as it is converted
+                yield key, dequantize(tensor, dtype, device)
             except CheckpointError as e:
                 raise CheckpointError(f"{self.where}: {e}") from None
-            yield key, weight.to(device=device, dtype=dtype).contiguous()
 
 
 def _weight_source(model_path: Path, expected: set[str], config: ModelConfig) -> _SafetensorsWeights | _GGUFWeights:

@@ -167,6 +167,14 @@ def test_k_quant_and_iq4_nl_gguf_match_transformers_on_their_dequantized_weights
     _assert_same_model(path, effective)
 
 
+def test_large_matrices_are_dequantized_a_few_rows_at_a_time(checkpoint_factory, tmp_path, monkeypatch):
+    import engine.gguf.tensors
+
+    monkeypatch.setattr(engine.gguf.tensors, "_STAGING_ELEMENTS", 3 * 64 + 5)  # 3 rows of 64 per step
+    path, effective = write_gguf(checkpoint_factory("qwen2"), tmp_path / "m.gguf", "qwen2", Q.Q4_1)
+    _assert_same_model(path, effective)
+
+
 def test_dtype_option_dequantizes_to_that_dtype(checkpoint_factory, tmp_path):
     path, effective = write_gguf(checkpoint_factory("llama"), tmp_path / "m.gguf", "llama", Q.Q8_0)
     reference = hf_model(effective)
@@ -197,6 +205,13 @@ def test_unpermute_rows_inverts_the_converters_permute(rows, heads):
     b = w[:, 0].copy()
     assert torch.equal(unpermute_rows(torch.from_numpy(llama_cpp_permute(w, heads)), heads), torch.from_numpy(w))
     assert torch.equal(unpermute_rows(torch.from_numpy(llama_cpp_permute(b, heads)), heads), torch.from_numpy(b))
+
+
+def test_unpermute_rows_works_on_raw_quantized_rows():
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    blocks = gguf.quants.quantize(w, Q.Q4_0)  # (rows, bytes)
+    restored = unpermute_rows(llama_cpp_permute(blocks, 4), 4)
+    assert np.array_equal(restored, blocks)
 
 
 def test_a_llama_gguf_without_the_permutation_gives_other_logits(checkpoint_factory, tmp_path):
