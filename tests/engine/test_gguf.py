@@ -436,6 +436,13 @@ def test_unsupported_architecture_is_refused_with_the_supported_list(good_gguf, 
     assert "unsupported architecture 'mamba'; supported: llama, qwen2, qwen3, gpt2" in _load_error(bad)
 
 
+def test_split_parts_and_adapters_are_refused(good_gguf, tmp_path):
+    part = _rewrite(good_gguf, tmp_path / "part.gguf", set_values={"split.count": 3})
+    assert "one part of a GGUF split into 3 files" in _load_error(part)
+    adapter = _rewrite(good_gguf, tmp_path / "adapter.gguf", set_values={"general.type": "adapter"})
+    assert "a LoRA adapter in GGUF form, not a model" in _load_error(adapter)
+
+
 def test_missing_required_key(good_gguf, tmp_path):
     bad = _rewrite(good_gguf, tmp_path / "bad.gguf", drop=("llama.block_count",))
     assert "missing required metadata key 'llama.block_count'" in _load_error(bad)
