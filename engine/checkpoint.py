@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from engine.errors import CheckpointError
 from engine.gguf.config import config_from_gguf
-from engine.gguf.header import cached_gguf, is_gguf_path
+from engine.gguf.header import cached_gguf, is_gguf_path, release_cached_gguf
 from engine.gguf.tensors import dequantize, model_tensors
 from engine.inference import prepare_for_inference
 from engine.sampling import SamplingParams
@@ -303,6 +303,7 @@ class _GGUFWeights:
                 yield key, dequantize(tensor, dtype, device)
             except CheckpointError as e:
                 raise CheckpointError(f"{self.where}: {e}") from None
+        release_cached_gguf()  # the weights were the last part read: the parsed header need not stay in memory
 
 
 def _weight_source(model_path: Path, expected: set[str], config: ModelConfig) -> _SafetensorsWeights | _GGUFWeights:
