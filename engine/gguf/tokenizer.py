@@ -14,16 +14,15 @@ are matched whole and kept. Torch-free.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
+from gguf import TokenType
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from engine.errors import CheckpointError
 from engine.gguf.header import GGUFFile
 
 log = logging.getLogger(__name__)
-
-# llama.cpp's token types (gguf.TokenType): what each means for matching and decoding.
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 # The split expressions of llama.cpp's src/llama-vocab.cpp, by pre-tokenizer family.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -39,15 +38,28 @@ _TEKKEN_SPLIT = (
 )
 _DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]")
 
-# tokenizer.ggml.pre -> (split expressions in order, ignore_merges: a piece that is a whole token is kept
-# whole, as llama.cpp does for these), following llama-vocab.cpp's name table.
-_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3"), ((_LLAMA3_SPLIT,), True)),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), ((_QWEN2_SPLIT,), False)),
-    **dict.fromkeys(("smollm", "starcoder", "refact"), ((r"\p{N}", _GPT2_SPLIT), False)),
-    **dict.fromkeys(("gpt-2", "gpt2", "phi-2", "olmo"), ((_GPT2_SPLIT,), False)),
-    "tekken": ((_TEKKEN_SPLIT,), True),
-    "default": (_DEFAULT_SPLITS, False),
+
+@dataclass(frozen=True)
+class _PreTokenizer:
+    """How llama.cpp treats one `tokenizer.ggml.pre` family."""
+
+    splits: tuple[str, ...]  # split expressions, applied in order
+    ignore_merges: bool = False  # a piece that is a whole token is kept whole
+    add_bos: bool = False  # BOS is added when the file does not say (tokenizer.ggml.add_bos_token)
+
+
+_LLAMA3 = _PreTokenizer((_LLAMA3_SPLIT,), ignore_merges=True, add_bos=True)
+_QWEN2 = _PreTokenizer((_QWEN2_SPLIT,))
+_SMOLLM = _PreTokenizer((r"\p{N}", _GPT2_SPLIT))
+_GPT2 = _PreTokenizer((_GPT2_SPLIT,))
+# Names as llama-vocab.cpp reads them.
+_PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3"), _LLAMA3),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2),
+    **dict.fromkeys(("smollm", "starcoder", "refact"), _SMOLLM),
+    **dict.fromkeys(("gpt-2", "gpt2", "phi-2", "olmo"), _GPT2),
+    "tekken": _PreTokenizer((_TEKKEN_SPLIT,), ignore_merges=True, add_bos=True),
+    "default": _PreTokenizer(_DEFAULT_SPLITS),
 }
 SUPPORTED_TOKENIZER_TYPES = ("gpt2", "llama")
 
@@ -58,14 +70,15 @@ def build_tokenizer(gguf_file: GGUFFile) -> tuple[Tokenizer, dict[str, str]]:
     tokens = gguf_file.array("tokenizer.ggml.tokens", str)
     if not tokens:
         raise CheckpointError(f"{gguf_file.path}: metadata key 'tokenizer.ggml.tokens' is empty")
-    token_types = gguf_file.array("tokenizer.ggml.token_type", int, [_NORMAL] * len(tokens))
+    token_types = gguf_file.array("tokenizer.ggml.token_type", int, [TokenType.NORMAL] * len(tokens))
     if len(token_types) != len(tokens):
         raise CheckpointError(
             f"{gguf_file.path}: 'tokenizer.ggml.token_type' has {len(token_types)} entries for {len(tokens)} tokens"
         )
     if kind == "gpt2":
-        tokenizer = _byte_level_bpe(gguf_file, tokens)
-        default_add_bos = gguf_file.value("tokenizer.ggml.pre", str, "default") in ("llama3", "llama-v3", "llama-bpe", "tekken")
+        pre = _pre_tokenizer(gguf_file)
+        tokenizer = _byte_level_bpe(gguf_file, tokens, pre)
+        default_add_bos = pre.add_bos
     elif kind == "llama":
         tokenizer = _sentencepiece_bpe(gguf_file, tokens, token_types)
         default_add_bos = True  # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says not to
@@ -77,11 +90,11 @@ def build_tokenizer(gguf_file: GGUFFile) -> tuple[Tokenizer, dict[str, str]]:
 
     tokenizer.add_special_tokens([
         AddedToken(text, special=True, normalized=False)
-        for text, kind_ in zip(tokens, token_types) if kind_ in (_CONTROL, _UNKNOWN)
+        for text, token_type in zip(tokens, token_types) if token_type in (TokenType.CONTROL, TokenType.UNKNOWN)
     ])
     tokenizer.add_tokens([
         AddedToken(text, special=False, normalized=False)
-        for text, kind_ in zip(tokens, token_types) if kind_ == _USER_DEFINED
+        for text, token_type in zip(tokens, token_types) if token_type == TokenType.USER_DEFINED
     ])
 
     special: dict[str, str] = {}
@@ -101,28 +114,31 @@ def build_tokenizer(gguf_file: GGUFFile) -> tuple[Tokenizer, dict[str, str]]:
     before = ["bos_token"] if add_bos else []
     after = ["eos_token"] if add_eos else []
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=" ".join([*(special[n] for n in before), "$A", *(special[n] for n in after)]),
+        single=[*(special[n] for n in before), "$A", *(special[n] for n in after)],
         special_tokens=[(special[n], special_ids[n]) for n in before + after],
     )
     return tokenizer, special
 
 
-def _byte_level_bpe(gguf_file: GGUFFile, tokens: list[str]) -> Tokenizer:
-    pre = gguf_file.value("tokenizer.ggml.pre", str, None)
-    if pre is None:
+def _pre_tokenizer(gguf_file: GGUFFile) -> _PreTokenizer:
+    name = gguf_file.value("tokenizer.ggml.pre", str, None)
+    if name is None:
         log.warning("%s: no 'tokenizer.ggml.pre'; splitting text with llama.cpp's default rules", gguf_file.path)
-        pre = "default"
-    if pre not in _PRE_TOKENIZERS:
+        name = "default"
+    if name not in _PRE_TOKENIZERS:
         raise CheckpointError(
-            f"{gguf_file.path}: unsupported pre-tokenizer {pre!r} in 'tokenizer.ggml.pre' "
+            f"{gguf_file.path}: unsupported pre-tokenizer {name!r} in 'tokenizer.ggml.pre' "
             f"(supported: {', '.join(_PRE_TOKENIZERS)})"
         )
-    splits, ignore_merges = _PRE_TOKENIZERS[pre]
+    return _PRE_TOKENIZERS[name]
+
+
+def _byte_level_bpe(gguf_file: GGUFFile, tokens: list[str], pre: _PreTokenizer) -> Tokenizer:
     merges = [_split_merge(gguf_file, m) for m in gguf_file.array("tokenizer.ggml.merges", str)]
     vocab = {text: i for i, text in reversed(list(enumerate(tokens)))}  # a repeated text keeps its first id
-    tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+    tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre.ignore_merges))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        *(pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits),
+        *(pre_tokenizers.Split(Regex(split), behavior="isolated") for split in pre.splits),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
@@ -168,7 +184,7 @@ def _merges_by_score(
     vocabulary token with the highest score; BPE with merges in this order does the same."""
     ranked = []
     for token_id, (text, kind, score) in enumerate(zip(tokens, token_types, scores)):
-        if kind in (_CONTROL, _UNKNOWN, _BYTE) or vocab.get(text) != token_id:
+        if kind in (TokenType.CONTROL, TokenType.UNKNOWN, TokenType.BYTE) or vocab.get(text) != token_id:
             continue
         for cut in range(1, len(text)):
             left, right = text[:cut], text[cut:]
