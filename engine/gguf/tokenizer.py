@@ -7,8 +7,8 @@ Two vocabulary types (`tokenizer.ggml.model`):
 - `llama`: SentencePiece-style BPE with byte fallback: spaces become "▁", one is put before every run
   of text, as llama.cpp does, the ones after special tokens included (when `add_space_prefix`), and
   pairs merge in the order of the merged piece's score (so the scores become the merges' ranking).
-Control and unknown-type tokens are special (matched whole, skipped when decoding); user-defined ones
-are matched whole and kept. Torch-free.
+Control and unknown-type tokens, and the end-of-generation ones llama.cpp knows by their text, are
+special (matched whole, skipped when decoding); user-defined ones are matched whole and kept. Torch-free.
 """
 
 from __future__ import annotations
@@ -52,16 +52,26 @@ _LLAMA3 = _PreTokenizer((_LLAMA3_SPLIT,), ignore_merges=True, add_bos=True)
 _QWEN2 = _PreTokenizer((_QWEN2_SPLIT,))
 _SMOLLM = _PreTokenizer((r"\p{N}", _GPT2_SPLIT))
 _GPT2 = _PreTokenizer((_GPT2_SPLIT,))
-# Names as llama-vocab.cpp reads them.
+# Names as llama-vocab.cpp reads them (the families asked for, and names llama.cpp gives the same rules).
 _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3"), _LLAMA3),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2),
-    **dict.fromkeys(("smollm", "starcoder", "refact"), _SMOLLM),
-    **dict.fromkeys(("gpt-2", "gpt2", "phi-2", "olmo"), _GPT2),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral"), _LLAMA3),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "kormo", "f2llmv2"), _QWEN2),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva-7b"), _SMOLLM),
+    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo"), _GPT2),
     "tekken": _PreTokenizer((_TEKKEN_SPLIT,), ignore_merges=True, add_bos=True),
     "default": _PreTokenizer(_DEFAULT_SPLITS),
 }
 SUPPORTED_TOKENIZER_TYPES = ("gpt2", "llama")
+
+# Tokens llama.cpp ends a reply on wherever a vocabulary has them (llama-vocab.cpp's end-of-generation list);
+# it treats them as control tokens whatever type the file gives them.
+END_OF_GENERATION_TOKENS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>",
+    "_<EOT>", "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<|fim_pad|>", "<|fim_repo|>", "<|repo_name|>",
+    "<|file_sep|>",
+})
+# llama.cpp's special ids for a SentencePiece vocabulary whose file names none.
+_SENTENCEPIECE_DEFAULT_IDS = {"bos_token_id": 1, "eos_token_id": 2, "unknown_token_id": 0}
 
 
 def build_tokenizer(gguf_file: GGUFFile) -> tuple[Tokenizer, dict[str, str]]:
@@ -90,7 +100,8 @@ def build_tokenizer(gguf_file: GGUFFile) -> tuple[Tokenizer, dict[str, str]]:
 
     tokenizer.add_special_tokens([
         AddedToken(text, special=True, normalized=False)
-        for text, token_type in zip(tokens, token_types) if token_type in (TokenType.CONTROL, TokenType.UNKNOWN)
+        for text, token_type in zip(tokens, token_types)
+        if token_type in (TokenType.CONTROL, TokenType.UNKNOWN) or text in END_OF_GENERATION_TOKENS
     ])
     tokenizer.add_tokens([
         AddedToken(text, special=False, normalized=False)
@@ -101,7 +112,8 @@ def build_tokenizer(gguf_file: GGUFFile) -> tuple[Tokenizer, dict[str, str]]:
     special_ids: dict[str, int] = {}
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                       ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
-        token_id = gguf_file.value(f"tokenizer.ggml.{key}", int, None)
+        default_id = _SENTENCEPIECE_DEFAULT_IDS.get(key) if kind == "llama" else None
+        token_id = gguf_file.value(f"tokenizer.ggml.{key}", int, default_id)
         if token_id is None:
             continue
         if not 0 <= token_id < len(tokens):
@@ -158,7 +170,7 @@ def _sentencepiece_bpe(gguf_file: GGUFFile, tokens: list[str], token_types: list
     if len(scores) != len(tokens):
         raise CheckpointError(f"{gguf_file.path}: 'tokenizer.ggml.scores' has {len(scores)} entries for {len(tokens)} tokens")
     vocab = {text: i for i, text in reversed(list(enumerate(tokens)))}
-    unk_id = gguf_file.value("tokenizer.ggml.unknown_token_id", int, None)
+    unk_id = gguf_file.value("tokenizer.ggml.unknown_token_id", int, _SENTENCEPIECE_DEFAULT_IDS["unknown_token_id"])
     tokenizer = Tokenizer(models.BPE(
         vocab, _merges_by_score(tokens, token_types, scores, vocab), byte_fallback=True, fuse_unk=True,
         unk_token=tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None,
