@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
         "--layer and --head select one layer and/or head, and drop that dimension. CSV: one row per "
         "(layer, head, query, key) with key <= query.",
     )
-    p.add_argument("--model", metavar="DIR", type=Path, help="checkpoint folder (default: the bundled model)")
+    p.add_argument("--model", metavar="PATH", type=Path,
+                   help="checkpoint folder or .gguf file (default: the bundled model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, auto")
     p.add_argument("--raw", action="store_true", help="use TEXT as-is, without the chat template")

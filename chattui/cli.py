@@ -36,12 +36,13 @@ def default_model_dir() -> Path:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="DIR", type=Path, help="checkpoint folder (default: the bundled model)")
+    p.add_argument("--model", metavar="PATH", type=Path,
+                   help="checkpoint folder or .gguf file (default: the bundled model)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (default: auto)")
     p.add_argument(
         "--dtype", default="auto",
         help="auto, float32, bfloat16, float16 (default: auto = bfloat16 on CUDA and on CPUs with "
-        "bfloat16 instructions, else float32)",
+        "bfloat16 instructions, else float32; a GGUF's weights are dequantized to it)",
     )
 
 
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from engine.presets import PRESETS
 
-    b.add_argument("--model", metavar="DIR", type=Path, help="checkpoint folder (instead of --preset)")
+    b.add_argument("--model", metavar="PATH", type=Path, help="checkpoint folder or .gguf file (instead of --preset)")
     b.add_argument("--preset", choices=sorted(PRESETS), help="random weights of a known shape (default: smollm-135m)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     b.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (default: auto)")

@@ -33,12 +33,14 @@ class RMSNorm(nn.Module):
 def rope_inverse_frequencies(
     dim: int, theta: float, scaling: RopeScaling, device: torch.device | None = None
 ) -> torch.Tensor:
-    """(dim // 2,) float32 inverse frequencies for RoPE base theta, after `linear` or `llama3` scaling."""
+    """(dim // 2,) float32 inverse frequencies for RoPE base theta, after `linear`, `llama3` or per-frequency `factors` scaling."""
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
     inv_freq = 1.0 / (theta**exponents)  # (hd/2,)
     s = scaling
     if s.kind == "linear":
         return inv_freq / s.factor
+    if s.kind == "factors":  # llama.cpp's form of llama3 scaling: one divisor per frequency
+        return inv_freq / torch.tensor(s.frequency_factors, dtype=torch.float32, device=device)
     if s.kind == "llama3":
         low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
         high_wavelen = s.original_max_position_embeddings / s.high_freq_factor

@@ -1,0 +1,216 @@
+"""Open a GGUF file with the `gguf` package (llama.cpp's own reader) and read its header.
+
+The reader memory-maps the file: metadata and tensor descriptions are parsed, tensor data is only
+mapped, never read, so a header summary of a multi-gigabyte file costs a few milliseconds. This
+module does not import torch; the model picker and `chattui models` use it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, LlamaFileType, ReaderTensor
+from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
+
+from engine.errors import CheckpointError
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
+
+_INTEGER_TYPES = {
+    GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+    GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64,
+}
+_FLOAT_TYPES = {GGUFValueType.FLOAT32, GGUFValueType.FLOAT64}
+# What a metadata value must be stored as, by the kind callers ask for (ints are fine where floats are).
+_KINDS = {
+    int: (_INTEGER_TYPES, "an integer"),
+    float: (_INTEGER_TYPES | _FLOAT_TYPES, "a number"),
+    bool: ({GGUFValueType.BOOL}, "a boolean"),
+    str: ({GGUFValueType.STRING}, "a string"),
+}
+_REQUIRED = object()
+
+
+class _TruncationError(Exception):
+    def __init__(self, begin: int, end: int):
+        self.begin, self.end = begin, end
+
+
+class _BoundsCheckedReader(GGUFReader):
+    """GGUFReader whose every read is checked against the file's end.
+
+    The stock reader slices the memory map, so a read past the end silently returns fewer bytes and fails
+    later with an unrelated numpy error; here it says where the file ends.
+    """
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if end > self.data.size:
+            raise _TruncationError(int(offset), end)
+        return super()._get(offset, dtype, count, override_order)
+
+
+class GGUFFile:
+    """An open GGUF file: typed access to its metadata and its tensor descriptions (data mapped, not read)."""
+
+    def __init__(self, path: Path, reader: GGUFReader):
+        self.path = path
+        self.reader = reader
+        self.tensors: list[ReaderTensor] = reader.tensors
+        self.architecture: str = self.value("general.architecture", str)
+
+    def has(self, key: str) -> bool:
+        return key in self.reader.fields
+
+    def value(self, key: str, kind: type, default: Any = _REQUIRED) -> Any:
+        """A scalar metadata value of the kind int, float, bool or str; CheckpointError names the key otherwise."""
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is _REQUIRED:
+                raise CheckpointError(f"{self.path}: missing required metadata key {key!r}")
+            return default
+        allowed, described = _KINDS[kind]
+        if len(field.types) != 1 or field.types[0] not in allowed:
+            raise CheckpointError(f"{self.path}: metadata key {key!r} must be {described}, found {_type_name(field)}")
+        return kind(field.contents())
+
+    def array(self, key: str, kind: type, default: Any = _REQUIRED) -> list:
+        """An array metadata value whose items are of the kind int, float, bool or str."""
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is _REQUIRED:
+                raise CheckpointError(f"{self.path}: missing required metadata key {key!r}")
+            return default
+        allowed, described = _KINDS[kind]
+        is_array = field.types[0] == GGUFValueType.ARRAY
+        # An empty array has no item type recorded; it is valid for any kind.
+        if not is_array or (len(field.types) > 1 and (len(field.types) != 2 or field.types[1] not in allowed)):
+            raise CheckpointError(
+                f"{self.path}: metadata key {key!r} must be an array of {described.split(' ', 1)[1]}s, "
+                f"found {_type_name(field)}"
+            )
+        return field.contents() if kind is str else [kind(v) for v in field.contents()]
+
+    def arch_value(self, suffix: str, kind: type, default: Any = _REQUIRED) -> Any:
+        """`{architecture}.{suffix}`, e.g. arch_value("block_count", int) reads llama.block_count."""
+        return self.value(f"{self.architecture}.{suffix}", kind, default)
+
+
+def _type_name(field: Any) -> str:
+    names = [t.name.lower() for t in field.types]
+    return names[0] if len(names) == 1 else f"an array of {names[-1]}" if len(names) > 1 else "an empty array"
+
+
+def is_gguf_path(path: str | Path) -> bool:
+    """Whether a model path names a GGUF file (by its suffix: the file may not exist yet)."""
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    """Open and check a GGUF header; every problem is a one-line CheckpointError naming the file."""
+    path = Path(path).expanduser()
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if head[:4] != GGUF_MAGIC:
+        raise CheckpointError(f"{path}: not a GGUF file (starts with {head[:4]!r}, expected {GGUF_MAGIC!r})")
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: truncated GGUF file ({size} bytes)")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in READER_SUPPORTED_VERSIONS:
+        if version & 0xFFFF == 0:
+            raise CheckpointError(f"{path}: big-endian GGUF files are not supported")
+        supported = ", ".join(str(v) for v in READER_SUPPORTED_VERSIONS)
+        raise CheckpointError(f"{path}: unsupported GGUF version {version} (supported: {supported})")
+    try:
+        reader = _BoundsCheckedReader(path)
+    except _TruncationError as e:
+        raise CheckpointError(
+            f"{path}: truncated GGUF file (needs bytes up to {e.end}, the file has {size})"
+        ) from None
+    except (ValueError, KeyError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        raise CheckpointError(f"{path}: corrupt GGUF file ({_one_line(e)})") from None
+    return GGUFFile(path, reader)
+
+
+def cached_gguf(path: str | Path) -> GGUFFile:
+    """open_gguf, parsed once while the file is unchanged: loading takes the config, the tokenizer and the
+    weights from one parse (parsing a large vocabulary takes seconds)."""
+    path = Path(path).expanduser()
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    return _open_unchanged(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_unchanged(path: Path, mtime_ns: int, size: int) -> GGUFFile:
+    return open_gguf(path)
+
+
+def release_cached_gguf() -> None:
+    """Drop the parsed headers cached_gguf keeps (and their memory maps), e.g. once a model is loaded."""
+    _open_unchanged.cache_clear()
+
+
+def _one_line(error: object) -> str:
+    return " ".join(str(error).split())
+
+
+@dataclass
+class GGUFSummary:
+    """What the model picker shows for a GGUF file, from its header alone."""
+
+    path: Path
+    architecture: str  # general.architecture, e.g. "llama"
+    name: str  # general.name, or the file name without .gguf
+    parameters: int  # sum of every tensor's element count
+    weight_type: str  # the file type llama.cpp names it by ("Q4_K_M"), else the most common tensor type
+    size_bytes: int  # the file's size on disk
+    context_length: int | None  # {arch}.context_length, when the file says
+
+    @property
+    def supported(self) -> bool:
+        """Whether chattui can build this architecture (other checks happen at load)."""
+        return self.architecture in SUPPORTED_GGUF_ARCHITECTURES
+
+
+def weight_type_name(gguf_file: GGUFFile) -> str:
+    """general.file_type as llama.cpp calls it (MOSTLY_Q4_K_M -> "Q4_K_M"); without it, or for an unknown
+    value, the tensor type holding the most elements."""
+    file_type = gguf_file.value("general.file_type", int, None)
+    if file_type is not None and file_type in LlamaFileType._value2member_map_ and file_type != LlamaFileType.GUESSED:
+        return LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    elements: Counter[str] = Counter()
+    for tensor in gguf_file.tensors:
+        elements[tensor.tensor_type.name] += int(tensor.n_elements)
+    return elements.most_common(1)[0][0] if elements else "none"
+
+
+def summarize_gguf(path: str | Path) -> GGUFSummary:
+    """The header summary of a GGUF file; raises CheckpointError (one line: file and problem) for a bad file."""
+    gguf_file = open_gguf(path)
+    name = gguf_file.value("general.name", str, "").strip() or gguf_file.path.name.removesuffix(".gguf")
+    return GGUFSummary(
+        path=gguf_file.path,
+        architecture=gguf_file.architecture,
+        name=name,
+        parameters=sum(int(t.n_elements) for t in gguf_file.tensors),
+        weight_type=weight_type_name(gguf_file),
+        size_bytes=gguf_file.path.stat().st_size,
+        context_length=gguf_file.arch_value("context_length", int, None),
+    )
