@@ -1,9 +1,13 @@
-"""Find model folders for the picker without loading them: config.json is read as JSON only.
+"""Find the models chattui can open, without loading them: config.json is read as JSON only, a
+GGUF file's header only (engine.gguf.header, torch-free).
 
-Sources, in the order the picker lists them: the bundled model, recently used models, folders
-named in the config file, and the Hugging Face hub cache (`models--org--name/snapshots/<rev>/`).
-Each entry says its architecture, an estimated parameter count, the dtype the weights are stored
-in and the size on disk; a folder that cannot be loaded says why.
+Sources, in the order the picker and `chattui models` list them: the bundled model, recently used
+models, models fetched by `chattui pull`, folders named in the config file (`model_folders`), the
+Hugging Face hub cache (`models--org--name/snapshots/<rev>/`: checkpoint folders and `.gguf`
+files), Ollama's store, LM Studio's models folders and llama.cpp's download cache. Each entry says
+its architecture, parameter count, the type the weights are stored in and the size on disk; a
+folder or file the user named that cannot be loaded says why. A store that is absent, unreadable
+or half-written is skipped with a logged reason; links that lead out of a store are not followed.
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from chattui.paths import bundled_model_dir
+import platformdirs
+
+from chattui.paths import bundled_model_dir, hf_hub_cache, pulled_models_dir
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +33,53 @@ log = logging.getLogger(__name__)
 @dataclass
 class ModelEntry:
     path: Path
-    name: str  # folder name, or "org/name" for the hub cache
-    source: str  # "bundled", "recent", "config" or "hf-cache"
+    name: str  # what `--model` accepts besides the path: see the store functions below
+    source: str  # one of SOURCES
     architecture: str | None = None
-    parameters: int | None = None  # estimated from config.json
-    dtype: str | None = None  # torch_dtype in config.json (how the weights are stored)
+    parameters: int | None = None  # estimated from config.json; counted from a GGUF header
+    weight_type: str | None = None  # torch_dtype in config.json, or the GGUF file type ("Q4_1")
     size_bytes: int = 0
     problem: str | None = None  # why it cannot be loaded; None when it looks loadable
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name, "source": self.source, "architecture": self.architecture,
+            "parameters": self.parameters, "weight_type": self.weight_type, "size_bytes": self.size_bytes,
+            "path": str(self.path),
+        }
+
+
+SOURCES = ("bundled", "recent", "pulled", "config", "hf-cache", "ollama", "lm-studio", "llama.cpp")
+OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
+
+
+@dataclass(frozen=True)
+class Stores:
+    """Where the stores are on this machine (tests point them into a temporary folder)."""
+
+    hf_cache: Path  # the Hugging Face hub cache
+    pulled: Path  # `chattui pull`'s folder
+    ollama: Path  # $OLLAMA_MODELS, else ~/.ollama/models
+    lm_studio: tuple[Path, ...]  # ~/.lmstudio/models and the older ~/.cache/lm-studio/models
+    llama_cpp: Path  # $LLAMA_CACHE, else llama.cpp's cache folder
+
+    @classmethod
+    def default(cls) -> Stores:
+        home = Path.home()
+        return cls(
+            hf_cache=hf_hub_cache(),
+            pulled=pulled_models_dir(),
+            ollama=Path(os.environ.get("OLLAMA_MODELS") or home / ".ollama" / "models").expanduser(),
+            lm_studio=(home / ".lmstudio" / "models", home / ".cache" / "lm-studio" / "models"),
+            llama_cpp=Path(
+                os.environ.get("LLAMA_CACHE") or platformdirs.user_cache_dir("llama.cpp", appauthor=False)
+            ).expanduser(),
+        )
+
+    @classmethod
+    def at(cls, root: Path) -> Stores:
+        """Every store in its own folder under root (none of which needs to exist)."""
+        return cls(root / "hf-cache", root / "pulled", root / "ollama", (root / "lm-studio",), root / "llama.cpp")
 
 
 @functools.cache
@@ -54,10 +101,13 @@ def _models_config() -> ModuleType | None:
 
 
 def display_name(path: str | Path) -> str:
-    """A model folder as people call it: "org/name" for a hub-cache snapshot, else the folder's name."""
+    """A model as people call it: "org/name" for a hub-cache snapshot ("org/name:FILE" for a file in
+    one), else the folder's or file's name."""
     p = Path(path)
     if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
         return "/".join(p.parent.parent.name.split("--")[1:])
+    if p.parent.parent.name == "snapshots" and p.parent.parent.parent.name.startswith("models--"):
+        return f"{display_name(p.parent)}:{p.name}"
     return p.name or str(p)
 
 
@@ -74,7 +124,7 @@ def inspect_folder(path: Path, source: str, name: str | None = None) -> ModelEnt
     except (OSError, UnicodeDecodeError, ValueError) as e:
         entry.problem = f"config.json unreadable ({e})"
         return entry
-    entry.dtype = hf.get("torch_dtype") or hf.get("dtype")
+    entry.weight_type = hf.get("torch_dtype") or hf.get("dtype")
     entry.size_bytes = folder_size(path)
     archs = hf.get("architectures") or []
     entry.architecture = archs[0] if archs and isinstance(archs[0], str) else hf.get("model_type")
@@ -118,12 +168,89 @@ def folder_size(path: Path) -> int:
     return total
 
 
-def hf_cache_models(cache: Path) -> list[tuple[str, Path]]:
-    """(org/name, snapshot folder) for every model repo in the hub cache (the `main` revision when known)."""
-    found: list[tuple[str, Path]] = []
+def inspect_gguf(path: Path, source: str, name: str | None = None) -> ModelEntry:
+    """A GGUF file from its header; a bad file or an architecture chattui cannot build is a problem."""
+    from engine.errors import CheckpointError
+    from engine.gguf.header import SUPPORTED_GGUF_ARCHITECTURES, summarize_gguf
+
+    entry = ModelEntry(path=path, name=name or display_name(path), source=source)
+    try:
+        summary = summarize_gguf(path)
+    except CheckpointError as e:
+        entry.problem = str(e).removeprefix(f"{path}: ")
+        return entry
+    entry.architecture = summary.architecture
+    entry.parameters = summary.parameters
+    entry.weight_type = summary.weight_type
+    entry.size_bytes = summary.size_bytes
+    if not summary.supported:
+        entry.problem = (
+            f"GGUF architecture {summary.architecture!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
+        )
+    return entry
+
+
+def inspect_model(path: Path, source: str, name: str | None = None) -> ModelEntry:
+    """A checkpoint folder or a .gguf file."""
+    if path.suffix.lower() == ".gguf":
+        return inspect_gguf(path, source, name)
+    return inspect_folder(path, source, name)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether path, links followed, stays inside root (a store's own links, as in the hub cache, do)."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return False
+
+
+def gguf_files(root: Path, depth: int, store: Path | None = None) -> list[Path]:
+    """The .gguf files at most `depth` folders below root, sorted, skipping hidden names (a pull's
+    staging folder) and linked folders; a linked file counts only when it stays inside `store`
+    (default: root)."""
+    store = store or root
+    found: list[Path] = []
+    try:
+        children = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as e:
+        if root.exists():
+            log.warning("skipped %s: cannot read it (%s)", root, e.strerror or e)
+        return found
+    for child in children:
+        if child.name.startswith("."):
+            continue
+        try:
+            if child.is_dir(follow_symlinks=False):
+                if depth > 1:
+                    found += gguf_files(Path(child.path), depth - 1, store)
+            elif child.name.lower().endswith(".gguf") and child.is_file():
+                if child.is_symlink() and not _inside(Path(child.path), store):
+                    log.warning("skipped %s: it links out of %s", child.path, store)
+                    continue
+                found.append(Path(child.path))
+        except OSError as e:
+            log.warning("skipped %s: %s", child.path, e.strerror or e)
+    return found
+
+
+def _usable(entries: list[ModelEntry]) -> list[ModelEntry]:
+    """A store's entries that can be opened; the others are logged (the store is not the user's list)."""
+    for entry in entries:
+        if entry.problem:
+            log.info("skipped %s (%s): %s", entry.path, entry.source, entry.problem)
+    return [e for e in entries if e.problem is None]
+
+
+def _hf_cache_repos(cache: Path) -> list[tuple[str, Path, list[Path]]]:
+    """(org/name, repo folder, snapshots: the `main` revision first when known, then newest first)."""
+    found: list[tuple[str, Path, list[Path]]] = []
     try:
         repos = sorted(p for p in cache.iterdir() if p.name.startswith("models--"))
-    except OSError:
+    except OSError as e:
+        if cache.exists():
+            log.warning("skipped the Hugging Face cache %s: cannot read it (%s)", cache, e.strerror or e)
         return found
     for repo in repos:
         name = "/".join(repo.name.split("--")[1:])
@@ -131,59 +258,228 @@ def hf_cache_models(cache: Path) -> list[tuple[str, Path]]:
         main_ref = repo / "refs" / "main"
         try:
             revision = main_ref.read_text().strip() if main_ref.exists() else None
-            candidates = [snapshots / revision] if revision else []
+            candidates = [snapshots / revision] if revision and (snapshots / revision).is_dir() else []
             candidates += sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-        except OSError:
+        except OSError as e:
+            log.info("skipped %s: %s", repo, e.strerror or e)
             continue
-        for snapshot in candidates:
-            if (snapshot / "config.json").exists():
-                found.append((name, snapshot))
-                break
+        found.append((name, repo, candidates))
     return found
+
+
+def hf_cache_models(cache: Path) -> list[tuple[str, Path]]:
+    """(org/name, snapshot folder) for every checkpoint repo in the hub cache (the `main` revision when known)."""
+    found: list[tuple[str, Path]] = []
+    for name, _, snapshots in _hf_cache_repos(cache):
+        snapshot = next((s for s in snapshots if (s / "config.json").exists()), None)
+        if snapshot is not None:
+            found.append((name, snapshot))
+    return found
+
+
+def hf_cache_entries(cache: Path) -> list[ModelEntry]:
+    """Checkpoint folders ("org/name") and .gguf files ("org/name:FILE", from the newest snapshot
+    holding any) in the hub cache. Snapshot files link into the repo's blobs/, inside the store."""
+    entries: list[ModelEntry] = []
+    for name, repo, snapshots in _hf_cache_repos(cache):
+        snapshot = next((s for s in snapshots if (s / "config.json").exists()), None)
+        if snapshot is not None:
+            entries.append(inspect_folder(snapshot, "hf-cache"))
+        for snapshot in snapshots:
+            files = gguf_files(snapshot, depth=3, store=repo)
+            if files:
+                entries += [
+                    inspect_gguf(f, "hf-cache", name=f"{name}:{f.relative_to(snapshot).as_posix()}") for f in files
+                ]
+                break
+    return _usable(entries)
+
+
+def ollama_name(manifest: Path, manifests: Path) -> str:
+    """How Ollama names a model: MODEL:TAG for its own library, NAMESPACE/MODEL:TAG for other
+    namespaces, REGISTRY/NAMESPACE/MODEL:TAG for other registries."""
+    registry, namespace, model, tag = manifest.relative_to(manifests).parts
+    if registry == "registry.ollama.ai":
+        return f"{model}:{tag}" if namespace == "library" else f"{namespace}/{model}:{tag}"
+    return f"{registry}/{namespace}/{model}:{tag}"
+
+
+def ollama_models(root: Path) -> list[ModelEntry]:
+    """Models in Ollama's store: each manifest (manifests/REGISTRY/NAMESPACE/MODEL/TAG, JSON) names
+    its model layer by digest, a GGUF file in blobs/sha256-HEX."""
+    manifests = root / "manifests"
+    if not manifests.is_dir():
+        if root.exists():
+            log.warning("skipped Ollama's store %s: no manifests/ folder", root)
+        return []
+    entries: list[ModelEntry] = []
+    for manifest in _files_at_depth(manifests, 4):
+        name = ollama_name(manifest, manifests)
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            layers = data["layers"]
+            layer = next(x for x in layers if isinstance(x, dict) and x.get("mediaType") == OLLAMA_MODEL_LAYER)
+            algorithm, _, digest = layer["digest"].partition(":")
+            if algorithm != "sha256" or not digest.isalnum():
+                raise ValueError(f"unexpected digest {layer['digest']!r}")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("skipped Ollama model %s: manifest %s unreadable (%s: %s)", name, manifest, type(e).__name__, e)
+            continue
+        except StopIteration:
+            log.info("skipped Ollama model %s: its manifest names no %s layer", name, OLLAMA_MODEL_LAYER)
+            continue
+        blob = root / "blobs" / f"sha256-{digest}"
+        if blob.is_symlink() and not _inside(blob, root):
+            log.warning("skipped Ollama model %s: %s links out of the store", name, blob)
+            continue
+        try:
+            size = blob.stat().st_size
+        except OSError:
+            log.warning("skipped Ollama model %s: its blob %s is missing", name, blob)
+            continue
+        if isinstance(layer.get("size"), int) and layer["size"] != size:
+            log.warning("skipped Ollama model %s: blob %s has %d of %d bytes", name, blob, size, layer["size"])
+            continue
+        entries.append(inspect_gguf(blob, "ollama", name=name))
+    return _usable(entries)
+
+
+def _files_at_depth(root: Path, depth: int) -> list[Path]:
+    """Regular files exactly `depth` levels below root (hidden names and linked folders skipped)."""
+    if depth == 0:
+        return [root] if root.is_file() and not root.is_symlink() else []
+    try:
+        children = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as e:
+        log.warning("skipped %s: cannot read it (%s)", root, e.strerror or e)
+        return []
+    found: list[Path] = []
+    for child in children:
+        if child.name.startswith(".") or child.is_symlink():
+            continue
+        if depth == 1 and child.is_file() or depth > 1 and child.is_dir():
+            found += _files_at_depth(Path(child.path), depth - 1)
+    return found
+
+
+def lm_studio_models(root: Path) -> list[ModelEntry]:
+    """LM Studio's models folder: PUBLISHER/MODEL/*.gguf, named "PUBLISHER/MODEL/FILE"."""
+    return _usable([
+        inspect_gguf(f, "lm-studio", name=f.relative_to(root).as_posix()) for f in gguf_files(root, depth=3)
+        if len(f.relative_to(root).parts) == 3
+    ])
+
+
+def llama_cpp_models(root: Path) -> list[ModelEntry]:
+    """llama.cpp's download cache (`llama-cli -hf` and `--model-url` write ORG_REPO_FILE.gguf there)."""
+    return _usable([inspect_gguf(f, "llama.cpp", name=f.name) for f in gguf_files(root, depth=1)])
+
+
+def pulled_models(root: Path) -> list[ModelEntry]:
+    """`chattui pull`'s folder: NAME/FILE.gguf, named NAME (NAME/FILE when a folder holds several)."""
+    files = gguf_files(root, depth=2)
+    entries = []
+    for f in files:
+        folder = f.parent.name
+        several = sum(g.parent == f.parent for g in files) > 1
+        entries.append(inspect_gguf(f, "pulled", name=f"{folder}/{f.name}" if several else folder))
+    return _usable(entries)
+
+
+def config_folder_models(folders: list[str]) -> list[ModelEntry]:
+    """Each config `model_folders` item: a model folder, a .gguf file, or a folder of them (checkpoint
+    folders one level down, .gguf files up to two). What cannot be opened stays, with its problem."""
+    entries: list[ModelEntry] = []
+    for folder in folders:
+        base = Path(folder).expanduser()
+        if (base / "config.json").exists() or base.suffix.lower() == ".gguf" and base.is_file():
+            entries.append(inspect_model(base, "config"))
+            continue
+        try:
+            children = sorted(c for c in base.iterdir() if (c / "config.json").exists())
+        except OSError:
+            entries.append(ModelEntry(path=base, name=base.name, source="config", problem="folder not found"))
+            continue
+        entries += [inspect_folder(child, "config") for child in children]
+        entries += [
+            inspect_gguf(f, "config", name=f.relative_to(base).as_posix()) for f in gguf_files(base, depth=2)
+        ]
+    return entries
 
 
 def scan(
     recent: list[str],
     folders: list[str],
-    hf_cache: Path,
+    stores: Stores,
     bundled: Path | None = None,
 ) -> list[ModelEntry]:
-    """Every model the picker offers, duplicates removed (the first source wins). Hub-cache repos
-    of an unsupported architecture are left out; other entries keep their problem to show it."""
+    """Every model the picker offers, each path once: the bundled model, the recent ones (under the
+    name their store gives them), then every store's. Entries from the stores that cannot be opened
+    (a bad file, an unsupported architecture) are left out; the bundled model, recent models and
+    config folders keep their problem to show it."""
+    bundled = bundled or bundled_model_dir()
+    bundled_entry = inspect_folder(bundled, "bundled", name=f"bundled ({bundled.name})")
+    if bundled_entry.problem in ("no config.json", "folder not found"):
+        bundled_entry.problem = "not installed yet"
+    stored = [
+        *pulled_models(stores.pulled),
+        *config_folder_models(folders),
+        *hf_cache_entries(stores.hf_cache),
+        *ollama_models(stores.ollama),
+        *(e for root in stores.lm_studio for e in lm_studio_models(root)),
+        *llama_cpp_models(stores.llama_cpp),
+    ]
+    by_path: dict[Path, ModelEntry] = {}
+    for entry in stored:
+        by_path.setdefault(_key(entry.path), entry)
+
     entries: list[ModelEntry] = []
     seen: set[Path] = set()
 
     def add(entry: ModelEntry) -> None:
-        key = entry.path.resolve() if entry.path.exists() else entry.path
-        if key not in seen:
-            seen.add(key)
+        if _key(entry.path) not in seen:
+            seen.add(_key(entry.path))
             entries.append(entry)
 
-    bundled = bundled or bundled_model_dir()
-    entry = inspect_folder(bundled, "bundled", name=f"bundled ({bundled.name})")
-    if entry.problem == "no config.json" or entry.problem == "folder not found":
-        entry.problem = "not installed yet"
-    add(entry)
+    add(bundled_entry)
     for p in recent:
-        add(inspect_folder(Path(p), "recent"))
-    for folder in folders:
-        base = Path(folder).expanduser()
-        if (base / "config.json").exists():
-            add(inspect_folder(base, "config"))
-            continue
-        try:
-            children = sorted(c for c in base.iterdir() if (c / "config.json").exists())
-        except OSError:
-            add(ModelEntry(path=base, name=base.name, source="config", problem="folder not found"))
-            continue
-        for child in children:
-            add(inspect_folder(child, "config"))
-    for _, snapshot in hf_cache_models(hf_cache):
-        entry = inspect_folder(snapshot, "hf-cache")
-        if entry.parameters is None and _models_config() is not None:
-            continue  # not a supported architecture: the issue asks to list only those
+        add(by_path.get(_key(Path(p))) or inspect_model(Path(p), "recent"))
+    for entry in stored:
         add(entry)
     return entries
+
+
+def _key(path: Path) -> Path:
+    try:
+        return path.resolve() if path.exists() else path
+    except (OSError, RuntimeError):
+        return path
+
+
+class ModelNotFound(LookupError):
+    """--model names neither a file or folder nor a model `chattui models` lists."""
+
+
+def resolve_model(value: str, entries: Callable[[], list[ModelEntry]]) -> Path:
+    """A --model value as a path: an existing file or folder as is, else the model of that name
+    (`chattui models`' NAME column; the stores are scanned only then)."""
+    path = Path(value).expanduser()
+    if path.exists():
+        return path
+    if path.is_absolute():  # no name is an absolute path
+        raise ModelNotFound(f"{path}: no such file or folder")
+    found = [e for e in entries() if e.name == value]
+    usable = [e for e in found if e.problem is None]
+    if usable:
+        return usable[0].path
+    if found:
+        raise ModelNotFound(f"{value} ({found[0].path}): {found[0].problem}")
+    from chattui.pull import CATALOG
+
+    if value in CATALOG:
+        size = human_bytes(CATALOG[value].size_bytes)
+        raise ModelNotFound(f"{value} is not pulled yet: `chattui pull {value}` fetches it ({size})")
+    raise ModelNotFound(f"{value}: no such file or folder, and no model of that name (`chattui models` lists them)")
 
 
 def human_count(n: int | None) -> str:

@@ -25,6 +25,11 @@ def data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or platformdirs.user_data_dir(APP_NAME)).expanduser()
 
 
+def pulled_models_dir() -> Path:
+    """Where `chattui pull` puts models: one folder per catalog name."""
+    return data_dir() / "models"
+
+
 def config_dir() -> Path:
     return Path(os.environ.get(CONFIG_DIR_ENV) or platformdirs.user_config_dir(APP_NAME)).expanduser()
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from safetensors import safe_open
 
-from chattui.catalog import hf_cache_models, human_bytes, human_count, inspect_folder, scan
+from chattui.catalog import Stores, hf_cache_models, human_bytes, human_count, inspect_folder, scan
 from chattui.paths import bundled_model_dir, hf_hub_cache
 
 
@@ -61,7 +62,7 @@ def test_hf_cache_lists_supported_models_only_with_org_name(tmp_path, checkpoint
     (cache / "datasets--x--y").mkdir()
 
     assert [n for n, _ in hf_cache_models(cache)] == ["Qwen/Qwen2-tiny", "tiiuae/falcon-tiny"]
-    entries = scan([], [], cache, bundled=tmp_path / "none")
+    entries = scan([], [], replace(Stores.at(tmp_path), hf_cache=cache), bundled=tmp_path / "none")
     hub = [e for e in entries if e.source == "hf-cache"]
     assert [(e.name, e.path) for e in hub] == [("Qwen/Qwen2-tiny", snapshot)]
     assert hub[0].architecture == "Qwen2ForCausalLM"
@@ -79,7 +80,7 @@ def test_sources_in_order_with_problems_explained(tmp_path, checkpoint_factory):
     broken.mkdir()
     (broken / "config.json").write_text("{nope")
     entries = scan([str(qwen2), str(tmp_path / "gone")], [str(folders), str(tmp_path / "missing")],
-                   tmp_path / "hub", bundled=tmp_path / "no-default")
+                   Stores.at(tmp_path), bundled=tmp_path / "no-default")
     summary = [(e.source, e.path.name, e.problem) for e in entries]
     assert summary[0] == ("bundled", "no-default", "not installed yet")
     assert ("recent", qwen2.name, None) in summary
@@ -93,7 +94,7 @@ def test_sources_in_order_with_problems_explained(tmp_path, checkpoint_factory):
 
 def test_the_same_folder_is_listed_once(tmp_path, checkpoint_factory):
     qwen2 = checkpoint_factory("qwen2")
-    entries = scan([str(qwen2)], [str(qwen2)], tmp_path / "hub", bundled=qwen2)
+    entries = scan([str(qwen2)], [str(qwen2)], Stores.at(tmp_path), bundled=qwen2)
     assert [e.source for e in entries] == ["bundled"]
 
 
