@@ -238,8 +238,9 @@ def gguf_files(root: Path, depth: int, store: Path | None = None) -> list[Path]:
 def _usable(entries: list[ModelEntry]) -> list[ModelEntry]:
     """A store's entries that can be opened; the others are logged (the store is not the user's list)."""
     for entry in entries:
-        if entry.problem:
-            log.info("skipped %s (%s): %s", entry.path, entry.source, entry.problem)
+        if entry.problem:  # a known architecture chattui does not build is routine; a bad file is news
+            level = logging.INFO if entry.architecture else logging.WARNING
+            log.log(level, "skipped %s (%s): %s", entry.name, entry.path, entry.problem)
     return [e for e in entries if e.problem is None]
 
 
