@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 
 from engine.errors import CheckpointError
+from engine.gguf.config import config_from_gguf
+from engine.gguf.header import cached_gguf, is_gguf_path
+from engine.gguf.tensors import dequantize, model_tensors
 from engine.inference import prepare_for_inference
 from engine.sampling import SamplingParams
 from models import IGNORED_CHECKPOINT_KEYS, ModelConfig, build_model, checkpoint_prefix, config_from_hf
@@ -47,8 +50,11 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_model_config(model_dir: Path) -> ModelConfig:
-    path = model_dir / "config.json"
+def read_model_config(model_path: Path) -> ModelConfig:
+    """The typed config of a checkpoint folder (config.json) or a GGUF file (its metadata)."""
+    if is_gguf_path(model_path):
+        return config_from_gguf(cached_gguf(model_path))
+    path = model_path / "config.json"
     try:
         return config_from_hf(read_json(path))
     except ConfigError as e:
@@ -97,6 +103,30 @@ def read_generation_defaults(model_dir: Path, model_json: dict[str, Any]) -> Gen
     bos = gen.get("bos_token_id", model_json.get("bos_token_id"))
     defaults.bos_token_id = int(bos) if bos is not None else None
     return defaults
+
+
+def read_defaults(model_path: Path) -> GenerationDefaults:
+    """Generation defaults of a checkpoint folder (generation_config.json) or a GGUF file, which has no
+    sampling settings: ours, with its end-of-sequence, end-of-turn and end-of-message ids as stop ids."""
+    if not is_gguf_path(model_path):
+        return read_generation_defaults(model_path, read_json(model_path / "config.json"))
+    gguf_file = cached_gguf(model_path)
+    stops = [gguf_file.value(f"tokenizer.ggml.{key}", int, None) for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
+    return GenerationDefaults(
+        eos_token_ids=list(dict.fromkeys(i for i in stops if i is not None)),
+        bos_token_id=gguf_file.value("tokenizer.ggml.bos_token_id", int, None),
+    )
+
+
+def check_model_path(model_path: str | Path) -> Path:
+    """The path of a model as given, once it names a checkpoint folder or an existing .gguf file."""
+    path = Path(model_path).expanduser()
+    if is_gguf_path(path):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+    elif not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory or a .gguf file")
+    return path
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -220,48 +250,91 @@ def _describe(keys: list[str], limit: int = 5) -> str:
     return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+class _SafetensorsWeights:
+    """A checkpoint folder's safetensors files as a weight source for load_model."""
+
+    def __init__(self, model_dir: Path, expected: set[str], config: ModelConfig):
+        self.where = model_dir
+        self.tensors = _normalize_keys(_scan_headers(weight_files(model_dir)), expected, checkpoint_prefix(config))
+        if getattr(config, "tie_word_embeddings", True):
+            self.tensors.pop("lm_head.weight", None)  # tied: the embedding is the output projection
+        self.shapes = {key: info.shape for key, info in self.tensors.items()}
+        self.sizes = {key: info.nbytes for key, info in self.tensors.items()}
+
+    def origin(self, key: str) -> Path:
+        return self.tensors[key].file
+
+    def read(self, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        by_file: dict[Path, list[str]] = {}
+        for key, info in self.tensors.items():
+            by_file.setdefault(info.file, []).append(key)
+        staging = torch.empty(min(_READ_CHUNK_BYTES, max(self.sizes.values())), dtype=torch.uint8)
+        for path, keys in by_file.items():
+            with open(path, "rb") as f:
+                for key in keys:
+                    yield key, _read_tensor(f, self.tensors[key], device, dtype, staging)
+
+
+class _GGUFWeights:
+    """A GGUF file's tensors as a weight source for load_model: mapped to our keys, dequantized one at a time."""
+
+    def __init__(self, path: Path, config: ModelConfig):
+        self.where = path
+        self.tensors = model_tensors(cached_gguf(path), config)
+        self.shapes = {key: t.model_shape for key, t in self.tensors.items()}
+        self.sizes = {key: t.nbytes for key, t in self.tensors.items()}
+
+    def origin(self, key: str) -> str:
+        return f"{self.where} (tensor {self.tensors[key].gguf_name})"
+
+    def read(self, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        for key, tensor in self.tensors.items():
+            try:
+                weight = dequantize(tensor)  # float32, freed as soon as it is converted
+            except CheckpointError as e:
+                raise CheckpointError(f"{self.where}: {e}") from None
+            yield key, weight.to(device=device, dtype=dtype).contiguous()
+
+
+def _weight_source(model_path: Path, expected: set[str], config: ModelConfig) -> _SafetensorsWeights | _GGUFWeights:
+    return _GGUFWeights(model_path, config) if is_gguf_path(model_path) else _SafetensorsWeights(model_path, expected, config)
+
+
 def load_model(
-    model_dir: Path,
+    model_path: Path,
     config: ModelConfig,
     device: torch.device,
     dtype: torch.dtype,
     progress: ProgressCallback | None = None,
 ) -> nn.Module:
-    """Build the model for config and fill it from the folder's safetensors, checking every key and shape."""
+    """Build the model for config and fill it from a checkpoint folder's safetensors or a GGUF file,
+    checking every key and shape before reading any weight."""
     with torch.device("meta"):
         model = build_model(config)
     expected_params = dict(model.named_parameters())  # tied weights appear once, under their first name
     expected_shapes = {name: tuple(p.shape) for name, p in expected_params.items()}
-    tensors = _normalize_keys(_scan_headers(weight_files(model_dir)), set(expected_shapes), checkpoint_prefix(config))
-    if getattr(config, "tie_word_embeddings", True):
-        tensors.pop("lm_head.weight", None)  # tied: the embedding is the output projection
-    missing = sorted(set(expected_shapes) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected_shapes))
+    weights = _weight_source(Path(model_path), set(expected_shapes), config)
+    missing = sorted(set(expected_shapes) - set(weights.shapes))
+    unexpected = sorted(set(weights.shapes) - set(expected_shapes))
     if missing:
-        raise CheckpointError(f"{model_dir}: missing weights: {_describe(missing)}")
+        raise CheckpointError(f"{weights.where}: missing weights: {_describe(missing)}")
     if unexpected:
-        raise CheckpointError(f"{model_dir}: unexpected weights: {_describe(unexpected)}")
-    for key, info in tensors.items():
-        if info.shape != expected_shapes[key]:
+        raise CheckpointError(f"{weights.where}: unexpected weights: {_describe(unexpected)}")
+    for key, shape in weights.shapes.items():
+        if shape != expected_shapes[key]:
             raise CheckpointError(
-                f"{info.file}: shape mismatch for {key}: checkpoint has {list(info.shape)}, "
+                f"{weights.origin(key)}: shape mismatch for {key}: checkpoint has {list(shape)}, "
                 f"the config expects {list(expected_shapes[key])}"
             )
 
-    total = sum(info.nbytes for info in tensors.values())
+    total = sum(weights.sizes.values())
     done = 0
     state: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for key, info in tensors.items():
-        by_file.setdefault(info.file, []).append(key)
-    staging = torch.empty(min(_READ_CHUNK_BYTES, max(i.nbytes for i in tensors.values())), dtype=torch.uint8)
-    for path, keys in by_file.items():
-        with open(path, "rb") as f:
-            for key in keys:
-                state[key] = _read_tensor(f, tensors[key], device, dtype, staging)
-                done += tensors[key].nbytes
-                if progress:
-                    progress(done, total)
+    for key, tensor in weights.read(device, dtype):
+        state[key] = tensor
+        done += weights.sizes[key]
+        if progress:
+            progress(done, total)
     model.load_state_dict(state, strict=False, assign=True)
     del state  # the model owns the tensors now; fusing below must be free to release the originals
     model.tie_weights()

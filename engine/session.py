@@ -21,13 +21,13 @@ from engine.attention import AttentionMaps, AttentionWatcher
 from engine.checkpoint import (
     GenerationDefaults,
     ProgressCallback,
+    check_model_path,
     load_model,
-    read_generation_defaults,
-    read_json,
+    read_defaults,
     read_model_config,
 )
 from engine.device import dtype_name, resolve_device, resolve_dtype
-from engine.errors import CheckpointError, EngineError, PromptTooLongError
+from engine.errors import EngineError, PromptTooLongError
 from engine.generate import generate_tokens
 from engine.inference import prepare_for_inference, prepare_for_training
 from engine.kv_cache import KVCache
@@ -108,7 +108,7 @@ class Engine:
     defaults: GenerationDefaults
     device: torch.device
     dtype: torch.dtype
-    model_dir: Path
+    model_dir: Path  # the checkpoint folder or the GGUF file
     context_length: int
     eos_token_ids: set[int] = field(default_factory=set)
     adapter_dir: Path | None = None  # the LoRA adapter applied at load time (unmerged), if any
@@ -125,20 +125,19 @@ class Engine:
         progress: ProgressCallback | None = None,
         adapter: str | Path | None = None,
     ) -> Engine:
-        """Load a checkpoint folder; raises CheckpointError / TemplateError / EngineError with one-line messages.
+        """Load a checkpoint folder or a GGUF file; raises CheckpointError / TemplateError / EngineError with
+        one-line messages. A GGUF's weights are dequantized to the dtype (`auto`: the best dense dtype).
 
         adapter: a LoRA adapter folder in PEFT's format (engine.lora), applied on top of the base weights
         without merging them (its layers run unfused; `set_adapter_enabled(False)` gives the base model).
         """
-        model_dir = Path(model_dir).expanduser()
-        if not model_dir.is_dir():
-            raise CheckpointError(f"{model_dir}: not a directory")
+        model_dir = check_model_path(model_dir)
         config = read_model_config(model_dir)
         lora = read_adapter(adapter) if adapter is not None else None  # checked before the slow part
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
-        tokenizer = ChatTokenizer.from_dir(model_dir)
-        defaults = read_generation_defaults(model_dir, read_json(model_dir / "config.json"))
+        tokenizer = ChatTokenizer.load(model_dir)
+        defaults = read_defaults(model_dir)
         model = load_model(model_dir, config, torch_device, torch_dtype, progress)
         if lora is not None:
             prepare_for_training(model)  # plain layers again, so the adapted ones can stay unfused

@@ -30,6 +30,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 
 from engine.checkpoint import read_json
 from engine.errors import CheckpointError, TemplateError
+from engine.gguf.header import cached_gguf, is_gguf_path
+from engine.gguf.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,21 @@ class ChatTokenizer:
         self.has_chat_template = chat_template is not None
         self.chat_template: str = chat_template if chat_template is not None else CHATML_FALLBACK_TEMPLATE
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def load(cls, model_path: str | Path) -> ChatTokenizer:
+        """The tokenizer of a checkpoint folder or of a GGUF file."""
+        return cls.from_gguf(model_path) if is_gguf_path(model_path) else cls.from_dir(Path(model_path))
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> ChatTokenizer:
+        """Built from the file's tokenizer.ggml.* metadata (engine.gguf.tokenizer); template: tokenizer.chat_template."""
+        gguf_file = cached_gguf(path)
+        tokenizer, special_tokens = build_tokenizer(gguf_file)
+        chat_template = gguf_file.value("tokenizer.chat_template", str, None) or None
+        if chat_template is None:
+            log.warning("%s: no chat template; using the ChatML fallback, which may not suit this model", gguf_file.path)
+        return cls(tokenizer, special_tokens, chat_template)
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ChatTokenizer:

@@ -16,11 +16,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class RopeScaling:
-    kind: str  # "default", "linear" or "llama3"
+    kind: str  # "default", "linear", "llama3" or "factors"
     factor: float = 1.0  # context extension factor (linear, llama3)
     low_freq_factor: float = 1.0  # llama3: wavelengths above original/low are scaled fully
     high_freq_factor: float = 4.0  # llama3: wavelengths below original/high are kept
     original_max_position_embeddings: int = 8192  # llama3: context length before scaling
+    frequency_factors: tuple[float, ...] = ()  # factors: (head_dim // 2,) divisors, GGUF's rope_freqs tensor
 
 
 @dataclass

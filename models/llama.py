@@ -31,13 +31,15 @@ class RMSNorm(nn.Module):
 
 
 def rope_inverse_frequencies(config: LlamaConfig, device: torch.device | None = None) -> torch.Tensor:
-    """(head_dim // 2,) float32 inverse frequencies, after `linear` or `llama3` scaling."""
+    """(head_dim // 2,) float32 inverse frequencies, after `linear`, `llama3` or per-frequency `factors` scaling."""
     dim = config.head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
     inv_freq = 1.0 / (config.rope_theta**exponents)  # (hd/2,)
     s = config.rope_scaling
     if s.kind == "linear":
         return inv_freq / s.factor
+    if s.kind == "factors":  # llama.cpp's form of llama3 scaling: one divisor per frequency
+        return inv_freq / torch.tensor(s.frequency_factors, dtype=torch.float32, device=device)
     if s.kind == "llama3":
         low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
         high_wavelen = s.original_max_position_embeddings / s.high_freq_factor

@@ -7,6 +7,7 @@ module does not import torch; the model picker and `chattui models` use it.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,24 @@ def open_gguf(path: str | Path) -> GGUFFile:
     except (ValueError, KeyError, UnicodeDecodeError, OverflowError, MemoryError) as e:
         raise CheckpointError(f"{path}: corrupt GGUF file ({_one_line(e)})") from None
     return GGUFFile(path, reader)
+
+
+def cached_gguf(path: str | Path) -> GGUFFile:
+    """open_gguf, parsed once while the file is unchanged: loading takes the config, the tokenizer and the
+    weights from one parse (parsing a large vocabulary takes seconds)."""
+    path = Path(path).expanduser()
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    return _open_unchanged(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_unchanged(path: Path, mtime_ns: int, size: int) -> GGUFFile:
+    return open_gguf(path)
 
 
 def _one_line(error: object) -> str:

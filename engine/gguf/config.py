@@ -1,0 +1,135 @@
+"""A GGUF file's `{arch}.*` metadata as our typed model configs (models/config.py).
+
+Biases are read from which tensors the file has (llama.cpp writes `blk.0.attn_q.bias` only where the
+model has one), so the config always agrees with the weights it describes. Torch-free.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+from engine.errors import CheckpointError
+from engine.gguf.header import SUPPORTED_GGUF_ARCHITECTURES, GGUFFile
+from models.config import GPT2Config, LlamaConfig, ModelConfig, RopeScaling
+
+# GGUF architecture -> the HF class name our config carries.
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",  # also Mistral, SmolLM, TinyLlama: llama.cpp converts them as llama
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+ROPE_FREQS_TENSOR = "rope_freqs.weight"  # llama.cpp's form of Llama 3 RoPE scaling: one divisor per frequency
+
+
+def config_from_gguf(gguf_file: GGUFFile) -> ModelConfig:
+    """The config for a GGUF file; CheckpointError names the file and the key that is missing or wrong."""
+    arch = gguf_file.architecture
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise CheckpointError(
+            f"{gguf_file.path}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
+        )
+    if arch == "gpt2":
+        return _gpt2_config(gguf_file)
+    return _llama_config(gguf_file)
+
+
+def _positive(gguf_file: GGUFFile, suffix: str, kind: type, default=None):
+    """{arch}.{suffix} as a positive int or float (required when default is None)."""
+    value = gguf_file.arch_value(suffix, kind) if default is None else gguf_file.arch_value(suffix, kind, default)
+    if value <= 0:
+        raise CheckpointError(f"{gguf_file.path}: metadata key '{gguf_file.architecture}.{suffix}' must be positive, got {value}")
+    return value
+
+
+def vocab_size(gguf_file: GGUFFile) -> int:
+    """The token list's length, which is what llama.cpp sizes the embedding by."""
+    field = gguf_file.reader.fields.get("tokenizer.ggml.tokens")
+    if field is None:
+        raise CheckpointError(f"{gguf_file.path}: missing required metadata key 'tokenizer.ggml.tokens'")
+    return len(field.data)
+
+
+def _has_tensor(gguf_file: GGUFFile, name: str) -> bool:
+    return any(t.name == name for t in gguf_file.tensors)
+
+
+def _rope_scaling(gguf_file: GGUFFile, head_dim: int) -> RopeScaling:
+    kind = gguf_file.arch_value("rope.scaling.type", str, "none")
+    factors = next((t for t in gguf_file.tensors if t.name == ROPE_FREQS_TENSOR), None)
+    if factors is not None:
+        if kind not in ("none", "linear") or (kind == "linear" and gguf_file.arch_value("rope.scaling.factor", float, 1.0) != 1.0):
+            raise CheckpointError(f"{gguf_file.path}: {ROPE_FREQS_TENSOR} together with rope scaling {kind!r} is not supported")
+        values = gguf.quants.dequantize(factors.data, factors.tensor_type).reshape(-1)
+        if values.shape != (head_dim // 2,) or not np.all(np.isfinite(values)) or np.any(values <= 0):
+            raise CheckpointError(
+                f"{gguf_file.path}: {ROPE_FREQS_TENSOR} must hold {head_dim // 2} positive factors, "
+                f"has shape {list(factors.data.shape)}"
+            )
+        return RopeScaling("factors", frequency_factors=tuple(float(v) for v in values))
+    if kind == "none":
+        return RopeScaling("default")
+    if kind == "linear":
+        return RopeScaling("linear", factor=_positive(gguf_file, "rope.scaling.factor", float))
+    raise CheckpointError(f"{gguf_file.path}: rope scaling type {kind!r} is not supported (supported: none, linear)")
+
+
+def _llama_config(gguf_file: GGUFFile) -> LlamaConfig:
+    arch = gguf_file.architecture
+    hidden = _positive(gguf_file, "embedding_length", int)
+    heads = _positive(gguf_file, "attention.head_count", int)
+    kv_heads = _positive(gguf_file, "attention.head_count_kv", int, heads)
+    if heads % kv_heads:
+        raise CheckpointError(
+            f"{gguf_file.path}: {arch}.attention.head_count={heads} is not a multiple of "
+            f"{arch}.attention.head_count_kv={kv_heads}"
+        )
+    head_dim = _positive(gguf_file, "attention.key_length", int, hidden // heads)
+    value_dim = _positive(gguf_file, "attention.value_length", int, head_dim)
+    rotary_dim = _positive(gguf_file, "rope.dimension_count", int, head_dim)
+    if value_dim != head_dim or rotary_dim != head_dim:
+        raise CheckpointError(
+            f"{gguf_file.path}: key length {head_dim}, value length {value_dim} and rope dimension {rotary_dim} "
+            "must be equal (partial rotary embeddings are not supported)"
+        )
+    # llama.cpp's llama graph is the only one here with a sliding window (Qwen2 files may name one it ignores).
+    sliding_window = gguf_file.arch_value("attention.sliding_window", int, 0) if arch == "llama" else 0
+    return LlamaConfig(
+        architecture=GGUF_ARCHITECTURES[arch],
+        vocab_size=vocab_size(gguf_file),
+        hidden_size=hidden,
+        intermediate_size=_positive(gguf_file, "feed_forward_length", int),
+        num_hidden_layers=_positive(gguf_file, "block_count", int),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=_positive(gguf_file, "context_length", int),
+        rms_norm_eps=_positive(gguf_file, "attention.layer_norm_rms_epsilon", float),
+        rope_theta=_positive(gguf_file, "rope.freq_base", float, 10000.0),
+        rope_scaling=_rope_scaling(gguf_file, head_dim),
+        tie_word_embeddings=not _has_tensor(gguf_file, "output.weight"),
+        qkv_bias=_has_tensor(gguf_file, "blk.0.attn_q.bias"),
+        o_bias=_has_tensor(gguf_file, "blk.0.attn_output.bias"),
+        mlp_bias=_has_tensor(gguf_file, "blk.0.ffn_up.bias"),
+        qk_norm=arch == "qwen3",
+        sliding_window=sliding_window or None,
+    )
+
+
+def _gpt2_config(gguf_file: GGUFFile) -> GPT2Config:
+    n_embd = _positive(gguf_file, "embedding_length", int)
+    n_head = _positive(gguf_file, "attention.head_count", int)
+    if n_embd % n_head:
+        raise CheckpointError(f"{gguf_file.path}: gpt2.embedding_length={n_embd} is not a multiple of gpt2.attention.head_count={n_head}")
+    return GPT2Config(
+        architecture="GPT2LMHeadModel",
+        vocab_size=vocab_size(gguf_file),
+        n_positions=_positive(gguf_file, "context_length", int),
+        n_embd=n_embd,
+        n_layer=_positive(gguf_file, "block_count", int),
+        n_head=n_head,
+        n_inner=_positive(gguf_file, "feed_forward_length", int),
+        layer_norm_epsilon=_positive(gguf_file, "attention.layer_norm_epsilon", float),
+        activation_function="gelu_new",  # llama.cpp's gpt2 graph uses the tanh approximation
+    )

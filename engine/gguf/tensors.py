@@ -1,0 +1,160 @@
+"""A GGUF file's tensors as our HF-named weights: name mapping, layout fixes and dequantization.
+
+llama.cpp stores a tensor's dimensions innermost first (`ne`); the reader's numpy view has them
+reversed, which is PyTorch's order, so a Linear weight reads as (out, in) as in Hugging Face files.
+Two layout changes undo what llama.cpp's converter did:
+- `llama` architecture only: Q and K projection rows were interleaved per head for llama.cpp's RoPE
+  (`permute` in convert_hf_to_gguf.py); `unpermute_rows` restores Hugging Face's half-split order.
+- `gpt2`: Conv1D weights were transposed to (out, in); ours are (in, out).
+
+`model_tensors` describes every tensor with its raw, memory-mapped blocks (nothing is read), so a
+loader that keeps quantized weights can take the blocks as they are: rows are whole blocks, so the
+row permutation applies to raw blocks too. `dequantize` turns one tensor into a float32 torch
+tensor in our layout.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from engine.errors import CheckpointError
+from engine.gguf.config import ROPE_FREQS_TENSOR
+from engine.gguf.header import GGUFFile
+from models.config import GPT2Config, LlamaConfig, ModelConfig
+
+Q = GGMLQuantizationType
+SUPPORTED_TENSOR_TYPES = (
+    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+)
+
+# Per-block tensor names (after "blk.N.") -> our module names (after the layer prefix).
+_LLAMA_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LLAMA_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GPT2_BLOCK = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+_GPT2_TOP = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f"}
+_GPT2_CONV1D = {"attn_qkv", "attn_output", "ffn_up", "ffn_down"}  # stored transposed: (out, in)
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_TOP_NAME = re.compile(r"(\w+)\.(weight|bias)$")
+
+# Not weights of our modules: folded into the config (RoPE factors), or GPT-2's copy of the embedding that
+# the converter writes as `output.weight` (our GPT-2 always ties it).
+_CONSUMED = {"llama": {ROPE_FREQS_TENSOR}, "qwen2": {ROPE_FREQS_TENSOR}, "qwen3": {ROPE_FREQS_TENSOR},
+             "gpt2": {"output.weight"}}
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor of a GGUF file, described, not read."""
+
+    gguf_name: str  # as in the file, e.g. "blk.0.attn_q.weight"
+    key: str  # our module's state-dict key, e.g. "model.layers.0.self_attn.q_proj.weight"
+    tensor_type: GGMLQuantizationType
+    raw: np.ndarray  # the stored data, memory-mapped: floats for F32/F16, uint8 blocks (rows, bytes) otherwise
+    shape: tuple[int, ...]  # element shape as stored, numpy order (GGUF's ne reversed): (out, in) for a Linear
+    unpermute_heads: int | None  # llama Q/K: heads whose rows llama.cpp interleaved for its RoPE
+    transpose: bool  # gpt2 Conv1D: stored (out, in), our module holds (in, out)
+
+    @property
+    def model_shape(self) -> tuple[int, ...]:
+        """The shape our module expects once the layout is undone."""
+        return tuple(reversed(self.shape)) if self.transpose else self.shape
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
+
+def _module_key(arch: str, gguf_name: str) -> tuple[str, str] | None:
+    """(our key, the GGUF base name such as "attn_q") for a tensor name, None if it is not one we know."""
+    block_map, top_map, layer_prefix = (
+        (_GPT2_BLOCK, _GPT2_TOP, "transformer.h") if arch == "gpt2" else (_LLAMA_BLOCK, _LLAMA_TOP, "model.layers")
+    )
+    if m := _BLOCK_NAME.fullmatch(gguf_name):
+        layer, base, kind = m.groups()
+        if base in block_map:
+            return f"{layer_prefix}.{int(layer)}.{block_map[base]}.{kind}", base
+    elif m := _TOP_NAME.fullmatch(gguf_name):
+        base, kind = m.groups()
+        if base in top_map:
+            return f"{top_map[base]}.{kind}", base
+    return None
+
+
+def model_tensors(gguf_file: GGUFFile, config: ModelConfig) -> dict[str, GGUFTensor]:
+    """Every weight tensor of the file under our key; unknown names keep their GGUF name so the key check
+    reports them. Refuses tensor types we cannot dequantize, by name."""
+    arch = gguf_file.architecture
+    tensors: dict[str, GGUFTensor] = {}
+    for t in gguf_file.tensors:
+        if t.name in _CONSUMED.get(arch, ()):
+            continue
+        if t.tensor_type not in SUPPORTED_TENSOR_TYPES:
+            supported = ", ".join(q.name for q in SUPPORTED_TENSOR_TYPES)
+            raise CheckpointError(
+                f"{gguf_file.path}: tensor {t.name} has type {t.tensor_type.name}, which chattui cannot load "
+                f"(supported: {supported})"
+            )
+        mapped = _module_key(arch, t.name)
+        key, base = mapped if mapped else (t.name, "")
+        heads = None
+        if arch == "llama" and isinstance(config, LlamaConfig):
+            heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(base)
+        tensors[key] = GGUFTensor(
+            gguf_name=t.name,
+            key=key,
+            tensor_type=t.tensor_type,
+            raw=t.data,
+            shape=tuple(int(d) for d in reversed(t.shape.tolist())),
+            unpermute_heads=heads,
+            transpose=isinstance(config, GPT2Config) and base in _GPT2_CONV1D and key.endswith(".weight"),
+        )
+    return tensors
+
+
+def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf.py's `permute` of Q/K rows (n_heads * head_dim, ...): there each head's rows
+    were reordered from [first half | second half] to interleaved pairs, i.e.
+    `w.reshape(n_heads, 2, head_dim // 2, ...).swapaxes(1, 2)`; this is its inverse."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def dequantize(tensor: GGUFTensor) -> torch.Tensor:
+    """The tensor as float32 in our layout, e.g. (out, in) for a Linear, (in, out) for GPT-2's Conv1D."""
+    try:
+        array = gguf.quants.dequantize(tensor.raw, tensor.tensor_type)  # float32, numpy order
+    except (ValueError, NotImplementedError) as e:  # a malformed block array; types were checked before
+        raise CheckpointError(f"cannot dequantize {tensor.gguf_name} ({tensor.tensor_type.name}): {e}") from None
+    if not array.flags.writeable:  # F32 comes back as a view of the read-only mapping
+        array = array.copy()
+    w = torch.from_numpy(array).reshape(tensor.shape)
+    if tensor.unpermute_heads is not None:
+        w = unpermute_rows(w, tensor.unpermute_heads)
+    if tensor.transpose:
+        w = w.t()
+    return w
