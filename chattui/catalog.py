@@ -191,9 +191,23 @@ def inspect_gguf(path: Path, source: str, name: str | None = None) -> ModelEntry
     return entry
 
 
-def inspect_model(path: Path, source: str, name: str | None = None) -> ModelEntry:
-    """A checkpoint folder or a .gguf file."""
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf_file(path: Path) -> bool:
+    """A .gguf file, or a file that starts with GGUF's magic (Ollama's blobs have no suffix)."""
     if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with path.open("rb") as f:
+            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except OSError:  # a folder, or nothing there
+        return False
+
+
+def inspect_model(path: Path, source: str, name: str | None = None) -> ModelEntry:
+    """A checkpoint folder or a GGUF file."""
+    if is_gguf_file(path):
         return inspect_gguf(path, source, name)
     return inspect_folder(path, source, name)
 

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from chattui import models_cli
+from chattui.catalog import is_gguf_file
 from chattui.models_cli import MODEL_HELP
 from chattui.paths import bundled_model_dir
 
@@ -281,7 +282,7 @@ def cmd_app(args) -> int:
     if args.app_dtype is not None and args.app_dtype not in DTYPES:
         raise CommandError(f"unknown dtype {args.app_dtype!r} (expected auto, float32, bfloat16, float16)")
     model = args.app_model.resolve() if args.app_model is not None else None
-    if model is not None and not (model.is_dir() or model.suffix.lower() == ".gguf" and model.is_file()):
+    if model is not None and not (model.is_dir() or model.is_file() and is_gguf_file(model)):
         raise CommandError(f"{model}: not a model folder or a .gguf file")
     return run_app(str(model) if model else None, args.app_device, args.app_dtype)
 

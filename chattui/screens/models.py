@@ -18,7 +18,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
-from chattui.catalog import ModelEntry, ModelNotFound, Stores, human_bytes, human_count, resolve_model, scan
+from chattui.catalog import (ModelEntry, ModelNotFound, Stores, human_bytes, human_count, is_gguf_file,
+                             resolve_model, scan)
 from chattui.pull import CATALOG, CatalogModel, is_pulled
 from chattui.widgets.pull_panel import PullPanel
 
@@ -165,7 +166,7 @@ class ModelPickerScreen(ModalScreen[str | None]):
             error.update(str(e))
             error.display = True
             return
-        if not (path.is_dir() or path.suffix.lower() == ".gguf" and path.is_file()):
+        if not (path.is_dir() or path.is_file() and is_gguf_file(path)):
             error.update(f"{path}: not a model folder (config.json, *.safetensors, tokenizer.json) or a .gguf file")
             error.display = True
             return
