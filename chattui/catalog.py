@@ -108,7 +108,23 @@ def display_name(path: str | Path) -> str:
         return "/".join(p.parent.parent.name.split("--")[1:])
     if p.parent.parent.name == "snapshots" and p.parent.parent.parent.name.startswith("models--"):
         return f"{display_name(p.parent)}:{p.name}"
+    if p.parent.name == "blobs" and p.name.startswith("sha256-"):
+        return ollama_blob_name(p) or p.name
     return p.name or str(p)
+
+
+def ollama_blob_name(blob: Path) -> str | None:
+    """The MODEL:TAG whose manifest names this blob as its model layer, if any does."""
+    root = blob.parent.parent
+    digest = "sha256:" + blob.name.removeprefix("sha256-")
+    for manifest in _files_at_depth(root / "manifests", 4):
+        try:
+            layers = json.loads(manifest.read_text(encoding="utf-8"))["layers"]
+            if any(x.get("mediaType") == OLLAMA_MODEL_LAYER and x.get("digest") == digest for x in layers):
+                return ollama_name(manifest, root / "manifests")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # ollama_models() says what is wrong with it
+    return None
 
 
 def inspect_folder(path: Path, source: str, name: str | None = None) -> ModelEntry:

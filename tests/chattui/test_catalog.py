@@ -14,7 +14,7 @@ import pytest
 from model_stores import gguf_parameters, hub_gguf_repo, ollama_model, write_gguf
 from safetensors import safe_open
 
-from chattui.catalog import Stores, hf_cache_models, human_bytes, human_count, inspect_folder, scan
+from chattui.catalog import Stores, display_name, hf_cache_models, human_bytes, human_count, inspect_folder, scan
 from chattui.cli import main
 from chattui.models_cli import resolve_model_arg
 from chattui.paths import bundled_model_dir, hf_hub_cache
@@ -154,7 +154,8 @@ def stores(home, tmp_path, monkeypatch) -> dict[str, Path]:
                                                   namespace="org"),
     }
     ollama_model(ollama, "gemma", "2b", gemma)  # an architecture chattui does not build
-    ollama_model(ollama, "half", "latest", llama, size=llama.stat().st_size + 100)  # blob still downloading
+    half = write_gguf(models / "half.gguf", "llama", rows=16)
+    ollama_model(ollama, "half", "latest", half, size=half.stat().st_size + 100)  # blob still downloading
     broken = ollama / "manifests" / "registry.ollama.ai" / "library" / "broken" / "latest"
     broken.parent.mkdir(parents=True)
     broken.write_text('{"layers": [')
@@ -189,7 +190,7 @@ def stores(home, tmp_path, monkeypatch) -> dict[str, Path]:
     return expected
 
 
-def test_models_json_lists_every_store_with_header_fields(stores, capsys, caplog):
+def test_models_json_lists_every_store_with_header_fields(stores, tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO, logger="chattui")
     assert main(["models", "--json"]) == 0
     listed = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
@@ -209,7 +210,7 @@ def test_models_json_lists_every_store_with_header_fields(stores, capsys, caplog
     assert listed["org/Tiny-GGUF:tiny-q8_0.gguf"]["architecture"] == "qwen3"
 
     reasons = "\n".join(r.getMessage() for r in caplog.records)
-    size = stores["tiny:latest"].stat().st_size  # the half-downloaded blob is the same file
+    size = (tmp_path / "gguf" / "half.gguf").stat().st_size
     assert "skipped Ollama model broken:latest: manifest" in reasons and "unreadable" in reasons
     assert "skipped Ollama model gone:latest: its blob" in reasons and "is missing" in reasons
     assert "skipped Ollama model half:latest: blob" in reasons and f"has {size} of {size + 100} bytes" in reasons
@@ -276,3 +277,8 @@ def test_model_name_tag_opens_the_ollama_blob(home, smollm2_gguf, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == str(blob)
     assert "Paris" in out["text"]
+
+
+def test_an_ollama_blob_is_called_by_its_model_name(stores):
+    assert display_name(stores["tiny:latest"]) == "tiny:latest"
+    assert display_name(stores["org/Tiny-GGUF:tiny-q8_0.gguf"]) == "org/Tiny-GGUF:tiny-q8_0.gguf"

@@ -211,3 +211,47 @@ def test_hf_pull_without_a_network_is_one_clear_line(monkeypatch, capsys):
     assert err[-1].startswith("chattui: error: cannot reach the Hugging Face hub at huggingface.co")
     assert err[-1].endswith("hf: pulls need a network")
     assert not any("Traceback" in line for line in err)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """huggingface_hub's download functions over a dict of repos; returns the calls made."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    repos = {"org/One-GGUF": ["README.md", "one-Q4_K_M.gguf"], "org/Two-GGUF": ["a-Q4_0.gguf", "b-Q8_0.gguf"],
+             "org/Checkpoint": ["config.json", "model.safetensors", "tokenizer.json"]}
+    calls = []
+
+    def hf_hub_download(repo, file_name):
+        calls.append(("file", repo, file_name))
+        if file_name not in repos[repo]:
+            raise errors.EntryNotFoundError(f"{file_name} not found")
+        return str(tmp_path / "hub" / repo / file_name)
+
+    def snapshot_download(repo, allow_patterns):
+        calls.append(("snapshot", repo, tuple(allow_patterns)))
+        return str(tmp_path / "hub" / repo)
+
+    monkeypatch.setattr(chattui.pull, "check_reachable", lambda endpoint: None)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: repos[repo])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_hf_pull_takes_the_named_file_or_the_repos_only_gguf_or_its_checkpoint(fake_hub, tmp_path, capsys):
+    assert main(["pull", "hf:org/One-GGUF"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'hub' / 'org/One-GGUF' / 'one-Q4_K_M.gguf'}\n"
+    assert main(["pull", "hf:org/Two-GGUF:b-Q8_0.gguf"]) == 0
+    assert main(["pull", "hf:org/Checkpoint"]) == 0
+    assert fake_hub == [("file", "org/One-GGUF", "one-Q4_K_M.gguf"), ("file", "org/Two-GGUF", "b-Q8_0.gguf"),
+                        ("snapshot", "org/Checkpoint", ("*.json", "*.safetensors", "*.jinja", "tokenizer*"))]
+
+
+def test_hf_pull_asks_which_file_when_a_repo_has_several_and_names_a_missing_one(fake_hub, capsys):
+    assert main(["pull", "hf:org/Two-GGUF"]) == 1
+    assert capsys.readouterr().err == ("chattui: error: org/Two-GGUF has 2 .gguf files; name one as "
+                                       "hf:org/Two-GGUF:FILE (a-Q4_0.gguf, b-Q8_0.gguf)\n")
+    assert main(["pull", "hf:org/One-GGUF:nope.gguf"]) == 1
+    assert capsys.readouterr().err == "chattui: error: org/One-GGUF: no file nope.gguf in it\n"
