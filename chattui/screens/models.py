@@ -86,7 +86,7 @@ class ModelPickerScreen(ModalScreen[str | None]):
             yield Input(placeholder="…or type a model folder, a .gguf file or a name, and press Enter", id="model-path")
             yield Static("", id="picker-error", markup=False)
             yield Label(
-                "Enter loads (or pulls) · Esc cancels · a model that fails to load leaves the current one in place",
+                "Enter loads or pulls · Esc cancels · a model that fails to load keeps the current one",
                 classes="hint",
             )
         yield Footer()
@@ -113,10 +113,8 @@ class ModelPickerScreen(ModalScreen[str | None]):
         picker.clear_options()
         picker.add_options(options)
         usable = sum(e.problem is None for e in self.entries)
-        self.query_one("#picker-status", Static).update(
-            f"{usable} model(s) found (bundled, recent, pulled, config folders, Hugging Face cache, Ollama, "
-            "LM Studio, llama.cpp cache)"
-        )
+        to_pull = f" · {len(self.missing)} to pull" if self.missing else ""
+        self.query_one("#picker-status", Static).update(f"{usable} model(s) on this machine{to_pull}")
         if usable:
             current = [i for i, e in enumerate(self.entries) if self.current and Path(self.current) == e.path]
             first = next(i for i, e in enumerate(self.entries) if e.problem is None)
