@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class ModelEntry:
     path: Path
     name: str  # what `--model` accepts besides the path: see the store functions below
-    source: str  # one of SOURCES
+    source: str  # bundled, recent, pulled, config, hf-cache, ollama, lm-studio or llama.cpp
     architecture: str | None = None
     parameters: int | None = None  # estimated from config.json; counted from a GGUF header
     weight_type: str | None = None  # torch_dtype in config.json, or the GGUF file type ("Q4_1")
@@ -49,7 +49,6 @@ class ModelEntry:
         }
 
 
-SOURCES = ("bundled", "recent", "pulled", "config", "hf-cache", "ollama", "lm-studio", "llama.cpp")
 OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
 
 
@@ -207,11 +206,10 @@ def inspect_gguf(path: Path, source: str, name: str | None = None) -> ModelEntry
     return entry
 
 
-GGUF_MAGIC = b"GGUF"
-
-
 def is_gguf_file(path: Path) -> bool:
     """A .gguf file, or a file that starts with GGUF's magic (Ollama's blobs have no suffix)."""
+    from engine.gguf.header import GGUF_MAGIC
+
     if path.suffix.lower() == ".gguf":
         return True
     try:
@@ -295,16 +293,6 @@ def _hf_cache_repos(cache: Path) -> list[tuple[str, Path, list[Path]]]:
             log.info("skipped %s: %s", repo, e.strerror or e)
             continue
         found.append((name, repo, candidates))
-    return found
-
-
-def hf_cache_models(cache: Path) -> list[tuple[str, Path]]:
-    """(org/name, snapshot folder) for every checkpoint repo in the hub cache (the `main` revision when known)."""
-    found: list[tuple[str, Path]] = []
-    for name, _, snapshots in _hf_cache_repos(cache):
-        snapshot = next((s for s in snapshots if (s / "config.json").exists()), None)
-        if snapshot is not None:
-            found.append((name, snapshot))
     return found
 
 

@@ -14,7 +14,7 @@ import pytest
 from model_stores import gguf_parameters, hub_gguf_repo, ollama_model, write_gguf
 from safetensors import safe_open
 
-from chattui.catalog import Stores, display_name, hf_cache_models, human_bytes, human_count, inspect_folder, scan
+from chattui.catalog import Stores, display_name, hf_cache_entries, human_bytes, human_count, inspect_folder, scan
 from chattui.cli import main
 from chattui.models_cli import resolve_model_arg
 from chattui.paths import bundled_model_dir, hf_hub_cache
@@ -67,7 +67,7 @@ def test_hf_cache_lists_supported_models_only_with_org_name(tmp_path, checkpoint
     (falcon / "config.json").write_text(json.dumps(config))
     (cache / "datasets--x--y").mkdir()
 
-    assert [n for n, _ in hf_cache_models(cache)] == ["Qwen/Qwen2-tiny", "tiiuae/falcon-tiny"]
+    assert [e.name for e in hf_cache_entries(cache)] == ["Qwen/Qwen2-tiny"]
     entries = scan([], [], replace(Stores.at(tmp_path), hf_cache=cache), bundled=tmp_path / "none")
     hub = [e for e in entries if e.source == "hf-cache"]
     assert [(e.name, e.path) for e in hub] == [("Qwen/Qwen2-tiny", snapshot)]
