@@ -45,7 +45,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", default="auto",
         help="auto, float32, bfloat16, float16 (default: auto = bfloat16 on CUDA and on CPUs with "
-        "bfloat16 instructions, else float32)",
+        "bfloat16 instructions, else float32; a GGUF's weights are dequantized to it)",
     )
 
 

@@ -49,7 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "into its folder (default: the user data dir's jobs/<id>); Ctrl-C stops it with a checkpoint, and "
         "--resume continues it.",
     )
-    p.add_argument("--model", metavar="MODEL", help=f"base model: {MODEL_HELP} (default: the bundled model)")
+    p.add_argument("--model", metavar="MODEL",
+                   help=f"base model: {MODEL_HELP}; a .gguf file for LoRA only (default: the bundled model)")
     p.add_argument("--data", type=Path, action="append", metavar="FILE", help="training JSONL file; repeatable")
     p.add_argument("--method", choices=("lora", "full"), help="LoRA adapters on a frozen base, or every weight (default: lora)")
     p.add_argument("--epochs", type=int, metavar="N", help="passes over the data (default: 3)")
@@ -138,10 +139,13 @@ def job_config(args: argparse.Namespace) -> dict[str, Any]:
         if not (model / "config.json").exists():
             raise ArgumentError(f"the bundled default model is not installed ({model}); pass --model DIR")
     model = Path(model).expanduser()
-    if not model.is_dir():
-        raise ArgumentError(f"{model}: not a directory")
-    if not (model / "config.json").is_file():
-        raise ArgumentError(f"{model}: no config.json (expected a Hugging Face-format model folder)")
+    if model.suffix.lower() == ".gguf":
+        if not model.is_file():
+            raise ArgumentError(f"{model}: file not found")
+    elif not model.is_dir():
+        raise ArgumentError(f"{model}: not a directory or a .gguf file")
+    elif not (model / "config.json").is_file():
+        raise ArgumentError(f"{model}: no config.json (expected a Hugging Face-format model folder or a .gguf file)")
     settings["model"] = str(model.resolve())
     for key in ("data", "val_data"):
         for path in settings.get(key, []):

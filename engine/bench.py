@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from engine.checkpoint import load_model, read_json, read_model_config
+from engine.checkpoint import load_model, read_model_config
+from engine.gguf.header import is_gguf_path
 from engine.inference import prepare_for_inference
 from engine.errors import EngineError
 from engine.device import dtype_name, resolve_device, resolve_dtype
@@ -101,9 +102,12 @@ def _time_ours(model, prompt: list[int], new_tokens: int, device, dtype) -> RunT
     return RunTiming(times[0] - started, times[-1] - times[0])
 
 
-def _hf_model(options: BenchOptions, hf_config: dict, ours: torch.nn.Module, device, dtype):
+def _hf_model(options: BenchOptions, hf_config: dict | None, ours: torch.nn.Module, device, dtype):
     import transformers
 
+    if options.model_dir is not None and is_gguf_path(options.model_dir):  # transformers dequantizes it too
+        path = Path(options.model_dir)
+        return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).to(device).eval()
     if options.model_dir is not None:
         return transformers.AutoModelForCausalLM.from_pretrained(options.model_dir, dtype=dtype).to(device).eval()
     config = transformers.AutoConfig.for_model(
@@ -165,7 +169,7 @@ def run_bench(options: BenchOptions, progress=None) -> dict[str, Any]:
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     if options.model_dir is not None:
-        hf_config = read_json(options.model_dir / "config.json")
+        hf_config = None  # only presets need it
         model = load_model(options.model_dir, read_model_config(options.model_dir), device, dtype)
         source = str(options.model_dir)
     else:

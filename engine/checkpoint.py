@@ -105,13 +105,23 @@ def read_generation_defaults(model_dir: Path, model_json: dict[str, Any]) -> Gen
     return defaults
 
 
+# Tokens llama.cpp ends a reply on wherever a vocabulary has them (llama-vocab.cpp's end-of-generation list).
+GGUF_END_OF_GENERATION_TOKENS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>",
+    "<|end_of_text|>", "<end_of_utterance>",
+})
+
+
 def read_defaults(model_path: Path) -> GenerationDefaults:
     """Generation defaults of a checkpoint folder (generation_config.json) or a GGUF file, which has no
-    sampling settings: ours, with its end-of-sequence, end-of-turn and end-of-message ids as stop ids."""
+    sampling settings: ours, with its end-of-sequence, end-of-turn and end-of-message ids as stop ids, and the
+    end-of-generation tokens llama.cpp stops on."""
     if not is_gguf_path(model_path):
         return read_generation_defaults(model_path, read_json(model_path / "config.json"))
     gguf_file = cached_gguf(model_path)
     stops = [gguf_file.value(f"tokenizer.ggml.{key}", int, None) for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
+    tokens = gguf_file.array("tokenizer.ggml.tokens", str, [])
+    stops += [i for i, text in enumerate(tokens) if text in GGUF_END_OF_GENERATION_TOKENS]
     return GenerationDefaults(
         eos_token_ids=list(dict.fromkeys(i for i in stops if i is not None)),
         bos_token_id=gguf_file.value("tokenizer.ggml.bos_token_id", int, None),

@@ -66,6 +66,7 @@ from engine.device import cpu_has_fast_bfloat16
 from engine.errors import EngineError
 from engine.finetune_data import DataError, ExampleBatches, pad_token_id, prepare_data
 from engine.inference import prepare_for_training
+from engine.gguf.header import is_gguf_path
 from engine.lora import LoRAConfig, apply_lora, default_targets, merge_lora, save_adapter, save_hf_checkpoint
 from engine.tokenizer import ChatTokenizer
 from engine.train import Progress, TrainConfig, latest_checkpoint, list_checkpoints, train
@@ -261,6 +262,9 @@ def _check_values(c: JobConfig, source: str) -> None:
         fail(f"'batch_size' ({c.batch_size}) must be divisible by 'nproc' ({c.nproc}): it is the global batch")
     if c.merge and c.method != "lora":
         fail("'merge' applies to LoRA jobs (a full fine-tune is saved as a whole model anyway)")
+    if c.model and is_gguf_path(c.model) and (c.merge or c.method != "lora"):
+        # The results are Hugging Face folders built from the base folder's config and tokenizer files.
+        fail("a GGUF base model supports LoRA adapters only (no 'merge', no method \"full\")")
 
 
 def load_config(path: str | Path) -> JobConfig:
@@ -535,7 +539,7 @@ def _run(config, resume, dist, out, progress, stop, should_stop, on_progress) ->
 
     model_dir = Path(config.model)
     model_config = read_model_config(model_dir)
-    tokenizer = ChatTokenizer.from_dir(model_dir)
+    tokenizer = ChatTokenizer.load(model_dir)
     max_seq_len = min(config.max_seq_len or 1024, model_config.max_position_embeddings)
     val_fraction = config.val_fraction
     if val_fraction is None and not config.val_data:

@@ -341,7 +341,7 @@ def _targets(example: Example) -> int:
 
 def inspect_data(model_dir: str | Path, files: Sequence[str | Path], max_seq_len: int) -> DataReport:
     """The data report for files with a model's tokenizer, without training (the fine-tune form's preview)."""
-    tokenizer = ChatTokenizer.from_dir(Path(model_dir))
+    tokenizer = ChatTokenizer.load(Path(model_dir))
     return prepare_data(tokenizer, files, max_seq_len).report
 
 

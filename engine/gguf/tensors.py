@@ -29,8 +29,9 @@ from engine.gguf.header import GGUFFile
 from models.config import GPT2Config, LlamaConfig, ModelConfig
 
 Q = GGMLQuantizationType
+# IQ4_NL is what llama-quantize falls back to for Q2_K/Q3_K rows that are not a multiple of 256 long.
 SUPPORTED_TENSOR_TYPES = (
-    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL,
 )
 
 # Per-block tensor names (after "blk.N.") -> our module names (after the layer prefix).

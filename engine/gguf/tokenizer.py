@@ -4,9 +4,9 @@ Two vocabulary types (`tokenizer.ggml.model`):
 - `gpt2`: byte-level BPE with the file's merges. The text is first split by the regular expressions
   llama.cpp's `llm_tokenizer_bpe` uses for the file's `tokenizer.ggml.pre` (applied in turn, each
   splitting the pieces of the one before and keeping what it does not match: `Split(isolated)`).
-- `llama`: SentencePiece-style BPE with byte fallback: spaces become "▁", one is put before the text
-  and, as llama.cpp does, after every special token (when `add_space_prefix`), and pairs merge in the
-  order of the merged piece's score (so the scores become the merges' ranking).
+- `llama`: SentencePiece-style BPE with byte fallback: spaces become "▁", one is put before every run
+  of text, as llama.cpp does, the ones after special tokens included (when `add_space_prefix`), and
+  pairs merge in the order of the merged piece's score (so the scores become the merges' ranking).
 Control and unknown-type tokens are special (matched whole, skipped when decoding); user-defined ones
 are matched whole and kept. Torch-free.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from engine.errors import CheckpointError
 from engine.gguf.header import GGUFFile
@@ -148,10 +148,10 @@ def _sentencepiece_bpe(gguf_file: GGUFFile, tokens: list[str], token_types: list
         unk_token=tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None,
     ))
     space_prefix = gguf_file.value("tokenizer.ggml.add_space_prefix", bool, True)
-    # "always": llama.cpp puts the space before every run of text, including the ones after special tokens.
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="always" if space_prefix else "never", split=False
-    )
+    # A normalizer, not Metaspace: like llama.cpp (and Llama's own tokenizer.json) it puts "▁" before every run
+    # of text, even one that already starts with a space and the ones after special tokens.
+    steps = [normalizers.Prepend("▁")] if space_prefix else []
+    tokenizer.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if space_prefix:
         steps.append(decoders.Strip(content=" ", left=1))

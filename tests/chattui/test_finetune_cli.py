@@ -89,7 +89,10 @@ def test_bad_options_are_refused_before_a_job_starts(cli, checkpoint_factory, da
 
 def test_model_folder_and_data_are_checked(cli, data, tmp_path):
     assert cli("--model", tmp_path, "--data", data)[2].startswith(f"chattui: error: {tmp_path}: no config.json")
-    assert cli("--model", tmp_path / "nope", "--data", data)[2] == f"chattui: error: {tmp_path / 'nope'}: not a directory\n"
+    assert cli("--model", tmp_path / "nope", "--data", data)[2] == (
+        f"chattui: error: {tmp_path / 'nope'}: not a directory or a .gguf file\n"
+    )
+    assert cli("--model", tmp_path / "nope.gguf", "--data", data)[2] == f"chattui: error: {tmp_path / 'nope.gguf'}: file not found\n"
     assert "--data FILE is required" in cli("--model", tmp_path)[2]
 
 
