@@ -101,7 +101,8 @@ def _models_config() -> ModuleType | None:
 
 def display_name(path: str | Path) -> str:
     """A model as people call it: "org/name" for a hub-cache snapshot ("org/name:FILE" for a file in
-    one), else the folder's or file's name."""
+    one), MODEL:TAG for an Ollama blob, the catalog name for a pulled file, else the folder's or
+    file's name."""
     p = Path(path)
     if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
         return "/".join(p.parent.parent.name.split("--")[1:])
@@ -109,6 +110,8 @@ def display_name(path: str | Path) -> str:
         return f"{display_name(p.parent)}:{p.name}"
     if p.parent.name == "blobs" and p.name.startswith("sha256-"):
         return ollama_blob_name(p) or p.name
+    if p.parent.parent == pulled_models_dir():
+        return p.parent.name  # the catalog name it was pulled by
     return p.name or str(p)
 
 

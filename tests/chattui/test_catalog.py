@@ -279,6 +279,7 @@ def test_model_name_tag_opens_the_ollama_blob(home, smollm2_gguf, capsys):
     assert "Paris" in out["text"]
 
 
-def test_an_ollama_blob_is_called_by_its_model_name(stores):
+def test_gguf_files_are_called_by_their_store_names(stores):
     assert display_name(stores["tiny:latest"]) == "tiny:latest"
+    assert display_name(stores["fake-pulled"]) == "fake-pulled"
     assert display_name(stores["org/Tiny-GGUF:tiny-q8_0.gguf"]) == "org/Tiny-GGUF:tiny-q8_0.gguf"
