@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from chattui.catalog import human_bytes
 from chattui.paths import pulled_models_dir
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,6 @@ class CatalogModel:
     source: WheelSource
 
     def describe(self) -> str:
-        from chattui.catalog import human_bytes
-
         return (
             f"{self.name}: {self.title} ({self.licence}), {human_bytes(self.size_bytes)}, sha256 {self.sha256}; "
             f"from PyPI {self.source.requirement} (wheel sha256 {self.source.wheel_sha256})"

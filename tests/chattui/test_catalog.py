@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from gguf_files import write_gguf as write_checkpoint_gguf
 from model_stores import gguf_parameters, hub_gguf_repo, ollama_model, write_gguf
 from safetensors import safe_open
 
@@ -256,27 +256,31 @@ def test_a_recent_gguf_keeps_the_name_its_store_gives_it(stores):
 
 
 @pytest.fixture
-def smollm2_gguf() -> Path:
-    """The real SmolLM2-135M-Instruct GGUF that .ci/run pulls (CHATTUI_SMOLLM2_GGUF); CI fails without it."""
-    path = os.environ.get("CHATTUI_SMOLLM2_GGUF")
-    if not path or not Path(path).is_file():
-        message = f"CHATTUI_SMOLLM2_GGUF={path!r} is not a file: run `chattui pull smollm2-135m-instruct`"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return Path(path)
+def loadable_gguf(tmp_path, checkpoint_factory) -> Path:
+    """A tiny random llama checkpoint as a complete GGUF file (weights, tokenizer) that chattui can open."""
+    path, _ = write_checkpoint_gguf(checkpoint_factory("llama"), tmp_path / "tiny-llama.gguf", "llama")
+    return path
+
+
+def generated_by(model: str, capsys) -> str:
+    """The model file that `chattui generate --model MODEL` opened."""
+    argv = ["generate", "--model", model, "--raw", "--temperature", "0", "--max-new-tokens", "2", "--json", "Hi"]
+    assert main(argv) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)["model"]
+
+
+def test_store_names_open_their_files(home, loadable_gguf, capsys):
+    lm_studio = home / ".lmstudio" / "models" / "pub" / "Tiny-GGUF" / "tiny-llama.gguf"
+    lm_studio.parent.mkdir(parents=True)
+    shutil.copy(loadable_gguf, lm_studio)
+    assert generated_by("pub/Tiny-GGUF/tiny-llama.gguf", capsys) == str(lm_studio)
 
 
 @pytest.mark.xfail(strict=True, reason="engine: Engine.load tells GGUF by the .gguf suffix (is_gguf_path); "
                    "Ollama's blobs (blobs/sha256-HEX) have none: it should check the GGUF magic too")
-def test_model_name_tag_opens_the_ollama_blob(home, smollm2_gguf, capsys):
-    blob = ollama_model(home / ".ollama" / "models", "smollm2", "135m", smollm2_gguf)
-    argv = ["generate", "--model", "smollm2:135m", "--temperature", "0", "--max-new-tokens", "8", "--json",
-            "What is the capital of France?"]
-    assert main(argv) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["model"] == str(blob)
-    assert "Paris" in out["text"]
+def test_model_name_tag_opens_the_ollama_blob(home, loadable_gguf, capsys):
+    blob = ollama_model(home / ".ollama" / "models", "tiny", "latest", loadable_gguf)
+    assert generated_by("tiny:latest", capsys) == str(blob)
 
 
 def test_gguf_files_are_called_by_their_store_names(stores):
