@@ -22,10 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import platformdirs
 
 from chattui.paths import bundled_model_dir, hf_hub_cache, pulled_models_dir
+
+if TYPE_CHECKING:
+    from engine.gguf.header import GGUFSummary
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +193,15 @@ def folder_size(path: Path) -> int:
 def inspect_gguf(path: Path, source: str, name: str | None = None) -> ModelEntry:
     """A GGUF file from its header; a bad file or an architecture chattui cannot build is a problem."""
     from engine.errors import CheckpointError
-    from engine.gguf.header import SUPPORTED_GGUF_ARCHITECTURES, summarize_gguf
+    from engine.gguf.header import SUPPORTED_GGUF_ARCHITECTURES
 
     entry = ModelEntry(path=path, name=name or display_name(path), source=source)
     try:
-        summary = summarize_gguf(path)
+        stat = path.stat()
+        summary = _summary_of_unchanged(path, stat.st_mtime_ns, stat.st_size)
+    except OSError as e:
+        entry.problem = f"cannot read it ({e.strerror or e})"
+        return entry
     except CheckpointError as e:
         entry.problem = str(e).removeprefix(f"{path}: ")
         return entry
@@ -207,6 +215,15 @@ def inspect_gguf(path: Path, source: str, name: str | None = None) -> ModelEntry
             f"(supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
         )
     return entry
+
+
+@functools.lru_cache(maxsize=256)
+def _summary_of_unchanged(path: Path, mtime_ns: int, size: int) -> GGUFSummary:
+    """summarize_gguf, once per file version: parsing a real vocabulary takes a second or more, and
+    the picker scans again each time it opens."""
+    from engine.gguf.header import summarize_gguf
+
+    return summarize_gguf(path)
 
 
 def is_gguf_file(path: Path) -> bool:

@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def models_parser() -> argparse.ArgumentParser:
+    """Just `pull` and `models`: build_parser() imports torch (for bench's presets), which they do not need."""
+    parser = argparse.ArgumentParser(prog="chattui")
+    models_cli.add_parser(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    return parser
+
+
 def read_prompt(arg: str) -> str:
     if arg == "-":
         return sys.stdin.read()
@@ -302,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="chattui: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = app_arguments(argv)
-    if args is None:
+    if args is None and argv[:1] in (["pull"], ["models"]):
+        args = models_parser().parse_args(argv)
+    elif args is None:
         args = build_parser().parse_args(argv)
     if getattr(args, "command", None) is None:
         try:

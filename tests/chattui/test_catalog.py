@@ -287,3 +287,14 @@ def test_gguf_files_are_called_by_their_store_names(stores):
     assert display_name(stores["tiny:latest"]) == "tiny:latest"
     assert display_name(stores["fake-pulled"]) == "fake-pulled"
     assert display_name(stores["org/Tiny-GGUF:tiny-q8_0.gguf"]) == "org/Tiny-GGUF:tiny-q8_0.gguf"
+
+
+def test_models_and_pull_never_import_torch(stores):
+    import subprocess
+    import sys
+
+    code = ("import sys; from chattui.cli import main; assert main(['models', '--json']) == 0; "
+            "assert main(['pull', 'nonesuch']) == 1; assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "tiny:latest" in proc.stdout
