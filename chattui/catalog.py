@@ -54,6 +54,20 @@ class ModelEntry:
 
 
 OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
+STORE_SOURCES = ("pulled", "hf-cache", "ollama", "lm-studio", "llama.cpp")  # other tools' lists, not the user's
+
+
+@dataclass(frozen=True)
+class Found:
+    """A model a store names, before its config.json or GGUF header is read (finding is cheap, reading
+    a real GGUF vocabulary is not: names resolve from these)."""
+
+    path: Path
+    name: str
+    source: str
+
+    def inspect(self) -> ModelEntry:
+        return inspect_model(self.path, self.source, self.name)
 
 
 @dataclass(frozen=True)
@@ -283,13 +297,15 @@ def gguf_files(root: Path, depth: int, store: Path | None = None) -> list[Path]:
     return found
 
 
-def _usable(entries: list[ModelEntry]) -> list[ModelEntry]:
-    """A store's entries that can be opened; the others are logged (the store is not the user's list)."""
-    for entry in entries:
-        if entry.problem:  # a known architecture chattui does not build is routine; a bad file is news
-            level = logging.INFO if entry.architecture else logging.WARNING
-            log.log(level, "skipped %s (%s): %s", entry.name, entry.path, entry.problem)
-    return [e for e in entries if e.problem is None]
+def _kept(entry: ModelEntry) -> bool:
+    """Whether scan() lists the entry: a store's entry only when it can be opened (the others are
+    logged); the bundled model, recent models and config folders keep their problem to show it."""
+    if entry.problem is None or entry.source not in STORE_SOURCES:
+        return True
+    # A known architecture chattui does not build is routine; a bad file is news.
+    level = logging.INFO if entry.architecture else logging.WARNING
+    log.log(level, "skipped %s (%s): %s", entry.name, entry.path, entry.problem)
+    return False
 
 
 def _hf_cache_repos(cache: Path) -> list[tuple[str, Path, list[Path]]]:
@@ -316,22 +332,20 @@ def _hf_cache_repos(cache: Path) -> list[tuple[str, Path, list[Path]]]:
     return found
 
 
-def hf_cache_entries(cache: Path) -> list[ModelEntry]:
+def hf_cache_models(cache: Path) -> list[Found]:
     """Checkpoint folders ("org/name") and .gguf files ("org/name:FILE", from the newest snapshot
     holding any) in the hub cache. Snapshot files link into the repo's blobs/, inside the store."""
-    entries: list[ModelEntry] = []
+    found: list[Found] = []
     for name, repo, snapshots in _hf_cache_repos(cache):
         snapshot = next((s for s in snapshots if (s / "config.json").exists()), None)
         if snapshot is not None:
-            entries.append(inspect_folder(snapshot, "hf-cache"))
+            found.append(Found(snapshot, name, "hf-cache"))
         for snapshot in snapshots:
             files = gguf_files(snapshot, depth=3, store=repo)
             if files:
-                entries += [
-                    inspect_gguf(f, "hf-cache", name=f"{name}:{f.relative_to(snapshot).as_posix()}") for f in files
-                ]
+                found += [Found(f, f"{name}:{f.relative_to(snapshot).as_posix()}", "hf-cache") for f in files]
                 break
-    return _usable(entries)
+    return found
 
 
 def ollama_name(manifest: Path, manifests: Path) -> str:
@@ -343,7 +357,7 @@ def ollama_name(manifest: Path, manifests: Path) -> str:
     return f"{registry}/{namespace}/{model}:{tag}"
 
 
-def ollama_models(root: Path) -> list[ModelEntry]:
+def ollama_models(root: Path) -> list[Found]:
     """Models in Ollama's store: each manifest (manifests/REGISTRY/NAMESPACE/MODEL/TAG, JSON) names
     its model layer by digest, a GGUF file in blobs/sha256-HEX."""
     manifests = root / "manifests"
@@ -351,7 +365,7 @@ def ollama_models(root: Path) -> list[ModelEntry]:
         if root.exists():
             log.warning("skipped Ollama's store %s: no manifests/ folder", root)
         return []
-    entries: list[ModelEntry] = []
+    found: list[Found] = []
     for manifest in _files_at_depth(manifests, 4):
         name = ollama_name(manifest, manifests)
         try:
@@ -379,8 +393,8 @@ def ollama_models(root: Path) -> list[ModelEntry]:
         if isinstance(layer.get("size"), int) and layer["size"] != size:
             log.warning("skipped Ollama model %s: blob %s has %d of %d bytes", name, blob, size, layer["size"])
             continue
-        entries.append(inspect_gguf(blob, "ollama", name=name))
-    return _usable(entries)
+        found.append(Found(blob, name, "ollama"))
+    return found
 
 
 def _files_at_depth(root: Path, depth: int) -> list[Path]:
@@ -401,90 +415,91 @@ def _files_at_depth(root: Path, depth: int) -> list[Path]:
     return found
 
 
-def lm_studio_models(root: Path) -> list[ModelEntry]:
+def lm_studio_models(root: Path) -> list[Found]:
     """LM Studio's models folder: PUBLISHER/MODEL/*.gguf, named "PUBLISHER/MODEL/FILE"."""
-    return _usable([
-        inspect_gguf(f, "lm-studio", name=f.relative_to(root).as_posix()) for f in gguf_files(root, depth=3)
+    return [
+        Found(f, f.relative_to(root).as_posix(), "lm-studio") for f in gguf_files(root, depth=3)
         if len(f.relative_to(root).parts) == 3
-    ])
+    ]
 
 
-def llama_cpp_models(root: Path) -> list[ModelEntry]:
+def llama_cpp_models(root: Path) -> list[Found]:
     """llama.cpp's download cache (`llama-cli -hf` and `--model-url` write ORG_REPO_FILE.gguf there)."""
-    return _usable([inspect_gguf(f, "llama.cpp", name=f.name) for f in gguf_files(root, depth=1)])
+    return [Found(f, f.name, "llama.cpp") for f in gguf_files(root, depth=1)]
 
 
-def pulled_models(root: Path) -> list[ModelEntry]:
+def pulled_models(root: Path) -> list[Found]:
     """`chattui pull`'s folder: NAME/FILE.gguf, named NAME (NAME/FILE when a folder holds several)."""
     files = gguf_files(root, depth=2)
-    entries = []
+    found = []
     for f in files:
-        folder = f.parent.name
         several = sum(g.parent == f.parent for g in files) > 1
-        entries.append(inspect_gguf(f, "pulled", name=f"{folder}/{f.name}" if several else folder))
-    return _usable(entries)
+        found.append(Found(f, f"{f.parent.name}/{f.name}" if several else f.parent.name, "pulled"))
+    return found
 
 
-def config_folder_models(folders: list[str]) -> list[ModelEntry]:
+def config_folder_models(folders: list[str]) -> list[Found]:
     """Each config `model_folders` item: a model folder, a .gguf file, or a folder of them (checkpoint
-    folders one level down, .gguf files up to two). What cannot be opened stays, with its problem."""
-    entries: list[ModelEntry] = []
+    folders one level down, .gguf files up to two). A missing one is found too, to say so."""
+    found: list[Found] = []
     for folder in folders:
         base = Path(folder).expanduser()
         if (base / "config.json").exists() or base.suffix.lower() == ".gguf" and base.is_file():
-            entries.append(inspect_model(base, "config"))
+            found.append(Found(base, display_name(base), "config"))
             continue
         try:
             children = sorted(c for c in base.iterdir() if (c / "config.json").exists())
         except OSError:
-            entries.append(ModelEntry(path=base, name=base.name, source="config", problem="folder not found"))
+            found.append(Found(base, base.name, "config"))  # inspect says "folder not found"
             continue
-        entries += [inspect_folder(child, "config") for child in children]
-        entries += [
-            inspect_gguf(f, "config", name=f.relative_to(base).as_posix()) for f in gguf_files(base, depth=2)
-        ]
-    return entries
+        found += [Found(child, display_name(child), "config") for child in children]
+        found += [Found(f, f.relative_to(base).as_posix(), "config") for f in gguf_files(base, depth=2)]
+    return found
 
 
-def scan(
-    recent: list[str],
-    folders: list[str],
-    stores: Stores,
-    bundled: Path | None = None,
-) -> list[ModelEntry]:
-    """Every model the picker offers, each path once: the bundled model, the recent ones (under the
-    name their store gives them), then every store's. Entries from the stores that cannot be opened
-    (a bad file, an unsupported architecture) are left out; the bundled model, recent models and
-    config folders keep their problem to show it."""
+def find(recent: list[str], folders: list[str], stores: Stores, bundled: Path | None = None) -> list[Found]:
+    """Every model on this machine, each path once, in the order they are listed: the bundled model,
+    the recent ones (under the name their store gives them), then every store's. Reads no weights,
+    no config.json and no GGUF header."""
     bundled = bundled or bundled_model_dir()
-    bundled_entry = inspect_folder(bundled, "bundled", name=f"bundled ({bundled.name})")
-    if bundled_entry.problem in ("no config.json", "folder not found"):
-        bundled_entry.problem = "not installed yet"
     stored = [
         *pulled_models(stores.pulled),
         *config_folder_models(folders),
-        *hf_cache_entries(stores.hf_cache),
+        *hf_cache_models(stores.hf_cache),
         *ollama_models(stores.ollama),
-        *(e for root in stores.lm_studio for e in lm_studio_models(root)),
+        *(f for root in stores.lm_studio for f in lm_studio_models(root)),
         *llama_cpp_models(stores.llama_cpp),
     ]
-    by_path: dict[Path, ModelEntry] = {}
-    for entry in stored:
-        by_path.setdefault(_key(entry.path), entry)
+    by_path: dict[Path, Found] = {}
+    for f in stored:
+        by_path.setdefault(_key(f.path), f)
 
-    entries: list[ModelEntry] = []
+    found: list[Found] = []
     seen: set[Path] = set()
 
-    def add(entry: ModelEntry) -> None:
-        if _key(entry.path) not in seen:
-            seen.add(_key(entry.path))
-            entries.append(entry)
+    def add(f: Found) -> None:
+        if _key(f.path) not in seen:
+            seen.add(_key(f.path))
+            found.append(f)
 
-    add(bundled_entry)
+    add(Found(bundled, f"bundled ({bundled.name})", "bundled"))
     for p in recent:
-        add(by_path.get(_key(Path(p))) or inspect_model(Path(p), "recent"))
-    for entry in stored:
-        add(entry)
+        add(by_path.get(_key(Path(p))) or Found(Path(p), display_name(p), "recent"))
+    for f in stored:
+        add(f)
+    return found
+
+
+def scan(recent: list[str], folders: list[str], stores: Stores, bundled: Path | None = None) -> list[ModelEntry]:
+    """What find() finds, inspected. Entries from the stores that cannot be opened (a bad file, an
+    unsupported architecture) are left out and logged; the others keep their problem to show it."""
+    entries = []
+    for f in find(recent, folders, stores, bundled):
+        entry = f.inspect()
+        if f.source == "bundled" and entry.problem in ("no config.json", "folder not found"):
+            entry.problem = "not installed yet"
+        if _kept(entry):
+            entries.append(entry)
     return entries
 
 
@@ -499,20 +514,23 @@ class ModelNotFound(LookupError):
     """--model names neither a file or folder nor a model `chattui models` lists."""
 
 
-def resolve_model(value: str, entries: Callable[[], list[ModelEntry]]) -> Path:
+def resolve_model(value: str, found: Callable[[], list[Found]]) -> Path:
     """A --model value as a path: an existing file or folder as is, else the model of that name
-    (`chattui models`' NAME column; the stores are scanned only then)."""
+    (`chattui models`' NAME column; the stores are searched only then, and only the match is read)."""
     path = Path(value).expanduser()
     if path.exists():
         return path
     if path.is_absolute():  # no name is an absolute path
         raise ModelNotFound(f"{path}: no such file or folder")
-    found = [e for e in entries() if e.name == value]
-    usable = [e for e in found if e.problem is None]
-    if usable:
-        return usable[0].path
-    if found:
-        raise ModelNotFound(f"{value} ({found[0].path}): {found[0].problem}")
+    problem = None
+    for f in found():
+        if f.name == value:
+            entry = f.inspect()
+            if entry.problem is None:
+                return f.path
+            problem = problem or f"{value} ({f.path}): {entry.problem}"
+    if problem:
+        raise ModelNotFound(problem)
     from chattui.pull import CATALOG
 
     if value in CATALOG:

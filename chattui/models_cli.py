@@ -13,7 +13,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from chattui.catalog import ModelEntry, ModelNotFound, Stores, human_bytes, human_count, resolve_model, scan
+from chattui.catalog import ModelNotFound, Stores, find, human_bytes, human_count, resolve_model, scan
 from chattui.pull import CATALOG, PullCancelled, PullError, PullProgress, pull_catalog_model, pull_hf
 
 log = logging.getLogger("chattui")
@@ -50,8 +50,9 @@ def add_parser(sub) -> None:
     m.set_defaults(run=cmd_models)
 
 
-def discover() -> list[ModelEntry]:
-    """Every model on this machine, as the app's picker would list it (without creating any file)."""
+def machine_sources() -> tuple[list[str], list[str], Stores]:
+    """What find() and scan() search on this machine: recently used models, the config's
+    model_folders and the stores (without creating any file)."""
     from chattui.config import default_path, load_config
     from chattui.paths import config_dir, data_dir
     from chattui.store import DB_FILE, Store, StoreError
@@ -68,20 +69,20 @@ def discover() -> list[ModelEntry]:
             store.close()
         except (StoreError, sqlite3.Error, OSError) as e:
             log.warning("recently used models unknown: %s: %s", db, e)
-    return scan(recent, config.model_folders, Stores.default())
+    return recent, config.model_folders, Stores.default()
 
 
 def resolve_model_arg(value: str) -> Path:
     """`--model VALUE` as a path (the one place names are resolved); a ValueError says why not."""
     try:
-        return resolve_model(value, discover)
+        return resolve_model(value, lambda: find(*machine_sources()))
     except ModelNotFound as e:
         raise ValueError(str(e)) from None
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     entries = []
-    for entry in discover():
+    for entry in scan(*machine_sources()):
         if entry.problem:
             log.warning("not listed: %s (%s): %s", entry.name, entry.path, entry.problem)
         else:

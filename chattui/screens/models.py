@@ -18,7 +18,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
-from chattui.catalog import (ModelEntry, ModelNotFound, Stores, human_bytes, human_count, is_gguf_file,
+from chattui.catalog import (Found, ModelEntry, ModelNotFound, Stores, human_bytes, human_count, is_gguf_file,
                              resolve_model, scan)
 from chattui.pull import CATALOG, CatalogModel, is_pulled
 from chattui.widgets.pull_panel import PullPanel
@@ -159,7 +159,7 @@ class ModelPickerScreen(ModalScreen[str | None]):
             return
         error = self.query_one("#picker-error", Static)
         try:
-            path = resolve_model(raw, lambda: self.entries)
+            path = resolve_model(raw, lambda: [Found(e.path, e.name, e.source) for e in self.entries])
         except ModelNotFound as e:
             error.update(str(e))
             error.display = True

@@ -1,5 +1,6 @@
-"""Model discovery for the picker: bundled, recent, config folders and the Hugging Face cache, read
-from config.json alone (no torch), with parameter estimates and sizes."""
+"""Model discovery: bundled, recent, config folders, the Hugging Face cache (folders and GGUF files),
+Ollama, LM Studio, llama.cpp's cache and pulled models, from config.json and GGUF headers alone (no
+torch), with parameter counts and sizes; broken stores skipped; names resolving to files and opening."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from gguf_files import write_gguf as write_checkpoint_gguf
 from model_stores import gguf_parameters, hub_gguf_repo, ollama_model, write_gguf
 from safetensors import safe_open
 
-from chattui.catalog import Stores, display_name, hf_cache_entries, human_bytes, human_count, inspect_folder, scan
+from chattui.catalog import Stores, display_name, hf_cache_models, human_bytes, human_count, inspect_folder, scan
 from chattui.cli import main
 from chattui.models_cli import resolve_model_arg
 from chattui.paths import bundled_model_dir, hf_hub_cache
@@ -67,7 +68,8 @@ def test_hf_cache_lists_supported_models_only_with_org_name(tmp_path, checkpoint
     (falcon / "config.json").write_text(json.dumps(config))
     (cache / "datasets--x--y").mkdir()
 
-    assert [e.name for e in hf_cache_entries(cache)] == ["Qwen/Qwen2-tiny"]
+    assert [(f.name, f.path) for f in hf_cache_models(cache)] == [("Qwen/Qwen2-tiny", snapshot),
+                                                                  ("tiiuae/falcon-tiny", falcon)]
     entries = scan([], [], replace(Stores.at(tmp_path), hf_cache=cache), bundled=tmp_path / "none")
     hub = [e for e in entries if e.source == "hf-cache"]
     assert [(e.name, e.path) for e in hub] == [("Qwen/Qwen2-tiny", snapshot)]
@@ -298,3 +300,11 @@ def test_models_and_pull_never_import_torch(stores):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "tiny:latest" in proc.stdout
+
+
+def test_a_name_resolves_reading_only_its_own_header(stores):
+    import chattui.catalog
+
+    chattui.catalog._summary_of_unchanged.cache_clear()
+    assert resolve_model_arg("old/M/m.gguf") == stores["old/M/m.gguf"]
+    assert chattui.catalog._summary_of_unchanged.cache_info().misses == 1
