@@ -295,7 +295,8 @@ def pull_hf(spec: str) -> Path:
     except errors.EntryNotFoundError:
         raise PullError(f"{repo}: no file {file_name} in it") from None
     except Exception as e:  # network and HTTP errors come from the hub's HTTP client, whichever it is
-        raise PullError(f"downloading {spec} from the Hugging Face hub failed ({type(e).__name__}: {first_line(e)})") from None
+        reason = f"{type(e).__name__}: {first_line(e)}"
+        raise PullError(f"downloading {spec} from the Hugging Face hub failed ({reason})") from None
 
 
 def check_reachable(endpoint: str) -> None:
@@ -307,7 +308,9 @@ def check_reachable(endpoint: str) -> None:
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
     except OSError as e:
-        raise PullError(f"cannot reach the Hugging Face hub at {url.hostname} ({first_line(e)}): hf: pulls need a network") from None
+        raise PullError(
+            f"cannot reach the Hugging Face hub at {url.hostname} ({first_line(e)}): hf: pulls need a network"
+        ) from None
 
 
 def first_line(error: Exception) -> str:

@@ -83,7 +83,8 @@ class ModelPickerScreen(ModalScreen[str | None]):
             yield Static("Looking for models…", id="picker-status", markup=False)
             yield OptionList(id="model-list")
             yield PullPanel(self.stores.pulled, id="pull-panel")
-            yield Input(placeholder="…or type a model folder, a .gguf file or a name, and press Enter", id="model-path")
+            yield Input(placeholder="…or type a model folder, a .gguf file or a name, and press Enter",
+                        id="model-path")
             yield Static("", id="picker-error", markup=False)
             yield Label(
                 "Enter loads or pulls · Esc cancels · a model that fails to load keeps the current one",

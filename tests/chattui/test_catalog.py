@@ -253,7 +253,8 @@ def test_absent_and_odd_stores_are_skipped_without_a_crash(home, tmp_path, monke
 def test_a_recent_gguf_keeps_the_name_its_store_gives_it(stores):
     blob = stores["tiny:latest"]
     entries = scan([str(blob)], [], Stores.default(), bundled=Path("/nonexistent"))
-    assert [(e.name, e.source) for e in entries[:2]] == [("bundled (nonexistent)", "bundled"), ("tiny:latest", "ollama")]
+    assert [(e.name, e.source) for e in entries[:2]] == [("bundled (nonexistent)", "bundled"),
+                                                         ("tiny:latest", "ollama")]
     assert sum(e.path == blob for e in entries) == 1
 
 
