@@ -21,8 +21,9 @@ import torch.nn as nn
 
 from engine.errors import CheckpointError
 from engine.gguf.config import config_from_gguf
-from engine.gguf.header import cached_gguf, is_gguf_path
+from engine.gguf.header import cached_gguf, is_gguf_path, release_cached_gguf
 from engine.gguf.tensors import dequantize, model_tensors
+from engine.gguf.tokenizer import END_OF_GENERATION_TOKENS
 from engine.inference import prepare_for_inference
 from engine.sampling import SamplingParams
 from models import IGNORED_CHECKPOINT_KEYS, ModelConfig, build_model, checkpoint_prefix, config_from_hf
@@ -105,13 +106,6 @@ def read_generation_defaults(model_dir: Path, model_json: dict[str, Any]) -> Gen
     return defaults
 
 
-# Tokens llama.cpp ends a reply on wherever a vocabulary has them (llama-vocab.cpp's end-of-generation list).
-GGUF_END_OF_GENERATION_TOKENS = frozenset({
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>",
-    "<|end_of_text|>", "<end_of_utterance>",
-})
-
-
 def read_defaults(model_path: Path) -> GenerationDefaults:
     """Generation defaults of a checkpoint folder (generation_config.json) or a GGUF file, which has no
     sampling settings: ours, with its end-of-sequence, end-of-turn and end-of-message ids as stop ids, and the
@@ -121,7 +115,7 @@ def read_defaults(model_path: Path) -> GenerationDefaults:
     gguf_file = cached_gguf(model_path)
     stops = [gguf_file.value(f"tokenizer.ggml.{key}", int, None) for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
     tokens = gguf_file.array("tokenizer.ggml.tokens", str, [])
-    stops += [i for i, text in enumerate(tokens) if text in GGUF_END_OF_GENERATION_TOKENS]
+    stops += [i for i, text in enumerate(tokens) if text in END_OF_GENERATION_TOKENS]
     return GenerationDefaults(
         eos_token_ids=list(dict.fromkeys(i for i in stops if i is not None)),
         bos_token_id=gguf_file.value("tokenizer.ggml.bos_token_id", int, None),
@@ -300,10 +294,10 @@ class _GGUFWeights:
     def read(self, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         for key, tensor in self.tensors.items():
             try:
-                weight = dequantize(tensor)  # float32, freed as soon as it is converted
+                yield key, dequantize(tensor, dtype, device)
             except CheckpointError as e:
                 raise CheckpointError(f"{self.where}: {e}") from None
-            yield key, weight.to(device=device, dtype=dtype).contiguous()
+        release_cached_gguf()  # the weights were the last part read: the parsed header need not stay in memory
 
 
 def _weight_source(model_path: Path, expected: set[str], config: ModelConfig) -> _SafetensorsWeights | _GGUFWeights:

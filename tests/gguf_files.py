@@ -118,6 +118,14 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, pre: str = "gpt-2") -> 
     gguf.SpecialVocab(folder, load_merges=True).add_to_gguf(writer)
 
 
+def finish(writer: gguf.GGUFWriter) -> None:
+    """Write the header, metadata and tensors a writer was given, and close the file."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_gguf(
     checkpoint: Path,
     out: Path,
@@ -173,10 +181,7 @@ def write_gguf(
         if name in skip_tensors:
             continue
         writer.add_tensor(name, data, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
 
     effective_dir = out.with_suffix(".effective")
     shutil.copytree(checkpoint, effective_dir, dirs_exist_ok=True)

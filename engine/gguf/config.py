@@ -26,6 +26,14 @@ ROPE_FREQS_TENSOR = "rope_freqs.weight"  # llama.cpp's form of Llama 3 RoPE scal
 def config_from_gguf(gguf_file: GGUFFile) -> ModelConfig:
     """The config for a GGUF file; CheckpointError names the file and the key that is missing or wrong."""
     arch = gguf_file.architecture
+    if gguf_file.value("general.type", str, "model") == "adapter":
+        raise CheckpointError(f"{gguf_file.path}: a LoRA adapter in GGUF form, not a model (use a PEFT adapter folder)")
+    parts = gguf_file.value("split.count", int, 1)
+    if parts > 1:
+        raise CheckpointError(
+            f"{gguf_file.path}: one part of a GGUF split into {parts} files; join them first "
+            "(llama-gguf-split --merge FIRST-PART OUT.gguf)"
+        )
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise CheckpointError(
             f"{gguf_file.path}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"

@@ -162,6 +162,11 @@ def _open_unchanged(path: Path, mtime_ns: int, size: int) -> GGUFFile:
     return open_gguf(path)
 
 
+def release_cached_gguf() -> None:
+    """Drop the parsed headers cached_gguf keeps (and their memory maps), e.g. once a model is loaded."""
+    _open_unchanged.cache_clear()
+
+
 def _one_line(error: object) -> str:
     return " ".join(str(error).split())
 

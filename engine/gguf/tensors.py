@@ -9,8 +9,8 @@ Two layout changes undo what llama.cpp's converter did:
 
 `model_tensors` describes every tensor with its raw, memory-mapped blocks (nothing is read), so a
 loader that keeps quantized weights can take the blocks as they are: rows are whole blocks, so the
-row permutation applies to raw blocks too. `dequantize` turns one tensor into a float32 torch
-tensor in our layout.
+row permutation applies to raw blocks too. `dequantize` turns one tensor into a torch tensor of
+the requested dtype in our layout.
 """
 
 from __future__ import annotations
@@ -137,25 +137,45 @@ def model_tensors(gguf_file: GGUFFile, config: ModelConfig) -> dict[str, GGUFTen
     return tensors
 
 
-def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def unpermute_rows(w: torch.Tensor | np.ndarray, n_heads: int) -> torch.Tensor | np.ndarray:
     """Undo convert_hf_to_gguf.py's `permute` of Q/K rows (n_heads * head_dim, ...): there each head's rows
     were reordered from [first half | second half] to interleaved pairs, i.e.
-    `w.reshape(n_heads, 2, head_dim // 2, ...).swapaxes(1, 2)`; this is its inverse."""
+    `w.reshape(n_heads, 2, head_dim // 2, ...).swapaxes(1, 2)`; this is its inverse. Works on a torch tensor
+    of values and on a numpy array of raw quantized rows alike (a row is whole blocks)."""
     rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def dequantize(tensor: GGUFTensor) -> torch.Tensor:
-    """The tensor as float32 in our layout, e.g. (out, in) for a Linear, (in, out) for GPT-2's Conv1D."""
+_STAGING_ELEMENTS = 4 << 20  # float32 values dequantized per step of a large tensor (16 MiB)
+
+
+def _dequantize_raw(tensor: GGUFTensor, raw: np.ndarray) -> torch.Tensor:
+    """float32 values of raw data (whole rows of the tensor), numpy order."""
     try:
-        array = gguf.quants.dequantize(tensor.raw, tensor.tensor_type)  # float32, numpy order
+        array = gguf.quants.dequantize(raw, tensor.tensor_type)
     except (ValueError, NotImplementedError) as e:  # a malformed block array; types were checked before
         raise CheckpointError(f"cannot dequantize {tensor.gguf_name} ({tensor.tensor_type.name}): {e}") from None
     if not array.flags.writeable:  # F32 comes back as a view of the read-only mapping
         array = array.copy()
-    w = torch.from_numpy(array).reshape(tensor.shape)
+    return torch.from_numpy(array)
+
+
+def dequantize(tensor: GGUFTensor, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The tensor in our layout, e.g. (out, in) for a Linear and (in, out) for GPT-2's Conv1D, in dtype on device.
+
+    A matrix whose layout stays as stored is dequantized a few rows at a time straight into the result, so a
+    large embedding needs no full float32 copy beside it."""
+    rows = tensor.shape[0]
+    if tensor.unpermute_heads is None and not tensor.transpose and len(tensor.shape) == 2 and tensor.raw.shape[0] == rows:
+        out = torch.empty(tensor.shape, dtype=dtype, device=device)
+        step = max(1, _STAGING_ELEMENTS // tensor.shape[1])
+        for start in range(0, rows, step):
+            chunk = _dequantize_raw(tensor, tensor.raw[start : start + step])
+            out[start : start + step].copy_(chunk.reshape(-1, tensor.shape[1]))
+        return out
+    w = _dequantize_raw(tensor, tensor.raw).reshape(tensor.shape)
     if tensor.unpermute_heads is not None:
         w = unpermute_rows(w, tensor.unpermute_heads)
     if tensor.transpose:
         w = w.t()
-    return w
+    return w.to(device=device, dtype=dtype).contiguous()

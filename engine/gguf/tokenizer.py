@@ -7,23 +7,22 @@ Two vocabulary types (`tokenizer.ggml.model`):
 - `llama`: SentencePiece-style BPE with byte fallback: spaces become "▁", one is put before every run
   of text, as llama.cpp does, the ones after special tokens included (when `add_space_prefix`), and
   pairs merge in the order of the merged piece's score (so the scores become the merges' ranking).
-Control and unknown-type tokens are special (matched whole, skipped when decoding); user-defined ones
-are matched whole and kept. Torch-free.
+Control and unknown-type tokens, and the end-of-generation ones llama.cpp knows by their text, are
+special (matched whole, skipped when decoding); user-defined ones are matched whole and kept. Torch-free.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
+from gguf import TokenType
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from engine.errors import CheckpointError
 from engine.gguf.header import GGUFFile
 
 log = logging.getLogger(__name__)
-
-# llama.cpp's token types (gguf.TokenType): what each means for matching and decoding.
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 # The split expressions of llama.cpp's src/llama-vocab.cpp, by pre-tokenizer family.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -39,17 +38,40 @@ _TEKKEN_SPLIT = (
 )
 _DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]")
 
-# tokenizer.ggml.pre -> (split expressions in order, ignore_merges: a piece that is a whole token is kept
-# whole, as llama.cpp does for these), following llama-vocab.cpp's name table.
-_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3"), ((_LLAMA3_SPLIT,), True)),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), ((_QWEN2_SPLIT,), False)),
-    **dict.fromkeys(("smollm", "starcoder", "refact"), ((r"\p{N}", _GPT2_SPLIT), False)),
-    **dict.fromkeys(("gpt-2", "gpt2", "phi-2", "olmo"), ((_GPT2_SPLIT,), False)),
-    "tekken": ((_TEKKEN_SPLIT,), True),
-    "default": (_DEFAULT_SPLITS, False),
+
+@dataclass(frozen=True)
+class _PreTokenizer:
+    """How llama.cpp treats one `tokenizer.ggml.pre` family."""
+
+    splits: tuple[str, ...]  # split expressions, applied in order
+    ignore_merges: bool = False  # a piece that is a whole token is kept whole
+    add_bos: bool = False  # BOS is added when the file does not say (tokenizer.ggml.add_bos_token)
+
+
+_LLAMA3 = _PreTokenizer((_LLAMA3_SPLIT,), ignore_merges=True, add_bos=True)
+_QWEN2 = _PreTokenizer((_QWEN2_SPLIT,))
+_SMOLLM = _PreTokenizer((r"\p{N}", _GPT2_SPLIT))
+_GPT2 = _PreTokenizer((_GPT2_SPLIT,))
+# Names as llama-vocab.cpp reads them (the families asked for, and names llama.cpp gives the same rules).
+_PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral"), _LLAMA3),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "kormo", "f2llmv2"), _QWEN2),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva-7b"), _SMOLLM),
+    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo"), _GPT2),
+    "tekken": _PreTokenizer((_TEKKEN_SPLIT,), ignore_merges=True, add_bos=True),
+    "default": _PreTokenizer(_DEFAULT_SPLITS),
 }
 SUPPORTED_TOKENIZER_TYPES = ("gpt2", "llama")
+
+# Tokens llama.cpp ends a reply on wherever a vocabulary has them (llama-vocab.cpp's end-of-generation list);
+# it treats them as control tokens whatever type the file gives them.
+END_OF_GENERATION_TOKENS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>",
+    "_<EOT>", "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<|fim_pad|>", "<|fim_repo|>", "<|repo_name|>",
+    "<|file_sep|>",
+})
+# llama.cpp's special ids for a SentencePiece vocabulary whose file names none.
+_SENTENCEPIECE_DEFAULT_IDS = {"bos_token_id": 1, "eos_token_id": 2, "unknown_token_id": 0}
 
 
 def build_tokenizer(gguf_file: GGUFFile) -> tuple[Tokenizer, dict[str, str]]:
@@ -58,14 +80,15 @@ def build_tokenizer(gguf_file: GGUFFile) -> tuple[Tokenizer, dict[str, str]]:
     tokens = gguf_file.array("tokenizer.ggml.tokens", str)
     if not tokens:
         raise CheckpointError(f"{gguf_file.path}: metadata key 'tokenizer.ggml.tokens' is empty")
-    token_types = gguf_file.array("tokenizer.ggml.token_type", int, [_NORMAL] * len(tokens))
+    token_types = gguf_file.array("tokenizer.ggml.token_type", int, [TokenType.NORMAL] * len(tokens))
     if len(token_types) != len(tokens):
         raise CheckpointError(
             f"{gguf_file.path}: 'tokenizer.ggml.token_type' has {len(token_types)} entries for {len(tokens)} tokens"
         )
     if kind == "gpt2":
-        tokenizer = _byte_level_bpe(gguf_file, tokens)
-        default_add_bos = gguf_file.value("tokenizer.ggml.pre", str, "default") in ("llama3", "llama-v3", "llama-bpe", "tekken")
+        pre = _pre_tokenizer(gguf_file)
+        tokenizer = _byte_level_bpe(gguf_file, tokens, pre)
+        default_add_bos = pre.add_bos
     elif kind == "llama":
         tokenizer = _sentencepiece_bpe(gguf_file, tokens, token_types)
         default_add_bos = True  # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says not to
@@ -77,18 +100,20 @@ def build_tokenizer(gguf_file: GGUFFile) -> tuple[Tokenizer, dict[str, str]]:
 
     tokenizer.add_special_tokens([
         AddedToken(text, special=True, normalized=False)
-        for text, kind_ in zip(tokens, token_types) if kind_ in (_CONTROL, _UNKNOWN)
+        for text, token_type in zip(tokens, token_types)
+        if token_type in (TokenType.CONTROL, TokenType.UNKNOWN) or text in END_OF_GENERATION_TOKENS
     ])
     tokenizer.add_tokens([
         AddedToken(text, special=False, normalized=False)
-        for text, kind_ in zip(tokens, token_types) if kind_ == _USER_DEFINED
+        for text, token_type in zip(tokens, token_types) if token_type == TokenType.USER_DEFINED
     ])
 
     special: dict[str, str] = {}
     special_ids: dict[str, int] = {}
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                       ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
-        token_id = gguf_file.value(f"tokenizer.ggml.{key}", int, None)
+        default_id = _SENTENCEPIECE_DEFAULT_IDS.get(key) if kind == "llama" else None
+        token_id = gguf_file.value(f"tokenizer.ggml.{key}", int, default_id)
         if token_id is None:
             continue
         if not 0 <= token_id < len(tokens):
@@ -101,28 +126,31 @@ def build_tokenizer(gguf_file: GGUFFile) -> tuple[Tokenizer, dict[str, str]]:
     before = ["bos_token"] if add_bos else []
     after = ["eos_token"] if add_eos else []
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=" ".join([*(special[n] for n in before), "$A", *(special[n] for n in after)]),
+        single=[*(special[n] for n in before), "$A", *(special[n] for n in after)],
         special_tokens=[(special[n], special_ids[n]) for n in before + after],
     )
     return tokenizer, special
 
 
-def _byte_level_bpe(gguf_file: GGUFFile, tokens: list[str]) -> Tokenizer:
-    pre = gguf_file.value("tokenizer.ggml.pre", str, None)
-    if pre is None:
+def _pre_tokenizer(gguf_file: GGUFFile) -> _PreTokenizer:
+    name = gguf_file.value("tokenizer.ggml.pre", str, None)
+    if name is None:
         log.warning("%s: no 'tokenizer.ggml.pre'; splitting text with llama.cpp's default rules", gguf_file.path)
-        pre = "default"
-    if pre not in _PRE_TOKENIZERS:
+        name = "default"
+    if name not in _PRE_TOKENIZERS:
         raise CheckpointError(
-            f"{gguf_file.path}: unsupported pre-tokenizer {pre!r} in 'tokenizer.ggml.pre' "
+            f"{gguf_file.path}: unsupported pre-tokenizer {name!r} in 'tokenizer.ggml.pre' "
             f"(supported: {', '.join(_PRE_TOKENIZERS)})"
         )
-    splits, ignore_merges = _PRE_TOKENIZERS[pre]
+    return _PRE_TOKENIZERS[name]
+
+
+def _byte_level_bpe(gguf_file: GGUFFile, tokens: list[str], pre: _PreTokenizer) -> Tokenizer:
     merges = [_split_merge(gguf_file, m) for m in gguf_file.array("tokenizer.ggml.merges", str)]
     vocab = {text: i for i, text in reversed(list(enumerate(tokens)))}  # a repeated text keeps its first id
-    tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+    tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre.ignore_merges))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        *(pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits),
+        *(pre_tokenizers.Split(Regex(split), behavior="isolated") for split in pre.splits),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
@@ -142,7 +170,7 @@ def _sentencepiece_bpe(gguf_file: GGUFFile, tokens: list[str], token_types: list
     if len(scores) != len(tokens):
         raise CheckpointError(f"{gguf_file.path}: 'tokenizer.ggml.scores' has {len(scores)} entries for {len(tokens)} tokens")
     vocab = {text: i for i, text in reversed(list(enumerate(tokens)))}
-    unk_id = gguf_file.value("tokenizer.ggml.unknown_token_id", int, None)
+    unk_id = gguf_file.value("tokenizer.ggml.unknown_token_id", int, _SENTENCEPIECE_DEFAULT_IDS["unknown_token_id"])
     tokenizer = Tokenizer(models.BPE(
         vocab, _merges_by_score(tokens, token_types, scores, vocab), byte_fallback=True, fuse_unk=True,
         unk_token=tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None,
@@ -168,7 +196,7 @@ def _merges_by_score(
     vocabulary token with the highest score; BPE with merges in this order does the same."""
     ranked = []
     for token_id, (text, kind, score) in enumerate(zip(tokens, token_types, scores)):
-        if kind in (_CONTROL, _UNKNOWN, _BYTE) or vocab.get(text) != token_id:
+        if kind in (TokenType.CONTROL, TokenType.UNKNOWN, TokenType.BYTE) or vocab.get(text) != token_id:
             continue
         for cut in range(1, len(text)):
             left, right = text[:cut], text[cut:]

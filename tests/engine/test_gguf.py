@@ -13,14 +13,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from checkpoints import CHATML_TEMPLATE, hf_model, hf_tokenizer
+from checkpoints import CHATML_TEMPLATE, hf_model
 from engine import CheckpointError, Engine, SamplingParams
 from engine.checkpoint import load_model, read_model_config
 from engine.gguf import summarize_gguf
 from engine.gguf.tensors import unpermute_rows
 from engine.tokenizer import ChatTokenizer
-from gguf_files import RANDOM_BLOCK_TYPES, Q, add_tokenizer, llama_cpp_permute, write_gguf
+from gguf_files import RANDOM_BLOCK_TYPES, Q, add_tokenizer, finish, llama_cpp_permute, write_gguf
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,10 +44,7 @@ def _write_small_gguf(path: Path, **metadata) -> Path:
     writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0),
                       raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     writer.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return path
 
 
@@ -107,10 +105,7 @@ def test_metadata_of_the_wrong_type(tmp_path):
     path = tmp_path / "t.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_string("llama.context_length", "long")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     with pytest.raises(CheckpointError, match=r"'llama.context_length' must be an integer, found string"):
         summarize_gguf(path)
 
@@ -167,6 +162,14 @@ def test_k_quant_and_iq4_nl_gguf_match_transformers_on_their_dequantized_weights
     _assert_same_model(path, effective)
 
 
+def test_large_matrices_are_dequantized_a_few_rows_at_a_time(checkpoint_factory, tmp_path, monkeypatch):
+    import engine.gguf.tensors
+
+    monkeypatch.setattr(engine.gguf.tensors, "_STAGING_ELEMENTS", 3 * 64 + 5)  # 3 rows of 64 per step
+    path, effective = write_gguf(checkpoint_factory("qwen2"), tmp_path / "m.gguf", "qwen2", Q.Q4_1)
+    _assert_same_model(path, effective)
+
+
 def test_dtype_option_dequantizes_to_that_dtype(checkpoint_factory, tmp_path):
     path, effective = write_gguf(checkpoint_factory("llama"), tmp_path / "m.gguf", "llama", Q.Q8_0)
     reference = hf_model(effective)
@@ -199,6 +202,13 @@ def test_unpermute_rows_inverts_the_converters_permute(rows, heads):
     assert torch.equal(unpermute_rows(torch.from_numpy(llama_cpp_permute(b, heads)), heads), torch.from_numpy(b))
 
 
+def test_unpermute_rows_works_on_raw_quantized_rows():
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    blocks = gguf.quants.quantize(w, Q.Q4_0)  # (rows, bytes)
+    restored = unpermute_rows(llama_cpp_permute(blocks, 4), 4)
+    assert np.array_equal(restored, blocks)
+
+
 def test_a_llama_gguf_without_the_permutation_gives_other_logits(checkpoint_factory, tmp_path):
     """The loader really undoes the permutation: the same file written unpermuted no longer matches."""
     checkpoint = checkpoint_factory("llama")
@@ -213,16 +223,14 @@ def test_k_rows_are_unpermuted_with_the_key_value_head_count(checkpoint_factory,
     checkpoint = checkpoint_factory("llama")
     path, _ = write_gguf(checkpoint, tmp_path / "m.gguf", "llama")
     model = load_model(path, read_model_config(path), CPU, torch.float32)
-    from safetensors.torch import load_file
-
     state = load_file(checkpoint / "model.safetensors")
+    q_hf, k_hf = state["model.layers.0.self_attn.q_proj.weight"], state["model.layers.0.self_attn.k_proj.weight"]
     layer = model.model.layers[0].self_attn
-    q_rows, k_rows = state["model.layers.0.self_attn.q_proj.weight"].shape[0], state["model.layers.0.self_attn.k_proj.weight"].shape[0]
-    fused = layer.fused_qkv.weight if layer.fused_qkv is not None else None
-    q = fused[:q_rows] if fused is not None else layer.q_proj.weight
-    k = fused[q_rows : q_rows + k_rows] if fused is not None else layer.k_proj.weight
-    assert torch.equal(q, state["model.layers.0.self_attn.q_proj.weight"])
-    assert torch.equal(k, state["model.layers.0.self_attn.k_proj.weight"])
+    if layer.fused_qkv is not None:  # inference fuses q, k, v into one weight: (q rows + k rows + v rows, D)
+        q, k, _ = layer.fused_qkv.weight.split([q_hf.shape[0], k_hf.shape[0], k_hf.shape[0]])
+    else:
+        q, k = layer.q_proj.weight, layer.k_proj.weight
+    assert torch.equal(q, q_hf) and torch.equal(k, k_hf)
 
 
 # -- tokenizers ---------------------------------------------------------------------------------
@@ -233,10 +241,7 @@ def _tokenizer_gguf(path: Path, write_vocab, arch: str = "llama", chat_template:
     write_vocab(writer)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return path
 
 
@@ -416,10 +421,7 @@ def _rewrite(path: Path, out: Path, arch: str | None = None, drop: tuple[str, ..
             writer.add_tensor(t.name, data.astype(np.float32))
     for name, data in (extra_tensors or {}).items():
         writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return out
 
 
@@ -432,6 +434,13 @@ def good_gguf(checkpoint_factory, tmp_path) -> Path:
 def test_unsupported_architecture_is_refused_with_the_supported_list(good_gguf, tmp_path):
     bad = _rewrite(good_gguf, tmp_path / "bad.gguf", arch="mamba")
     assert "unsupported architecture 'mamba'; supported: llama, qwen2, qwen3, gpt2" in _load_error(bad)
+
+
+def test_split_parts_and_adapters_are_refused(good_gguf, tmp_path):
+    part = _rewrite(good_gguf, tmp_path / "part.gguf", set_values={"split.count": 3})
+    assert "one part of a GGUF split into 3 files" in _load_error(part)
+    adapter = _rewrite(good_gguf, tmp_path / "adapter.gguf", set_values={"general.type": "adapter"})
+    assert "a LoRA adapter in GGUF form, not a model" in _load_error(adapter)
 
 
 def test_missing_required_key(good_gguf, tmp_path):
