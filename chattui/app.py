@@ -24,9 +24,9 @@ from textual.theme import Theme
 from textual.worker import get_current_worker
 
 from chattui.backend import Backend, BackendError, ModelInfo
-from chattui.catalog import display_name, human_count
+from chattui.catalog import Stores, display_name, human_count
 from chattui.config import Config
-from chattui.paths import bundled_model_dir, hf_hub_cache
+from chattui.paths import bundled_model_dir
 from chattui.screens.chat import ChatScreen
 from chattui.screens.models import ModelPickerScreen
 from chattui.store import Store
@@ -91,7 +91,7 @@ class ChattuiApp(App):
         notices: Iterable[str] = (),
         export_dir: str | Path | None = None,
         bundled_dir: Path | None = None,
-        hf_cache: Path | None = None,
+        stores: Stores | None = None,
         jobs_dir: Path | None = None,
     ) -> None:
         super().__init__()
@@ -104,7 +104,7 @@ class ChattuiApp(App):
         self.notices = list(notices)
         self.export_dir = Path(export_dir or config.export_dir or Path.cwd()).expanduser()
         self.bundled_dir = bundled_dir or bundled_model_dir()
-        self.hf_cache = hf_cache or hf_hub_cache()
+        self.stores = stores or Stores.default()  # where the model picker looks
         self.model: ModelInfo | None = None  # the model replies come from
         self.loading: str | None = None  # the folder being loaded
         self.last_load_error: str | None = None
@@ -139,11 +139,15 @@ class ChattuiApp(App):
             )
 
     def startup_model(self) -> str | None:
-        """--model, else the config's default_model, else the bundled model if it is installed."""
+        """--model, else the config's default_model, else the most recently used model that is still
+        there, else (on a first run) the bundled model if it is installed."""
         if self.initial_model:
             return self.initial_model
         if self.config.default_model:
             return str(Path(self.config.default_model).expanduser())
+        recent = next((p for p in self.store.recent_models() if Path(p).exists()), None)
+        if recent is not None:
+            return recent
         if (self.bundled_dir / "config.json").exists():
             return str(self.bundled_dir)
         return None
@@ -234,7 +238,7 @@ class ChattuiApp(App):
             ModelPickerScreen(
                 recent=self.store.recent_models(),
                 folders=self.config.model_folders,
-                hf_cache=self.hf_cache,
+                stores=self.stores,
                 current=self.model.path if self.model else None,
                 bundled=self.bundled_dir,
             ),
@@ -276,7 +280,8 @@ class ChattuiApp(App):
              "max new tokens, seed, mode (ctrl+s)", chat.action_settings),
             ("Switch chat / raw generate mode", "Raw mode continues your text without the chat template (ctrl+g)",
              chat.action_toggle_mode),
-            ("Choose model", "Load another model: bundled, recent, config folders, HF cache or a path (ctrl+o)",
+            ("Choose model", "Load another model: bundled, recent, pulled, config folders, HF cache, Ollama, "
+             "LM Studio, llama.cpp cache, or a path; or pull smollm2-135m-instruct (ctrl+o)",
              self.action_pick_model),
             ("Toggle sidebar", "Show or hide the conversation list (ctrl+b)", chat.action_toggle_sidebar),
             ("Attention", "What every layer and head attends to, up to the focused message or the last one: "

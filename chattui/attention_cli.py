@@ -6,7 +6,8 @@ import argparse
 import csv
 import json
 import sys
-from pathlib import Path
+
+from chattui.models_cli import MODEL_HELP
 
 
 def add_parser(sub) -> None:
@@ -18,8 +19,7 @@ def add_parser(sub) -> None:
         "--layer and --head select one layer and/or head, and drop that dimension. CSV: one row per "
         "(layer, head, query, key) with key <= query.",
     )
-    p.add_argument("--model", metavar="PATH", type=Path,
-                   help="checkpoint folder or .gguf file (default: the bundled model)")
+    p.add_argument("--model", metavar="MODEL", help=f"{MODEL_HELP} (default: the bundled model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, auto")
     p.add_argument("--raw", action="store_true", help="use TEXT as-is, without the chat template")

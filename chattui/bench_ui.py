@@ -70,6 +70,7 @@ def compare(backend, info, settings: dict, rounds: int) -> tuple[list[dict], lis
     The engine-alone run happens while the app is open but idle, so the only difference between the
     two is the reply streaming into the chat screen."""
     from chattui.app import ChattuiApp
+    from chattui.catalog import Stores
     from chattui.config import Config
     from chattui.store import Store
 
@@ -80,7 +81,7 @@ def compare(backend, info, settings: dict, rounds: int) -> tuple[list[dict], lis
         with tempfile.TemporaryDirectory() as tmp:
             app = ChattuiApp(
                 _Preloaded(backend, info), Store(":memory:"), Config(), model_dir=info.path,
-                export_dir=tmp, bundled_dir=Path(tmp), hf_cache=Path(tmp),
+                export_dir=tmp, bundled_dir=Path(tmp), stores=Stores.at(Path(tmp)),
             )
             async with app.run_test(size=(120, 40)):
                 # Poll with plain sleeps: Pilot.pause() visits every widget and would cost more than the UI.

@@ -1,5 +1,6 @@
 """Command-line interface: `chattui generate`, `chattui bench`, and the app when run bare
-(`chattui [--model DIR] [--device D] [--dtype D]`).
+(`chattui [--model MODEL] [--device D] [--dtype D]`). `--model` takes a path or a name that
+`chattui models` lists; main() resolves it for every command.
 
 Errors from bad input are printed as one line (`chattui: error: ...`) with a non-zero exit code.
 The engine (and torch) is imported only by the subcommands that need it, so the app opens at once.
@@ -15,6 +16,9 @@ import sys
 import threading
 from pathlib import Path
 
+from chattui import models_cli
+from chattui.catalog import is_gguf_file
+from chattui.models_cli import MODEL_HELP
 from chattui.paths import bundled_model_dir
 
 DEFAULT_MODEL_DIR = bundled_model_dir()
@@ -36,8 +40,7 @@ def default_model_dir() -> Path:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="PATH", type=Path,
-                   help="checkpoint folder or .gguf file (default: the bundled model)")
+    p.add_argument("--model", metavar="MODEL", help=f"{MODEL_HELP} (default: the bundled model)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (default: auto)")
     p.add_argument(
         "--dtype", default="auto",
@@ -51,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="chattui",
         description="Chat with, look inside and fine-tune Transformer language models in your terminal.",
     )
-    parser.add_argument("--model", dest="app_model", metavar="DIR", type=Path,
-                        help="with no COMMAND: open the chat app on this checkpoint folder (default: the bundled model)")
+    parser.add_argument("--model", dest="app_model", metavar="MODEL",
+                        help=f"with no COMMAND: open the chat app on this {MODEL_HELP} "
+                        "(default: the most recently used one, at first the bundled model)")
     parser.add_argument("--device", dest="app_device", metavar="D", help="with no COMMAND: auto, cpu, cuda, cuda:N, mps")
     parser.add_argument("--dtype", dest="app_dtype", metavar="D",
                         help="with no COMMAND: auto, float32, bfloat16, float16")
@@ -95,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from engine.presets import PRESETS
 
-    b.add_argument("--model", metavar="PATH", type=Path, help="checkpoint folder or .gguf file (instead of --preset)")
+    b.add_argument("--model", metavar="MODEL", help=f"{MODEL_HELP} (instead of --preset)")
     b.add_argument("--preset", choices=sorted(PRESETS), help="random weights of a known shape (default: smollm-135m)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     b.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (default: auto)")
@@ -111,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     attention_cli.add_parser(sub)
     finetune_cli.add_parser(sub)
+    models_cli.add_parser(sub)
     return parser
 
 
@@ -262,10 +267,21 @@ def cmd_app(args) -> int:
         raise CommandError(f"unknown device {args.app_device!r} (expected auto, cpu, cuda, cuda:N or mps)")
     if args.app_dtype is not None and args.app_dtype not in DTYPE_CHOICES:
         raise CommandError(f"unknown dtype {args.app_dtype!r} (expected auto, {', '.join(DTYPE_NAMES)})")
-    model = args.app_model.expanduser().resolve() if args.app_model is not None else None
-    if model is not None and not model.is_dir():
-        raise CommandError(f"{model}: not a directory")
+    model = args.app_model.resolve() if args.app_model is not None else None
+    if model is not None and not (model.is_dir() or model.is_file() and is_gguf_file(model)):
+        raise CommandError(f"{model}: not a model folder or a .gguf file")
     return run_app(str(model) if model else None, args.app_device, args.app_dtype)
+
+
+def resolve_model_args(args: argparse.Namespace) -> None:
+    """Turn --model's text into a path, for whichever command took it."""
+    for attr in ("model", "app_model"):
+        value = getattr(args, attr, None)
+        if isinstance(value, str):
+            try:
+                setattr(args, attr, models_cli.resolve_model_arg(value))
+            except ValueError as e:
+                raise CommandError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) is None:
         try:
+            resolve_model_args(args)
             return cmd_app(args)
         except CommandError as e:
             print(f"chattui: error: {e}", file=sys.stderr)
@@ -281,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine import EngineError
 
     try:
+        resolve_model_args(args)
         return args.run(args)
     except (CommandError, EngineError) as e:
         print(f"chattui: error: {e}", file=sys.stderr)

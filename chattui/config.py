@@ -28,7 +28,7 @@ EXAMPLE = """\
 # device = "auto"            # auto, cpu, cuda, cuda:N, mps
 # dtype = "auto"             # auto, float32, bfloat16, float16
 # theme = "textual-dark"     # any Textual theme (ctrl+t to pick one)
-# model_folders = ["~/models"]   # listed in the model picker (a model folder or a folder of them)
+# model_folders = ["~/models"]   # listed by the model picker and `chattui models` (model folders, .gguf files, folders of them)
 # export_dir = "~/chats"     # where exports go (default: the current directory)
 """
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from chattui import jobs
+from chattui.models_cli import MODEL_HELP
 from chattui.paths import bundled_model_dir
 
 POLL_S = 0.25  # how often the progress file is read
@@ -48,8 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "into its folder (default: the user data dir's jobs/<id>); Ctrl-C stops it with a checkpoint, and "
         "--resume continues it.",
     )
-    p.add_argument("--model", type=Path, metavar="PATH",
-                   help="base model folder, or a .gguf file for LoRA (default: the bundled model)")
+    p.add_argument("--model", metavar="MODEL",
+                   help=f"base model: {MODEL_HELP}; a .gguf file for LoRA only (default: the bundled model)")
     p.add_argument("--data", type=Path, action="append", metavar="FILE", help="training JSONL file; repeatable")
     p.add_argument("--method", choices=("lora", "full"), help="LoRA adapters on a frozen base, or every weight (default: lora)")
     p.add_argument("--epochs", type=int, metavar="N", help="passes over the data (default: 3)")

@@ -19,6 +19,11 @@ def bundled_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
+def pulled_models_dir() -> Path:
+    """Where `chattui pull` puts models: one folder per catalog name."""
+    return data_dir() / "models"
+
+
 def config_dir() -> Path:
     return Path(os.environ.get(CONFIG_DIR_ENV) or platformdirs.user_config_dir(APP_NAME)).expanduser()
 

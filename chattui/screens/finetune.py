@@ -366,7 +366,7 @@ class FinetuneScreen(Screen):
 
         app.push_screen(
             ModelPickerScreen(recent=app.store.recent_models(), folders=app.config.model_folders,
-                              hf_cache=app.hf_cache, current=self.query_one("#ft-model", Input).value or None,
+                              stores=app.stores, current=self.query_one("#ft-model", Input).value or None,
                               bundled=app.bundled_dir),
             chosen,
         )

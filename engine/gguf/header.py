@@ -108,8 +108,18 @@ def _type_name(field: Any) -> str:
 
 
 def is_gguf_path(path: str | Path) -> bool:
-    """Whether a model path names a GGUF file (by its suffix: the file may not exist yet)."""
-    return Path(path).suffix.lower() == ".gguf"
+    """Whether a model path names a GGUF file: by its suffix (the file may not exist yet), or a regular
+    file that starts with GGUF's magic (Ollama's blobs have no suffix). FIFOs and devices are never opened."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        if not path.is_file():
+            return False
+        with path.open("rb") as f:
+            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except OSError:
+        return False
 
 
 def open_gguf(path: str | Path) -> GGUFFile:

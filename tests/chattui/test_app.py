@@ -19,6 +19,7 @@ from textual.widgets import Input, Markdown, TextArea
 from ui_fakes import FakeBackend, record_notifications, wait_until
 
 from chattui.app import ChattuiApp
+from chattui.catalog import Stores
 from chattui.config import Config, load_config
 from chattui.screens.chat import ChatScreen
 from chattui.screens.dialogs import TextDialog
@@ -44,7 +45,7 @@ def make_app(tmp_path, model_dir):
     def make(backend=None, *, store=None, config=None, **kwargs) -> ChattuiApp:
         kwargs.setdefault("model_dir", model_dir)
         kwargs.setdefault("bundled_dir", tmp_path / "no-bundled-model")
-        kwargs.setdefault("hf_cache", tmp_path / "hf-cache")
+        kwargs.setdefault("stores", Stores.at(tmp_path / "stores"))
         kwargs.setdefault("export_dir", tmp_path / "exports")
         return ChattuiApp(
             backend or FakeBackend(),

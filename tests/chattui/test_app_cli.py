@@ -35,7 +35,7 @@ def test_model_device_and_dtype_are_passed_to_the_app(launched, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [(["--device", "gpu"], "unknown device 'gpu'"), (["--dtype", "int4"], "unknown dtype 'int4'"),
-     (["--model", "/no/such/folder"], "/no/such/folder: not a directory")],
+     (["--model", "/no/such/folder"], "/no/such/folder: no such file or folder")],
 )
 def test_bad_app_options_are_one_line_errors(launched, capsys, argv, needle):
     assert main(argv) == 1
@@ -49,7 +49,7 @@ def test_help_still_lists_the_subcommands_and_the_app_options(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "generate" in out and "bench" in out and "--model DIR" in out
+    assert "generate" in out and "bench" in out and "--model MODEL" in out and "pull" in out and "models" in out
 
 
 def test_a_subcommand_is_not_mistaken_for_the_app(launched, capsys):

@@ -13,6 +13,7 @@ from ui_fakes import record_notifications, wait_until
 
 from chattui.app import ChattuiApp
 from chattui.backend import BackendError, EngineBackend
+from chattui.catalog import Stores
 from chattui.config import Config
 from chattui.store import Store
 
@@ -91,7 +92,7 @@ def test_chat_end_to_end_on_a_tiny_qwen2_checkpoint(qwen2, broken, tmp_path, dty
     store = Store(tmp_path / "chattui.db")
     app = ChattuiApp(
         EngineBackend(), store, Config(), model_dir=qwen2, device="cpu", dtype=dtype,
-        bundled_dir=tmp_path / "none", hf_cache=tmp_path / "hub", export_dir=tmp_path,
+        bundled_dir=tmp_path / "none", stores=Stores.at(tmp_path / "hub"), export_dir=tmp_path,
     )
     shown = record_notifications(app)
 

@@ -15,6 +15,7 @@ from ui_fakes import FakeAttentionBackend, FakeAttentionMaps, fake_tokens, recor
 
 from chattui.app import ChattuiApp
 from chattui.backend import EngineBackend
+from chattui.catalog import Stores
 from chattui.config import Config
 from chattui.screens.attention import AttentionScreen
 from chattui.store import Store
@@ -28,7 +29,7 @@ def make_app(tmp_path):
     def make(backend, model_dir) -> ChattuiApp:
         return ChattuiApp(
             backend, Store(tmp_path / "data" / "chattui.db"), Config(path=tmp_path / "config" / "config.toml"),
-            model_dir=model_dir, bundled_dir=tmp_path / "none", hf_cache=tmp_path / "hf",
+            model_dir=model_dir, bundled_dir=tmp_path / "none", stores=Stores.at(tmp_path / "hf"),
             export_dir=tmp_path / "exports",
         )
 

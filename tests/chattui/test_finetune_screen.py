@@ -18,6 +18,7 @@ from ui_fakes import FakeBackend, wait_until
 from chattui import jobs
 from chattui.app import ChattuiApp
 from chattui.backend import EngineBackend
+from chattui.catalog import Stores
 from chattui.config import Config
 from chattui.screens.chat import ChatScreen
 from chattui.screens.finetune import CompareScreen, FinetuneScreen, validate_form
@@ -36,7 +37,7 @@ def make_app(tmp_path):
     def make(backend=None, *, db: str = "chattui.db") -> ChattuiApp:
         return ChattuiApp(
             backend or FakeBackend(), Store(tmp_path / "data" / db), Config(path=tmp_path / "config.toml"),
-            model_dir=model, bundled_dir=tmp_path / "no-bundled", hf_cache=tmp_path / "hf-cache",
+            model_dir=model, bundled_dir=tmp_path / "no-bundled", stores=Stores.at(tmp_path / "hf-cache"),
             export_dir=tmp_path / "exports", jobs_dir=tmp_path / "jobs",
         )
 
