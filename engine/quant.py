@@ -116,6 +116,27 @@ class QuantizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"
 
 
+def fuse_quantized_linears(parts: list[QuantizedLinear]) -> QuantizedLinear | None:
+    """One QuantizedLinear computing cat([p(x) for p in parts], -1), like engine.inference.fuse_linears:
+    the parts' blocks become views of the fused ones (no second copy). None where the parts' GGUF types
+    differ (a Q4_K_M file stores some v_proj in Q6_K): those stay separate matmuls."""
+    first = parts[0]
+    if any(p.qtype != first.qtype or p.in_features != first.in_features for p in parts):
+        return None
+    if any((p.bias is None) != (first.bias is None) for p in parts):
+        return None
+    blocks = torch.cat([p.blocks for p in parts])  # (sum of outs, bytes per row)
+    bias = None if first.bias is None else torch.cat([p.bias for p in parts])
+    fused = QuantizedLinear(first.in_features, blocks.shape[0], first.qtype, blocks, bias)
+    offset = 0
+    for p in parts:
+        p.blocks = fused.blocks[offset : offset + p.out_features]
+        if bias is not None:
+            p.bias = nn.Parameter(fused.bias[offset : offset + p.out_features], requires_grad=False)
+        offset += p.out_features
+    return fused
+
+
 def replace_with_quantized(module: nn.Module, weights: dict[str, tuple[GGMLQuantizationType, np.ndarray | torch.Tensor]],
                            prefix: str = "") -> None:
     """Swap each nn.Linear / nn.Embedding whose weight name (e.g. "model.layers.0.mlp.up_proj.weight")

@@ -13,7 +13,7 @@ import engine.kernels as kernels
 import engine.quant as quant
 from engine.device import cpu_flags
 from engine.errors import EngineError
-from engine.quant import QuantizedEmbedding, QuantizedLinear, replace_with_quantized
+from engine.quant import QuantizedEmbedding, QuantizedLinear, fuse_quantized_linears, replace_with_quantized
 
 T = GGMLQuantizationType
 LEGACY_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]  # gguf.quants can quantize these
@@ -217,6 +217,18 @@ def test_replace_with_quantized_swaps_the_named_layers_and_shares_tied_blocks():
     x = torch.randn(3, 64)
     expected = x.double().numpy() @ reference(weights["blocks.0.0.weight"][1], T.Q4_0).T + bias.double().numpy()
     np.testing.assert_allclose(model.blocks[0][0](x).double().numpy(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_quantized_linears_compute_the_parts_and_share_their_blocks():
+    parts = [QuantizedLinear(64, n, T.Q8_0, random_blocks(T.Q8_0, n, 64, seed=n), torch.randn(n)) for n in (8, 4, 4)]
+    x = torch.randn(1, 1, 64)
+    separate = torch.cat([p(x) for p in parts], dim=-1)
+    fused = fuse_quantized_linears(parts)
+    assert torch.equal(fused(x), separate)
+    assert torch.equal(torch.cat([p(x) for p in parts], dim=-1), separate)  # the parts still work, on views
+    assert parts[1].blocks.data_ptr() == fused.blocks.data_ptr() + 8 * fused.blocks.shape[1]
+    other_type = QuantizedLinear(64, 4, T.Q4_0, random_blocks(T.Q4_0, 4, 64, seed=1), torch.randn(4))
+    assert fuse_quantized_linears([parts[0], other_type]) is None
 
 
 def test_blocks_of_the_wrong_size_or_type_are_one_clear_error():
