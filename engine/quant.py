@@ -31,6 +31,7 @@ SUPPORTED_TYPES = frozenset({
     GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K,
 })
 CHUNK_VALUES = 1 << 22  # weight values dequantized at once for a many-row call
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations the kernels take
 
 
 def quant_kernels_available() -> bool:
@@ -62,7 +63,7 @@ def as_block_rows(blocks: np.ndarray | torch.Tensor, qtype: GGMLQuantizationType
 def dequantize(blocks: torch.Tensor, qtype: GGMLQuantizationType, dtype: torch.dtype) -> torch.Tensor:
     """(rows, bytes per row) uint8 -> (rows, cols) in dtype, as gguf.quants.dequantize computes it."""
     ops = quant_ops()
-    if ops is not None and dtype in (torch.float32, torch.bfloat16):
+    if ops is not None and dtype in KERNEL_DTYPES:
         return ops.quant_dequantize(blocks, int(qtype), dtype, quant_isa())
     from gguf.quants import dequantize as gguf_dequantize
 
@@ -79,13 +80,16 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("blocks", as_block_rows(blocks, self.qtype, (out_features, in_features)),
                              persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        # Plain attributes for the per-token path: a decode step calls this ~200 times.
         self.isa = quant_isa() if quant_kernels_available() else None
+        self._kernel = None if self.isa is None else quant_ops().quant_linear
+        self._qtype_code = int(self.qtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        if self.isa is not None and x.numel() == self.in_features and x.dtype in (torch.float32, torch.bfloat16):
-            return quant_ops().quant_linear(x, self.blocks, int(self.qtype), self.bias, self.isa)
+        if self._kernel is not None and x.numel() == self.in_features and x.dtype in KERNEL_DTYPES:
+            return self._kernel(x, self.blocks, self._qtype_code, self.bias, self.isa)
         rows_per_chunk = max(1, CHUNK_VALUES // self.in_features)
-        weight_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        weight_dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.float32
         parts = [
             F.linear(x, dequantize(self.blocks[start : start + rows_per_chunk], self.qtype, weight_dtype).to(x.dtype))
             for start in range(0, self.out_features, rows_per_chunk)

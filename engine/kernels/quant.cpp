@@ -12,9 +12,10 @@
 // (absmax / 254 per 32 values) times the sum of |w| over the row.
 //
 // Two instruction sets, chosen per call by the caller (engine/kernels/__init__.py reads the CPU's
-// flags; CHATTUI_KERNEL_ISA=avx2 forces the second): AVX-512 VNNI (vpdpbusd on 256-bit registers,
-// AVX512VL) and AVX2 (vpmaddubsw + vpmaddwd). Both run the same code (quant_isa.inc, included once
-// per target); only the 4-byte dot product differs. Rows are split over PyTorch's thread pool.
+// flags; CHATTUI_KERNEL_ISA=avx2 forces the second): AVX-512 VNNI (vpdpbusd; two 32-value blocks per
+// 512-bit register for the 32-value types, one 256-bit sub-block at a time for K-quants) and AVX2
+// (vpmaddubsw + vpmaddwd, one block at a time). Both run the same code (quant_isa.inc, included once
+// per target); only the dot products differ. Rows are split over PyTorch's thread pool.
 //
 // quant_dequantize: whole rows to float32 or bfloat16, for prefill tiles and embedding lookups.
 
@@ -65,9 +66,10 @@ int64_t stored_offset(int64_t qtype) {  // types storing q + offset: Q4_0 stores
 // The activation row, quantized per 32 values.
 struct Activation {
   std::vector<int8_t> q;              // (in) round(x / scale)
-  std::vector<float> scale;           // (in / 32) absmax / 127
-  std::vector<float> sum;             // (in / 32) scale * sum(q): for the per-block minimums
+  std::vector<float> scale_sum;       // (in / 32, 2) absmax / 127, and scale * sum(q) for per-block minimums
   std::vector<int32_t> offset_lanes;  // (in / 32, 8) -offset * (sums of 4 consecutive q)
+  float scale(int64_t block) const { return scale_sum[2 * block]; }
+  float sum(int64_t block) const { return scale_sum[2 * block + 1]; }
 };
 
 }  // namespace
@@ -80,7 +82,9 @@ inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
   // pairs of u8 x s8 products as int16 (no saturation: |u| <= 128, |s| <= 127), then pairs of those
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
+#define QUANT_PAIRS 0
 #include "quant_isa.inc"
+#undef QUANT_PAIRS
 }  // namespace
 }  // namespace avx2
 #pragma GCC pop_options
@@ -90,7 +94,9 @@ inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 namespace avx512 {
 namespace {
 inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+#define QUANT_PAIRS 1  // and 512-bit dot products of two 32-value blocks at once
 #include "quant_isa.inc"
+#undef QUANT_PAIRS
 }  // namespace
 }  // namespace avx512
 #pragma GCC pop_options

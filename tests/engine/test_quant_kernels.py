@@ -100,14 +100,16 @@ def test_quant_linear_matches_the_dequantized_reference(qtype, rows_blocks, isa)
 
 @needs_kernels
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_both_instruction_sets_give_the_same_sums(qtype):
-    """The integer dot products are exact on both, so the outputs are identical."""
+def test_both_instruction_sets_agree_to_float32_rounding(qtype):
+    """Their integer dot products are exact; only the order of the float32 sums differs (AVX-512 takes the
+    32-value types two blocks at a time)."""
     if not kernels.AVX512_VNNI_FLAGS <= cpu_flags():
         pytest.skip("no AVX-512 VNNI")
     blocks = torch.from_numpy(random_blocks(qtype, 9, 512, seed=1))
     x = torch.randn(512, generator=torch.Generator().manual_seed(0))
     ops = kernels.quant_ops()
-    assert torch.equal(ops.quant_linear(x, blocks, int(qtype), None, 0), ops.quant_linear(x, blocks, int(qtype), None, 1))
+    avx2, avx512 = (ops.quant_linear(x, blocks, int(qtype), None, isa) for isa in (0, 1))
+    torch.testing.assert_close(avx2, avx512, rtol=1e-5, atol=1e-5 * avx2.abs().max().item())
 
 
 @needs_kernels
