@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 
 import torch
@@ -40,19 +41,15 @@ def measured_bandwidth(seconds: float) -> tuple[float, float]:
 
 
 def time_call(fn, seconds: float) -> float:
-    """Seconds per call: the best of 3 runs of enough calls to last `seconds` / 3."""
+    """Seconds per call: the median of single calls over `seconds` (robust to a busy shared machine)."""
     fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    n = max(1, int(seconds / 3 / once))
-    best = math.inf
-    for _ in range(3):
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 5:
         start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - start) / n)
-    return best
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def random_blocks(qtype: GGMLQuantizationType, out_features: int, in_features: int) -> torch.Tensor:
