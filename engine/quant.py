@@ -5,7 +5,8 @@ Decode (one activation row) runs engine.kernels' quant_linear on the blocks as t
 matrix streams a quarter of the bytes of bfloat16. Prefill (many rows) dequantizes the weight in
 chunks of rows, each chunk transiently (CHUNK_VALUES values at most, 16 MB in float32), and runs
 PyTorch's GEMM on it: the GEMM does ~T multiply-adds per dequantized value, so the dequantization
-costs little next to it, and no dense copy of the weight is ever kept.
+costs little next to it, and no dense copy of the weight is ever kept. Under no_grad/inference_mode
+the chunks go to one buffer per thread, reused by every layer (no fresh pages to fault in).
 
 Without the compiled kernels (no compiler, no AVX2), every call dequantizes with gguf.quants (numpy)
 and multiplies in PyTorch: correct and slow; where quant_kernels_available() is False, loading a
@@ -14,6 +15,7 @@ dense copy instead is the better choice.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -60,14 +62,28 @@ def as_block_rows(blocks: np.ndarray | torch.Tensor, qtype: GGMLQuantizationType
     return blocks.reshape(rows, expected // rows).contiguous()
 
 
-def dequantize(blocks: torch.Tensor, qtype: GGMLQuantizationType, dtype: torch.dtype) -> torch.Tensor:
-    """(rows, bytes per row) uint8 -> (rows, cols) in dtype, as gguf.quants.dequantize computes it."""
+def dequantize(blocks: torch.Tensor, qtype: GGMLQuantizationType, dtype: torch.dtype,
+               scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """(rows, bytes per row) uint8 -> (rows, cols) in dtype, as gguf.quants.dequantize computes it; into
+    the start of `scratch` (flat, of dtype) where given and the kernels run."""
     ops = quant_ops()
     if ops is not None and dtype in KERNEL_DTYPES:
-        return ops.quant_dequantize(blocks, int(qtype), dtype, quant_isa())
+        return ops.quant_dequantize(blocks, int(qtype), dtype, quant_isa(), scratch)
     from gguf.quants import dequantize as gguf_dequantize
 
     return torch.from_numpy(gguf_dequantize(blocks.numpy(), qtype)).to(dtype)
+
+
+_scratch_buffers = threading.local()  # per thread: the generation worker and the UI's never share one
+
+
+def _scratch(values: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat buffer of at least `values` values of dtype, reused by this thread's prefill matmuls."""
+    buffer = getattr(_scratch_buffers, str(dtype), None)
+    if buffer is None or buffer.numel() < values:
+        buffer = torch.empty(values, dtype=dtype)
+        setattr(_scratch_buffers, str(dtype), buffer)
+    return buffer
 
 
 class QuantizedLinear(nn.Module):
@@ -90,8 +106,11 @@ class QuantizedLinear(nn.Module):
             return self._kernel(x, self.blocks, self._qtype_code, self.bias, self.isa)
         rows_per_chunk = max(1, CHUNK_VALUES // self.in_features)
         weight_dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.float32
+        # Autograd would keep each chunk for the backward pass, so only inference reuses one buffer.
+        scratch = None if torch.is_grad_enabled() else _scratch(rows_per_chunk * self.in_features, weight_dtype)
         parts = [
-            F.linear(x, dequantize(self.blocks[start : start + rows_per_chunk], self.qtype, weight_dtype).to(x.dtype))
+            F.linear(x, dequantize(self.blocks[start : start + rows_per_chunk], self.qtype, weight_dtype, scratch)
+                     .to(x.dtype))
             for start in range(0, self.out_features, rows_per_chunk)
         ]  # each (..., rows in chunk)
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (..., out)

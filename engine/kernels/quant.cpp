@@ -159,12 +159,21 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t q
   return y;
 }
 
-// blocks (rows, bytes per row) -> (rows, in) in dtype (float32 or bfloat16).
-at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, at::ScalarType dtype, int64_t isa) {
+// blocks (rows, bytes per row) -> (rows, in) in dtype (float32 or bfloat16), written to the start of
+// `scratch` where given (a buffer reused across calls: no fresh pages to fault in per call).
+at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, at::ScalarType dtype, int64_t isa,
+                            const std::optional<at::Tensor>& scratch) {
   check_isa(isa);
   const int64_t in = check_blocks(blocks, qtype), rows = blocks.size(0);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "quant_dequantize: dtype must be float32 or bfloat16");
-  at::Tensor y = at::empty({rows, in}, blocks.options().dtype(dtype));
+  at::Tensor y;
+  if (scratch.has_value() && scratch->defined()) {
+    TORCH_CHECK(scratch->scalar_type() == dtype && scratch->is_contiguous() && scratch->numel() >= rows * in,
+                "quant_dequantize: scratch must be contiguous, of the dtype, with at least ", rows * in, " values");
+    y = scratch->view({-1}).narrow(0, 0, rows * in).view({rows, in});
+  } else {
+    y = at::empty({rows, in}, blocks.options().dtype(dtype));
+  }
   const uint8_t* w = blocks.const_data_ptr<uint8_t>();
   if (dtype == at::kFloat) {
     float* yp = y.mutable_data_ptr<float>();
@@ -183,7 +192,7 @@ at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, at::ScalarT
 // a fragment: decode_bf16.cpp defines the namespace's other ops
 TORCH_LIBRARY_FRAGMENT(chattui, m) {
   m.def("quant_linear(Tensor x, Tensor blocks, int qtype, Tensor? bias, int isa) -> Tensor");
-  m.def("quant_dequantize(Tensor blocks, int qtype, ScalarType dtype, int isa) -> Tensor");
+  m.def("quant_dequantize(Tensor blocks, int qtype, ScalarType dtype, int isa, Tensor? scratch=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chattui, CPU, m) {

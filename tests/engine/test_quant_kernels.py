@@ -152,6 +152,9 @@ def test_quantized_linear_decode_uses_the_kernel_and_prefill_the_dequantized_gem
     y = layer(x)
     expected = x.double().numpy() @ w.T + bias.double().numpy()
     np.testing.assert_allclose(y.double().numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    with torch.inference_mode():  # the chunks in a reused buffer instead of fresh tensors
+        assert torch.equal(layer(x), y)
+        assert torch.equal(layer(x[:1]), y[:1])
     one = x[:1, :1]
     y1 = layer(one).double().numpy().reshape(-1)
     assert (np.abs(y1 - expected[0, 0]) <= activation_error_bound(w, one.double().numpy().reshape(-1))).all()
