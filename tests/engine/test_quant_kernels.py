@@ -236,6 +236,34 @@ def test_fused_quantized_linears_compute_the_parts_and_share_their_blocks():
     assert fuse_quantized_linears([parts[0], other_type]) is None
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: tied embeddings, q/k/v biases
+def test_quantized_transformers_model_matches_its_dequantized_twin(checkpoint_factory, family):
+    """The swap on a real module tree (transformers' own model): prefill through the dequantized GEMM
+    equals the dense twin to float32 accuracy, a one-token step through the kernels is within 2%."""
+    from tests.checkpoints import hf_model
+
+    folder = checkpoint_factory(family)
+    quantized, dense = hf_model(folder), hf_model(folder)
+    weights, dequantized = {}, {}
+    for name, module in quantized.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            qtype = T.Q8_0 if isinstance(module, nn.Embedding) or name == "lm_head" else T.Q4_1
+            blocks = quants.quantize(module.weight.detach().numpy(), qtype)
+            weights[f"{name}.weight"] = (qtype, blocks)
+            dequantized[f"{name}.weight"] = torch.from_numpy(quants.dequantize(blocks, qtype))
+    if quantized.config.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        dequantized["lm_head.weight"] = dequantized["model.embed_tokens.weight"]
+    dense.load_state_dict(dequantized, strict=False)
+    replace_with_quantized(quantized, weights)
+    assert not any(type(m) in (nn.Linear, nn.Embedding) for m in quantized.modules())
+    with torch.inference_mode():
+        ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+        torch.testing.assert_close(quantized(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+        one_step, reference = quantized(ids[:, :1]).logits, dense(ids[:, :1]).logits
+        assert (one_step - reference).abs().max() <= 0.02 * reference.abs().max()
+
+
 def test_blocks_of_the_wrong_size_or_type_are_one_clear_error():
     with pytest.raises(EngineError, match=r"blk.0.ffn_up.weight: expected 1152 bytes of Q4_0 blocks for shape 16x128, got 1000"):
         quant.as_block_rows(np.zeros(1000, np.uint8), T.Q4_0, (16, 128), "blk.0.ffn_up.weight")
