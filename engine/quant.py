@@ -160,8 +160,10 @@ def fuse_quantized_linears(parts: list[QuantizedLinear]) -> QuantizedLinear | No
     return fused
 
 
-def replace_with_quantized(module: nn.Module, weights: dict[str, tuple[GGMLQuantizationType, np.ndarray | torch.Tensor]],
-                           prefix: str = "") -> None:
+RawWeight = tuple[GGMLQuantizationType, np.ndarray | torch.Tensor]  # (GGUF type, its raw block bytes)
+
+
+def replace_with_quantized(module: nn.Module, weights: dict[str, RawWeight], prefix: str = "") -> None:
     """Swap each nn.Linear / nn.Embedding whose weight name (e.g. "model.layers.0.mlp.up_proj.weight")
     is in `weights` for a QuantizedLinear / QuantizedEmbedding on those blocks, in place. A Linear's
     bias, if any, is kept (float32). The blocks are used in place, never copied: two names given the

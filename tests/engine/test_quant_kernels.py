@@ -158,7 +158,8 @@ def test_quantized_linear_decode_uses_the_kernel_and_prefill_the_dequantized_gem
     one = x[:1, :1]
     y1 = layer(one).double().numpy().reshape(-1)
     assert (np.abs(y1 - expected[0, 0]) <= activation_error_bound(w, one.double().numpy().reshape(-1))).all()
-    assert torch.equal(layer(one), kernels.quant_ops().quant_linear(one, layer.blocks, int(qtype), layer.bias, layer.isa))
+    kernel = kernels.quant_ops().quant_linear
+    assert torch.equal(layer(one), kernel(one, layer.blocks, int(qtype), layer.bias, layer.isa))
 
 
 @needs_kernels
@@ -265,7 +266,8 @@ def test_quantized_transformers_model_matches_its_dequantized_twin(checkpoint_fa
 
 
 def test_blocks_of_the_wrong_size_or_type_are_one_clear_error():
-    with pytest.raises(EngineError, match=r"blk.0.ffn_up.weight: expected 1152 bytes of Q4_0 blocks for shape 16x128, got 1000"):
+    expected = r"blk.0.ffn_up.weight: expected 1152 bytes of Q4_0 blocks for shape 16x128, got 1000"
+    with pytest.raises(EngineError, match=expected):
         quant.as_block_rows(np.zeros(1000, np.uint8), T.Q4_0, (16, 128), "blk.0.ffn_up.weight")
     with pytest.raises(EngineError, match="not a multiple of Q4_K's block of 256"):
         quant.as_block_rows(np.zeros(1000, np.uint8), T.Q4_K, (4, 128))
