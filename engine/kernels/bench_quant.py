@@ -4,9 +4,11 @@ bfloat16 and float32 single-row matmuls on the same shapes.
 
     python -m engine.kernels.bench_quant [--threads 2] [--seconds 0.3] [--footprint-mb 128]
 
-Each shape is timed cycling through enough copies of its weights (--footprint-mb in all) that they
-come from memory, not from cache, as in a decode step. CHATTUI_KERNEL_ISA=avx2 times the AVX2 path.
-On a shared machine the numbers are noisy: compare rows of the same run.
+Each shape is timed cycling through enough copies of its weights (--footprint-mb in all, at most 64
+copies) that they come from memory, not from cache, as in a decode step; where the last-level cache
+is larger than that (some virtual machines report hundreds of MB), raise --footprint-mb.
+CHATTUI_KERNEL_ISA=avx2 times the AVX2 path. On a shared machine the numbers are noisy (a
+descheduled thread shows as a near-zero cell): compare rows of the same run.
 """
 
 from __future__ import annotations
