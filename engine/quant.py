@@ -1,0 +1,184 @@
+"""GGUF's quantized weights kept in their blocks: QuantizedLinear, QuantizedEmbedding, and the swap that
+puts them into a model in place of nn.Linear and nn.Embedding.
+
+Decode (one activation row) runs engine.kernels' quant_linear on the blocks as they are: a 4-bit
+matrix streams a quarter of the bytes of bfloat16. Prefill (many rows) dequantizes the weight in
+chunks of rows, each chunk transiently (CHUNK_VALUES values at most, 16 MB in float32), and runs
+PyTorch's GEMM on it: the GEMM does ~T multiply-adds per dequantized value, so the dequantization
+costs little next to it, and no dense copy of the weight is ever kept. Under no_grad/inference_mode
+the chunks go to one buffer per thread, reused by every layer (no fresh pages to fault in).
+
+Without the compiled kernels (no compiler, no AVX2), every call dequantizes with gguf.quants (numpy)
+and multiplies in PyTorch: correct and slow; where quant_kernels_available() is False, loading a
+dense copy instead is the better choice.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from engine.errors import EngineError
+from engine.kernels import quant_isa, quant_ops
+
+SUPPORTED_TYPES = frozenset({
+    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1,
+    GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K,
+})
+CHUNK_VALUES = 1 << 22  # weight values dequantized at once for a many-row call
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations the kernels take
+
+
+def quant_kernels_available() -> bool:
+    return quant_ops() is not None
+
+
+def as_block_rows(blocks: np.ndarray | torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, int],
+                  name: str = "weight") -> torch.Tensor:
+    """GGUF's raw bytes of a (rows, cols) tensor as a (rows, bytes per row) uint8 tensor, sharing memory
+    with `blocks` (a read-only memory map stays one: nothing here writes to it)."""
+    if qtype not in SUPPORTED_TYPES:
+        raise EngineError(f"{name}: GGUF type {qtype.name} has no quantized kernel "
+                          f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})")
+    rows, cols = shape
+    values, nbytes = GGML_QUANT_SIZES[qtype]
+    if cols % values:
+        raise EngineError(f"{name}: {cols} columns is not a multiple of {qtype.name}'s block of {values}")
+    expected = rows * cols // values * nbytes
+    if isinstance(blocks, np.ndarray):
+        with warnings.catch_warnings():  # a read-only memmap: torch warns that writing to it would be undefined
+            warnings.simplefilter("ignore", UserWarning)
+            blocks = torch.from_numpy(blocks)
+    if blocks.dtype != torch.uint8 or blocks.numel() != expected:
+        raise EngineError(f"{name}: expected {expected} bytes of {qtype.name} blocks for shape {rows}x{cols}, "
+                          f"got {blocks.numel()} {str(blocks.dtype).removeprefix('torch.')} values")
+    return blocks.reshape(rows, expected // rows).contiguous()
+
+
+def dequantize(blocks: torch.Tensor, qtype: GGMLQuantizationType, dtype: torch.dtype,
+               scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """(rows, bytes per row) uint8 -> (rows, cols) in dtype, as gguf.quants.dequantize computes it; into
+    the start of `scratch` (flat, of dtype) where given and the kernels run."""
+    ops = quant_ops()
+    if ops is not None and dtype in KERNEL_DTYPES:
+        return ops.quant_dequantize(blocks, int(qtype), dtype, quant_isa(), scratch)
+    from gguf.quants import dequantize as gguf_dequantize
+
+    return torch.from_numpy(gguf_dequantize(blocks.numpy(), qtype)).to(dtype)
+
+
+_scratch_buffers = threading.local()  # per thread: the generation worker and the UI's never share one
+
+
+def _scratch(values: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat buffer of at least `values` values of dtype, reused by this thread's prefill matmuls."""
+    buffer = getattr(_scratch_buffers, str(dtype), None)
+    if buffer is None or buffer.numel() < values:
+        buffer = torch.empty(values, dtype=dtype)
+        setattr(_scratch_buffers, str(dtype), buffer)
+    return buffer
+
+
+class QuantizedLinear(nn.Module):
+    """nn.Linear (y = x Wᵀ + b) whose weight stays in GGUF blocks: `blocks` (out, bytes per row) uint8."""
+
+    def __init__(self, in_features: int, out_features: int, qtype: GGMLQuantizationType, blocks: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.qtype = in_features, out_features, GGMLQuantizationType(qtype)
+        self.register_buffer("blocks", as_block_rows(blocks, self.qtype, (out_features, in_features)),
+                             persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        # Plain attributes for the per-token path: a decode step calls this ~200 times.
+        self.isa = quant_isa() if quant_kernels_available() else None
+        self._kernel = None if self.isa is None else quant_ops().quant_linear
+        self._qtype_code = int(self.qtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        if self._kernel is not None and x.numel() == self.in_features and x.dtype in KERNEL_DTYPES:
+            return self._kernel(x, self.blocks, self._qtype_code, self.bias, self.isa)
+        rows_per_chunk = max(1, CHUNK_VALUES // self.in_features)
+        weight_dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.float32
+        # Autograd would keep each chunk for the backward pass, so only inference reuses one buffer.
+        scratch = None if torch.is_grad_enabled() else _scratch(rows_per_chunk * self.in_features, weight_dtype)
+        parts = [
+            F.linear(x, dequantize(self.blocks[start : start + rows_per_chunk], self.qtype, weight_dtype, scratch)
+                     .to(x.dtype))
+            for start in range(0, self.out_features, rows_per_chunk)
+        ]  # each (..., rows in chunk)
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (..., out)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """nn.Embedding whose table stays in GGUF blocks; a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, qtype: GGMLQuantizationType, blocks: torch.Tensor,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.qtype, self.dtype = GGMLQuantizationType(qtype), dtype
+        self.register_buffer("blocks", as_block_rows(blocks, self.qtype, (num_embeddings, embedding_dim)),
+                             persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., dim)
+        rows = self.blocks.index_select(0, ids.reshape(-1))  # (n, bytes per row)
+        return dequantize(rows, self.qtype, self.dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"
+
+
+def fuse_quantized_linears(parts: list[QuantizedLinear]) -> QuantizedLinear | None:
+    """One QuantizedLinear computing cat([p(x) for p in parts], -1), like engine.inference.fuse_linears:
+    the parts' blocks become views of the fused ones (no second copy). None where the parts' GGUF types
+    differ (a Q4_K_M file stores some v_proj in Q6_K): those stay separate matmuls."""
+    first = parts[0]
+    if any(p.qtype != first.qtype or p.in_features != first.in_features for p in parts):
+        return None
+    if any((p.bias is None) != (first.bias is None) for p in parts):
+        return None
+    blocks = torch.cat([p.blocks for p in parts])  # (sum of outs, bytes per row)
+    bias = None if first.bias is None else torch.cat([p.bias for p in parts])
+    fused = QuantizedLinear(first.in_features, blocks.shape[0], first.qtype, blocks, bias)
+    offset = 0
+    for p in parts:
+        p.blocks = fused.blocks[offset : offset + p.out_features]
+        if bias is not None:
+            p.bias = nn.Parameter(fused.bias[offset : offset + p.out_features], requires_grad=False)
+        offset += p.out_features
+    return fused
+
+
+RawWeight = tuple[GGMLQuantizationType, np.ndarray | torch.Tensor]  # (GGUF type, its raw block bytes)
+
+
+def replace_with_quantized(module: nn.Module, weights: dict[str, RawWeight], prefix: str = "") -> None:
+    """Swap each nn.Linear / nn.Embedding whose weight name (e.g. "model.layers.0.mlp.up_proj.weight")
+    is in `weights` for a QuantizedLinear / QuantizedEmbedding on those blocks, in place. A Linear's
+    bias, if any, is kept (float32). The blocks are used in place, never copied: two names given the
+    same raw array (a tied embedding and output) share it."""
+    for name, child in module.named_children():
+        key = f"{prefix}{name}.weight"
+        if key in weights and isinstance(child, (nn.Linear, nn.Embedding)):
+            qtype, raw = weights[key]
+            qtype = GGMLQuantizationType(qtype)
+            if isinstance(child, nn.Linear):
+                shape = (child.out_features, child.in_features)
+                swapped = QuantizedLinear(*shape[::-1], qtype, as_block_rows(raw, qtype, shape, key), child.bias)
+            else:
+                shape = (child.num_embeddings, child.embedding_dim)
+                swapped = QuantizedEmbedding(*shape, qtype, as_block_rows(raw, qtype, shape, key), child.weight.dtype)
+            setattr(module, name, swapped)
+        else:
+            replace_with_quantized(child, weights, f"{prefix}{name}.")
