@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -53,3 +54,25 @@ def realworld() -> Path:
     if not REALWORLD.is_dir():
         pytest.skip(f"real-world tokenizer files not found at {REALWORLD}")
     return REALWORLD
+
+
+SMOLLM2_ENV = "CHATTUI_SMOLLM2_GGUF"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF: $CHATTUI_SMOLLM2_GGUF, else where `chattui pull
+    smollm2-135m-instruct` puts it. Missing: skipped, except under CI=true, where it fails (CI pulls it
+    as an install step, so a missing file there is a broken pipeline)."""
+    from chattui.paths import pulled_models_dir
+    from chattui.pull import CATALOG
+
+    entry = CATALOG["smollm2-135m-instruct"]
+    value = os.environ.get(SMOLLM2_ENV)
+    path = Path(value).expanduser() if value else pulled_models_dir() / entry.name / entry.file_name
+    if path.is_file():
+        return path
+    reason = f"{path} not found ({'$' + SMOLLM2_ENV if value else 'not pulled, and $' + SMOLLM2_ENV + ' is not set'})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI pulls smollm2-135m-instruct before the tests (chattui pull smollm2-135m-instruct)")
+    pytest.skip(f"{reason}: run `chattui pull smollm2-135m-instruct` to run these tests")

@@ -1,12 +1,11 @@
 """End to end on the real SmolLM2-135M-Instruct Q4_1 GGUF (the file `chattui pull smollm2-135m-instruct` fetches).
 
-The file is found through $CHATTUI_SMOLLM2_GGUF (a path). Without it the tests skip, except under CI=true,
-where they fail: CI pulls the model as an install step, so a missing file there is a broken pipeline.
+The file is found by the `smollm2_gguf` fixture (tests/conftest.py): $CHATTUI_SMOLLM2_GGUF, else the pulled
+file. Without it the tests skip, except under CI=true, where they fail.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,19 +13,12 @@ import torch
 
 from engine import Engine, SamplingParams
 
-ENV = "CHATTUI_SMOLLM2_GGUF"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def smollm2_path() -> Path:
-    value = os.environ.get(ENV)
-    if value and Path(value).expanduser().is_file():
-        return Path(value).expanduser()
-    reason = f"${ENV} is not set" if not value else f"${ENV}={value}: file not found"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; CI pulls smollm2-135m-instruct before the tests (chattui pull smollm2-135m-instruct)")
-    pytest.skip(f"{reason} (point it at SmolLM2-135M-Instruct.Q4_1.gguf to run these tests)")
+def smollm2_path(smollm2_gguf) -> Path:
+    return smollm2_gguf
 
 
 @pytest.fixture(scope="module")
