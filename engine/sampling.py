@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
+
+from engine.errors import NonFiniteLogitsError
+
+MAX_SEED = 2**64  # torch.Generator seeds are 64-bit
+PENALTY_RANGE = (0.01, 100.0)  # beyond these a penalty overflows float32 logits (1e-40 makes them inf)
 
 
 @dataclass
@@ -22,16 +29,19 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             raise ValueError(f"min-p must be in [0, 1), got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        low, high = PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition penalty must be in [{low:g}, {high:g}] (1 = off), got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -70,9 +80,15 @@ def sample(
     min_p: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> int:
-    """One token id from logits (V,); temperature 0 is argmax."""
+    """One token id from logits (V,); temperature 0 is argmax. NaN or +-inf at the top raises NonFiniteLogitsError."""
+    logits = logits.float()  # argmax is also ~3x faster than on bfloat16
+    peak = logits.max()  # NaN if any logit is NaN
+    if not torch.isfinite(peak):
+        what = "NaN" if torch.isnan(peak) else "infinite"
+        raise NonFiniteLogitsError(f"the model produced {what} logits (broken weights or adapter?); the reply was stopped")
     if temperature <= 0:
-        return int(torch.argmax(logits.float()))  # same id; PyTorch's argmax is ~3x slower on bfloat16
-    logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        return int(torch.argmax(logits))
+    # Shifted so the top logit is 0: the same distribution, and a tiny temperature gives -inf, not inf - inf.
+    logits = filter_logits((logits - peak) / temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     probs = logits.softmax(-1)  # (V,)
     return int(torch.multinomial(probs, 1, generator=generator))
