@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # a full disk or a closed pipe shows here, not in the interpreter's exit flush
         return code
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting anyway: another Ctrl-C must not add a traceback
         _say("interrupted")
         return 130
     except OSError as e:
