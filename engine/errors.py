@@ -19,3 +19,7 @@ class PromptTooLongError(EngineError):
 
 class NonFiniteLogitsError(EngineError):
     """The model's next-token scores hold NaN or infinity: broken weights or adapter, or a numeric overflow."""
+
+
+class TrainingDiverged(EngineError):
+    """The training loss or gradients became NaN or infinite."""

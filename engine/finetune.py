@@ -78,6 +78,7 @@ PROGRESS_FILE = "progress.jsonl"
 RESOLVED_FILE = "job.json"
 CANCEL_FILE = ".cancel"  # created by the launcher on SIGTERM/SIGINT; workers stop at the next step
 CHECKPOINTS = "checkpoints"
+RESULT_DIRS = ("adapter", "merged", "model")  # what a finished job saves into its folder
 EXIT_DONE, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 130
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATUSES = ("done", "failed", "cancelled")
@@ -245,8 +246,10 @@ def _check_values(c: JobConfig, source: str) -> None:
         fail(f"'lr' must be a positive number, got {c.lr}")
     if not 0 <= c.lora_dropout < 1:
         fail(f"'lora_dropout' must be in [0, 1), got {c.lora_dropout}")
-    if c.lora_alpha <= 0:
-        fail(f"'lora_alpha' must be > 0, got {c.lora_alpha}")
+    if not 0 < c.lora_alpha < math.inf:
+        fail(f"'lora_alpha' must be a positive finite number, got {c.lora_alpha}")
+    if c.seed >= 2**64:
+        fail(f"'seed' must be < 2**64 (a 64-bit seed), got {c.seed}")
     if c.val_fraction is not None and not 0 <= c.val_fraction < 1:
         fail(f"'val_fraction' must be in [0, 1), got {c.val_fraction}")
     if c.val_data and c.val_fraction:
@@ -349,6 +352,9 @@ def _check_out_dir(config: JobConfig, resume: bool) -> None:
         return
     if (out / RESOLVED_FILE).exists() or latest_checkpoint(out / CHECKPOINTS) is not None:
         raise JobError(f"{out}: already holds a job; resume it (--resume) or choose another output folder")
+    results = [name for name in RESULT_DIRS if (out / name).exists()]
+    if results:  # a new job would replace them: they are another job's, or the user's
+        raise JobError(f"{out}: already holds {results[0]}/; choose another output folder (nothing was changed)")
 
 
 # -- the model -----------------------------------------------------------------------------------------------
