@@ -64,7 +64,7 @@ import torch.nn as nn
 from engine.checkpoint import load_model, read_model_config
 from engine.device import cpu_has_fast_bfloat16
 from engine.errors import EngineError
-from engine.finetune_data import DataError, ExampleBatches, pad_token_id, prepare_data
+from engine.finetune_data import DataCancelled, DataError, ExampleBatches, pad_token_id, prepare_data
 from engine.inference import prepare_for_training
 from engine.lora import LoRAConfig, apply_lora, default_targets, merge_lora, save_adapter, save_hf_checkpoint
 from engine.tokenizer import ChatTokenizer
@@ -547,7 +547,19 @@ def _run(config, resume, dist, out, progress, stop, should_stop, on_progress) ->
     if val_fraction is None and not config.val_data:
         n_records = _count_records(config.data)
         val_fraction = AUTO_VAL_FRACTION if n_records >= AUTO_VAL_MIN_RECORDS else 0.0
-    data = prepare_data(tokenizer, config.data, max_seq_len, config.val_data, val_fraction or None, config.seed)
+
+    def stop_requested() -> bool:  # this process only: no collective call before training starts
+        if should_stop is not None and stop.signal_name is None and should_stop():
+            stop.signal_name = "request"
+        return stop.is_set()
+
+    try:
+        data = prepare_data(tokenizer, config.data, max_seq_len, config.val_data, val_fraction or None, config.seed,
+                            should_stop=stop_requested)
+    except DataCancelled:
+        progress.status("cancelled", reason=f"cancelled by {stop.signal_name} while preparing the data", step=0,
+                        start_step=_start_step(out, resume), checkpoint=None, adapter=None)
+        return JobResult("cancelled", step=0)
     progress.write({"type": "data", **data.report.to_dict()})
     batch, per_epoch, total_steps, eval_interval = plan_job(config, len(data.train))
 
@@ -594,9 +606,7 @@ def _run(config, resume, dist, out, progress, stop, should_stop, on_progress) ->
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
     def stop_now() -> bool:
-        if should_stop is not None and stop.signal_name is None and should_stop():
-            stop.signal_name = "request"
-        flag = stop.is_set()
+        flag = stop_requested()
         if dist.active:
             flag = _all_reduce([float(flag)], device, "max")[0] > 0
         return flag
