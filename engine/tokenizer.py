@@ -36,7 +36,7 @@ import jinja2.sandbox
 import jinja2.utils
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 
-from engine.checkpoint import read_json
+from engine.checkpoint import MAX_JSON_BYTES, check_regular_file, read_json
 from engine.errors import CheckpointError, TemplateError
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ TEMPLATE_TIME_LIMIT_S = 5.0  # a real chat template renders in milliseconds
 MAX_TEMPLATE_CHARS = 8_000_000  # ~2M tokens: above any context window; also the cap on any value built
 MAX_TEMPLATE_INT_BITS = 4096  # numbers a template computes (10**10**9 would take minutes of CPU)
 MAX_TOJSON_INDENT = 16
+MAX_TEMPLATE_FILE_BYTES = 4 << 20  # chat_template.jinja files are tens of kilobytes
 MAX_STRFTIME_FORMAT = 256
 
 # Names a message's reasoning goes by; templates read the first, transformers fills it (and `thinking`) from any.
@@ -87,6 +88,8 @@ class ChatTokenizer:
         special_tokens_map = _read_optional_json(model_dir / "special_tokens_map.json")
         model_config = _read_optional_json(model_dir / "config.json")
 
+        _check_field_types(model_dir / "tokenizer_config.json", config)
+        _check_field_types(model_dir / "config.json", {"tokenizer_class": model_config.get("tokenizer_class")})
         special_tokens = {}
         for name in SPECIAL_TOKEN_NAMES:
             text = _token_text(config.get(name)) or _token_text(special_tokens_map.get(name))
@@ -167,8 +170,9 @@ class ChatTokenizer:
 
 
 def _load_tokenizer_json(path: Path) -> Tokenizer:
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: file not found (the model folder needs its tokenizer.json)")
+    check_regular_file(path, MAX_JSON_BYTES)
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust library raises plain Exception
@@ -177,6 +181,20 @@ def _load_tokenizer_json(path: Path) -> Tokenizer:
 
 def _read_optional_json(path: Path) -> dict[str, Any]:
     return read_json(path) if path.exists() else {}
+
+
+_FIELD_TYPES = {  # tokenizer_config.json fields whose type this module relies on
+    "tokenizer_class": (str, "a string"),
+    "additional_special_tokens": (list, "a list of tokens"),
+    "extra_special_tokens": ((list, dict), "a list or an object of tokens"),
+}
+
+
+def _check_field_types(path: Path, config: dict[str, Any]) -> None:
+    for key, (kind, description) in _FIELD_TYPES.items():
+        value = config.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise CheckpointError(f"{path}: {key!r} must be {description}, got {type(value).__name__} {value!r}")
 
 
 def _token_text(value: Any) -> str | None:
@@ -190,6 +208,7 @@ def _read_chat_template(model_dir: Path, config: dict[str, Any]) -> str | None:
     """chat_template.jinja wins over tokenizer_config.json's chat_template (a string or a list of named ones)."""
     jinja_path = model_dir / "chat_template.jinja"
     if jinja_path.exists():
+        check_regular_file(jinja_path, MAX_TEMPLATE_FILE_BYTES)
         try:
             return jinja_path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:

@@ -6,6 +6,7 @@ field (or `model_type`) and rejects anything else with the list of what is suppo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,7 +151,7 @@ def _get(hf: dict[str, Any], key: str, cast: type, default: Any = _REQUIRED, whe
         if isinstance(value, bool) or (cast is int and isinstance(value, float) and not value.is_integer()):
             raise ValueError
         converted = cast(value)
-        if converted <= 0:  # every count, size and scale in these configs is positive
+        if not 0 < converted < math.inf:  # every count, size and scale in these configs is positive (NaN is not)
             raise ValueError
         return converted
     except (TypeError, ValueError):
@@ -165,6 +166,7 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         raise ConfigError("'rope_scaling' / 'rope_parameters' must be JSON objects")
     theta = _get(params, "rope_theta", float, _get(hf, "rope_theta", float, 10000.0))
+    _check_rope_agreement(params, {**scaling, "rope_theta": hf.get("rope_theta")})
     merged = {**params, **scaling}
     kind = merged.get("rope_type", merged.get("type", "default"))
     where = "rope_scaling."
@@ -181,6 +183,22 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
             original_max_position_embeddings=_get(merged, "original_max_position_embeddings", int, where=where),
         )
     raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
+
+
+def _check_rope_agreement(params: dict[str, Any], legacy: dict[str, Any]) -> None:
+    """`rope_parameters` and the older `rope_scaling` / `rope_theta` may both be there, but must agree."""
+    def normalized(d: dict[str, Any]) -> dict[str, Any]:
+        d = {k: v for k, v in d.items() if v is not None}
+        if "type" in d:
+            d.setdefault("rope_type", d.pop("type"))
+        return d
+
+    new, old = normalized(params), normalized(legacy)
+    for key in sorted(new.keys() & old.keys()):
+        if new[key] != old[key]:
+            where = "rope_theta" if key == "rope_theta" else f"rope_scaling.{key}"
+            raise ConfigError(f"{where!r} = {old[key]!r} contradicts rope_parameters.{key} = {new[key]!r}; "
+                              "keep only one of them")
 
 
 def _llama_config(architecture: str, hf: dict[str, Any]) -> LlamaConfig:
