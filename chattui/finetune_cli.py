@@ -69,7 +69,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     val.add_argument("--val-fraction", type=float, metavar="F",
                      help="hold out this share of the data for validation (default: 0.05 with >= 20 records)")
     p.add_argument("--seed", type=int, metavar="S", help="seed for initialisation, shuffling and the split (default: 0)")
-    p.add_argument("--out", type=Path, metavar="DIR", help="job folder (default: the user data dir's jobs/<id>)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="job folder, new or empty (default: the user data dir's jobs/<id>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the job in --out (or the newest unfinished one for --model/--data) from its checkpoint")
     p.add_argument("--nproc", type=int, metavar="N",
