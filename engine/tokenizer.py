@@ -367,12 +367,22 @@ def _check_size(value: Any) -> None:
         raise jinja2.exceptions.SecurityError(f"a number of {value.bit_length():,} bits")
 
 
-def _check_arguments(args: tuple, kwargs: dict) -> None:
-    """A call's arguments: sizes, and no count or width above MAX_TEMPLATE_CHARS (`'x'.center(10**9)`)."""
+def _check_arguments(args: tuple, kwargs: dict, counts: bool) -> None:
+    """A call's arguments: sizes, and with counts (the callee takes widths or counts: `'x'.center(10**9)`)
+    no integer above MAX_TEMPLATE_CHARS."""
     for value in (*args, *kwargs.values()):
         _check_size(value)
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_TEMPLATE_CHARS:
+        if counts and isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_TEMPLATE_CHARS:
             raise _too_big(f"a count or width of {value:,}")
+
+
+# Filters whose integer arguments are widths or counts of what they build.
+_WIDTH_FILTERS = frozenset({"center", "indent", "truncate", "wordwrap", "batch", "slice", "tojson"})
+
+
+def _takes_counts(function: Any) -> bool:
+    """Whether a callable is a method of a string or sequence (center, ljust, zfill, expandtabs, ...)."""
+    return isinstance(getattr(function, "__self__", None), (str, bytes, list, tuple))
 
 
 _FORMAT_WIDTH = re.compile(r"%[-+ #0]*\d{8,}|%[-+ #0]*\d*\.\d{8,}|\{[^{}]*:[^{}]*\d{8,}[^{}]*\}")
@@ -400,7 +410,7 @@ def _binop_result_size(operator: str, left: Any, right: Any) -> None:
             raise _too_big(f"a concatenation of {len(left) + len(right):,} characters or items")
     elif operator == "%" and isinstance(left, str):
         _check_format(left)
-        _check_arguments(right if isinstance(right, tuple) else (right,), {})
+        _check_arguments(right if isinstance(right, tuple) else (right,), {}, counts="*" in left)  # '%*s' widths
 
 
 def _bounded_filter(name: str, function: Callable) -> Callable:
@@ -408,7 +418,8 @@ def _bounded_filter(name: str, function: Callable) -> Callable:
 
     @functools.wraps(function)  # keeps Jinja's pass_context / pass_environment marks
     def bounded(*args: Any, **kwargs: Any) -> Any:
-        _check_arguments(tuple(a for a in args if not isinstance(a, (jinja2.runtime.Context, jinja2.Environment))), kwargs)
+        values = tuple(a for a in args if not isinstance(a, (jinja2.runtime.Context, jinja2.Environment)))
+        _check_arguments(values, kwargs, counts=name in _WIDTH_FILTERS)
         if name == "format" and args:
             _check_format(args[0])
         return function(*args, **kwargs)
@@ -521,8 +532,7 @@ class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-        if __obj is not jinja2.sandbox.safe_range:  # range() has its own, tighter limit (MAX_RANGE)
-            _check_arguments(args, kwargs)
+        _check_arguments(args, kwargs, counts=_takes_counts(__obj))
         result = super().call(__context, __obj, *args, **kwargs)
         _check_size(result)
         return result

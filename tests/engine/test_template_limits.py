@@ -92,8 +92,9 @@ def test_a_prompt_beyond_the_size_limit_is_refused(with_template):
 def test_ordinary_templates_are_untouched(with_template):
     template = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
                 "{{ m['role'] ~ ':' ~ m['content'] }}{% endfor %}{{ ns.n }}{{ messages | tojson(indent=2) }}"
-                "{{ '%5d' % 3 }}{{ '{:>4}'.format('a') }}{{ 'ab' * 3 }}{{ 2 ** 10 }}")
-    expected = "user:hi1" + json.dumps(MESSAGES, indent=2) + "    3   aababab1024"
+                "{{ '%5d' % 3 }}{{ '{:>4}'.format('a') }}{{ 'ab' * 3 }}{{ 2 ** 10 }}"
+                "{{ '%d' % 1700000000 }}{{ '{}'.format(1700000000) }}{{ 1700000000 | string }}")
+    expected = "user:hi1" + json.dumps(MESSAGES, indent=2) + "    3   aababab1024" + "1700000000" * 3
     assert with_template(template).render_chat(MESSAGES) == expected
 
 
