@@ -1,10 +1,13 @@
-"""The app against hostile text and broken databases: a reply full of escape sequences is shown as marks
-(now and when the conversation is reopened), a full disk keeps the typed message in the input, and a
-locked database is one notice while the app keeps running."""
+"""The app against hostile text, templates and broken databases: a reply full of escape sequences is shown
+as marks (now and when the conversation is reopened), a template that never ends leaves Esc working and is
+one notice, a full disk keeps the typed message in the input, and a locked database is one notice while
+the app keeps running."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,9 @@ from faults import fill_disk, hold_exclusive_lock
 from textual.widgets import Markdown, Static
 from ui_fakes import FakeBackend, record_notifications, wait_until
 
+import engine.tokenizer
 from chattui.app import ChattuiApp
+from chattui.backend import EngineBackend
 from chattui.config import Config
 from chattui.store import DB_FILE, Store
 
@@ -132,3 +137,39 @@ def test_a_locked_database_is_one_notice_and_the_app_keeps_running(tmp_path, mon
 
     run(app, scenario)
     assert any(s.startswith("Not saved: ") and "is locked by another program" in s for s in shown), shown
+
+
+def test_the_app_stays_responsive_to_esc_and_reports_a_template_timeout(checkpoint_factory, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(engine.tokenizer, "TEMPLATE_TIME_LIMIT_S", 2.0)
+    folder = shutil.copytree(checkpoint_factory("qwen2"), tmp_path / "model")
+    (folder / "chat_template.jinja").write_text(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    app = ChattuiApp(EngineBackend(), Store(tmp_path / "chattui.db"), Config(), model_dir=folder, device="cpu",
+                     dtype="float32", bundled_dir=tmp_path / "none", hf_cache=tmp_path / "hub", export_dir=tmp_path)
+    shown = record_notifications(app)
+
+    async def scenario(pilot):
+        chat = app.chat
+        await wait_until(pilot, lambda: app.model is not None, timeout=60, what="the model to load")
+        for text, key in (("first", "escape"), ("second", None)):
+            chat.prompt.load_text(text)
+            chat.prompt.focus()
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: chat.reply is not None, what="the reply to start")
+            if key:
+                started = time.monotonic()
+                await pilot.press(key)  # the template is still rendering in the worker thread
+                await wait_until(pilot, lambda: chat.reply is None, timeout=1, what="Esc to stop the reply")
+                assert time.monotonic() - started < 1
+                await pilot.pause(2.5)  # the abandoned render ends at its time limit, unseen
+        await wait_until(pilot, lambda: any("took more than 2 s" in s for s in shown), timeout=10,
+                         what="the template error notice")
+        assert app.is_running
+
+    async def main():
+        async with app.run_test(size=(120, 40)) as pilot:
+            await scenario(pilot)
+
+    asyncio.run(main())
+    assert any(s.startswith("Generation failed: chat template took more than 2 s") for s in shown), shown

@@ -139,3 +139,4 @@ def test_data_prep_reports_a_template_timeout_with_the_record_and_stops_when_ask
     with pytest.raises(DataCancelled, match=f"stopped before {data}:2"):
         prepare_data(with_template(engine.tokenizer.CHATML_FALLBACK_TEMPLATE), [data], 64,
                      should_stop=lambda: next(asked))
+
