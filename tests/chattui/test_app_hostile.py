@@ -10,9 +10,8 @@ import shutil
 import time
 from pathlib import Path
 
-import pytest
 from faults import fill_disk, hold_exclusive_lock
-from textual.widgets import Markdown, Static
+from textual.widgets import Markdown
 from ui_fakes import FakeBackend, record_notifications, wait_until
 
 import engine.tokenizer
