@@ -48,3 +48,12 @@ def test_a_loss_that_becomes_nan_fails_the_job_and_saves_no_adapter(checkpoint_f
     status = [r for r in read_records(out / "progress.jsonl") if r["type"] == "status"][-1]
     assert status["status"] == "failed" and status["reason"] == result.reason
     assert not (out / "adapter").exists() and not (out / "checkpoints").exists()
+
+
+def test_a_stop_while_the_data_is_prepared_cancels_the_job_before_training(checkpoint_factory, data, tmp_path):
+    out = tmp_path / "job"
+    result = run_job(job_config(checkpoint_factory("llama"), data, out), should_stop=lambda: True)
+    assert result.status == "cancelled" and result.step == 0
+    status = [r for r in read_records(out / "progress.jsonl") if r["type"] == "status"][-1]
+    assert status["status"] == "cancelled" and status["reason"] == "cancelled by request while preparing the data"
+    assert not (out / "adapter").exists() and not (out / "job.json").exists()
