@@ -148,7 +148,10 @@ def chattui(*argv, **kwargs) -> subprocess.Popen:
 
 def test_ctrl_c_while_loading_exits_130_with_one_line(hostile):
     proc = chattui("generate", "--model", hostile, "--max-new-tokens", "100000", "hi", stdout=subprocess.DEVNULL)
-    time.sleep(1.0)  # importing torch and loading: well before the reply
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "libtorch" not in maps.read_text() and time.monotonic() < deadline:  # inside main, loading the engine
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)  # a second Ctrl-C ends it whatever it was doing
