@@ -29,7 +29,8 @@ from chattui.config import Config
 from chattui.paths import bundled_model_dir
 from chattui.screens.chat import ChatScreen
 from chattui.screens.models import ModelPickerScreen
-from chattui.store import Store
+from chattui.store import Store, StoreError
+from chattui.terminal_text import displayable
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,10 @@ class ChattuiApp(App):
         self.last_export: Path | None = None
         self.chat = ChatScreen(store, backend)
         self.jobs_dir = jobs_dir  # where fine-tune jobs are created; None = chattui.jobs.jobs_root()
+
+    def notify(self, message: str, **kwargs) -> None:
+        """Every notice is shown through displayable: errors can quote what a model or its template wrote."""
+        super().notify(displayable(message) if isinstance(message, str) else message, **kwargs)
 
     # -- start-up --------------------------------------------------------------------------------
 
@@ -204,7 +209,10 @@ class ChattuiApp(App):
         if self.loading is not None and Path(self.loading).expanduser().resolve() == Path(info.path).resolve():
             self.loading = None
             self.chat.status.show_loading(None)
-        self.store.touch_model(info.path)
+        try:
+            self.store.touch_model(info.path)
+        except StoreError as e:  # only the recent-models list: the model is loaded all the same
+            log.warning("%s", e)
         self.notify(
             f"{info.name}: {human_count(info.parameters)} parameters, {info.device}/{info.dtype}, "
             f"context {info.context_length}",

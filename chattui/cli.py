@@ -9,8 +9,10 @@ The engine (and torch) is imported only by the subcommands that need it, so the 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -20,6 +22,7 @@ from chattui import models_cli
 from chattui.catalog import is_gguf_file
 from chattui.models_cli import MODEL_HELP
 from chattui.paths import bundled_model_dir
+from chattui.terminal_text import displayable, for_stream, json_for_terminal
 
 DEFAULT_MODEL_DIR = bundled_model_dir()
 
@@ -120,9 +123,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompt(arg: str) -> str:
-    if arg == "-":
-        return sys.stdin.read()
-    return arg
+    """The PROMPT argument, or stdin for "-"; invalid UTF-8 is replaced (U+FFFD) with a warning."""
+    if arg != "-":
+        return text_argument(arg, "PROMPT")
+    if sys.stdin is None:
+        raise CommandError("PROMPT is - but standard input is closed")
+    return decode_utf8(sys.stdin.buffer.read(), "standard input")
+
+
+def text_argument(value: str, name: str) -> str:
+    """A text argument from argv, where Python keeps invalid UTF-8 bytes as lone surrogates."""
+    try:
+        raw = value.encode("utf-8", "surrogateescape")  # the bytes as given on the command line
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", "replace")
+    return decode_utf8(raw, name)
+
+
+def decode_utf8(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        log.warning("warning: %s is not valid UTF-8 (byte %d); invalid bytes were replaced with U+FFFD",
+                    source, e.start)
+        return raw.decode("utf-8", "replace")
 
 
 def sampling_from_args(args, defaults: SamplingParams) -> SamplingParams:
@@ -176,13 +200,15 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     text = read_prompt(args.prompt)
+    system = text_argument(args.system, "--system") if args.system is not None else None
+    stop = [text_argument(s, "--stop") for s in args.stop]
     engine = load_engine(args)
     params = sampling_from_args(args, engine.default_sampling())
     max_new = args.max_new_tokens or engine.defaults.max_new_tokens
     if args.raw:
         prompt_text, prompt_ids = text, engine.raw_prompt(text)
     else:
-        messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + [
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
             {"role": "user", "content": text}
         ]
         chat = engine.chat_prompt(messages, max_new)
@@ -190,20 +216,26 @@ def cmd_generate(args) -> int:
 
     if args.show_prompt:
         if args.json:
-            print(json.dumps({"prompt": prompt_text, "prompt_tokens": len(prompt_ids)}, ensure_ascii=False))
+            print_json({"prompt": prompt_text, "prompt_tokens": len(prompt_ids)})
         else:
-            sys.stdout.write(prompt_text)
+            sys.stdout.write(for_stream(prompt_text, sys.stdout))
             sys.stdout.flush()
             print(f"{len(prompt_ids)} tokens", file=sys.stderr)
         return 0
 
     cancel = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # Ctrl-C stops the reply, not the process
+
+    def on_interrupt(signum, frame):  # the first Ctrl-C stops the reply, a second one the process
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        generation = engine.generate(prompt_ids, params, max_new, stop=args.stop, cancel=cancel)
+        generation = engine.generate(prompt_ids, params, max_new, stop=stop, cancel=cancel)
         for delta in generation:
             if not args.json:
-                sys.stdout.write(delta)
+                sys.stdout.write(for_stream(delta, sys.stdout))  # a terminal never gets the model's escapes
                 sys.stdout.flush()
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -223,10 +255,15 @@ def cmd_generate(args) -> int:
             "dtype": engine.dtype_name,
             "model": str(engine.model_dir),
         }
-        print(json.dumps(out, ensure_ascii=False))
+        print_json(out)
     else:
         sys.stdout.write("\n")
     return 130 if result.finish_reason == "cancelled" else 0
+
+
+def print_json(value) -> None:
+    """One JSON line on stdout: exact values, and no raw control character even inside strings."""
+    print(json_for_terminal(json.dumps(value, ensure_ascii=False)))
 
 
 def cmd_bench(args) -> int:
@@ -250,7 +287,7 @@ def cmd_bench(args) -> int:
     )
     report = run_bench(options, progress=None if args.json else _stderr_console())
     if args.json:
-        print(json.dumps(report, ensure_ascii=False))
+        print_json(report)
     else:
         from rich.console import Console
 
@@ -285,15 +322,34 @@ def resolve_model_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; bad input, Ctrl-C (exit 130) and an unwritable stdout end with one line, no traceback."""
     logging.basicConfig(level=logging.WARNING, format="chattui: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        code = _dispatch(argv)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a full disk or a closed pipe shows here, not in the interpreter's exit flush
+        return code
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting anyway: another Ctrl-C must not add a traceback
+        _say("interrupted")
+        return 130
+    except OSError as e:
+        if e.errno not in (errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EBADF):
+            raise
+        _say(f"error: cannot write the output ({os.strerror(e.errno)})")
+        _discard_stdout()
+        return 1
+
+
+def _dispatch(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) is None:
         try:
             resolve_model_args(args)
             return cmd_app(args)
         except CommandError as e:
-            print(f"chattui: error: {e}", file=sys.stderr)
+            _say(f"error: {e}")
             return 1
     from engine import EngineError
 
@@ -301,7 +357,23 @@ def main(argv: list[str] | None = None) -> int:
         resolve_model_args(args)
         return args.run(args)
     except (CommandError, EngineError) as e:
-        print(f"chattui: error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return 1
-    except BrokenPipeError:
-        return 0
+
+
+def _say(message: str) -> None:
+    """One line on stderr; model-made text in it (a template's own error message) cannot drive the terminal."""
+    try:
+        print(f"chattui: {displayable(message)}", file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass  # stderr is gone too: the exit code is all that is left
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush of what is still buffered cannot fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass

@@ -12,6 +12,7 @@ Wiring (chattui/cli.py): `finetune_cli.add_parser(sub)` in build_parser; the par
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import time
@@ -70,7 +71,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     val.add_argument("--val-fraction", type=float, metavar="F",
                      help="hold out this share of the data for validation (default: 0.05 with >= 20 records)")
     p.add_argument("--seed", type=int, metavar="S", help="seed for initialisation, shuffling and the split (default: 0)")
-    p.add_argument("--out", type=Path, metavar="DIR", help="job folder (default: the user data dir's jobs/<id>)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="job folder, new or empty (default: the user data dir's jobs/<id>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the job in --out (or the newest unfinished one for --model/--data) from its checkpoint")
     p.add_argument("--nproc", type=int, metavar="N",
@@ -109,12 +111,11 @@ def check_arguments(settings: dict[str, Any]) -> None:
     for key in at_least_1:
         if key in settings and settings[key] < 1:
             raise ArgumentError(f"{_flag(key)} must be >= 1, got {settings[key]}")
-    if "seed" in settings and settings["seed"] < 0:
-        raise ArgumentError(f"--seed must be >= 0, got {settings['seed']}")
-    if "lr" in settings and not settings["lr"] > 0:
-        raise ArgumentError(f"--lr must be > 0, got {settings['lr']}")
-    if "lora_alpha" in settings and not settings["lora_alpha"] > 0:
-        raise ArgumentError(f"--lora-alpha must be > 0, got {settings['lora_alpha']}")
+    if "seed" in settings and not 0 <= settings["seed"] < 2**64:
+        raise ArgumentError(f"--seed must be in [0, 2**64), got {settings['seed']}")
+    for key in ("lr", "lora_alpha"):
+        if key in settings and not 0 < settings[key] < math.inf:
+            raise ArgumentError(f"{_flag(key)} must be a positive finite number, got {settings[key]}")
     if "lora_dropout" in settings and not 0 <= settings["lora_dropout"] < 1:
         raise ArgumentError(f"--lora-dropout must be in [0, 1), got {settings['lora_dropout']}")
     if "val_fraction" in settings and not 0 < settings["val_fraction"] < 1:
@@ -173,6 +174,8 @@ def _resume(args: argparse.Namespace) -> jobs.JobState:
     given = _given(args)
     if args.out is not None:
         job_dir = args.out.expanduser()
+        if not job_dir.is_dir():
+            raise ArgumentError(f"{job_dir}: not a job folder (--resume --out DIR names the folder of a job)")
     else:
         if "model" not in given or "data" not in given:
             raise ArgumentError("--resume needs --out DIR (the job folder), or the --model and --data of the job")

@@ -436,15 +436,38 @@ def start_job(config: dict[str, Any], root: str | Path | None = None, env: dict[
         if key in config:
             files = [config[key]] if isinstance(config[key], (str, Path)) else config[key]
             config[key] = [str(Path(p).expanduser().resolve()) for p in files]
-    if (out / RESOLVED_FILE).exists() or (out / PROGRESS_FILE).exists():
-        raise JobError(f"{out}: already holds a job; resume it or choose another output folder")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / JOB_CONFIG).write_text(to_toml(config), encoding="utf-8")
+    claim_folder(out, to_toml(config))
     _append_status(out, "queued")
     state = JobState(dir=out, id=config["id"], config=config)
     state.process = _spawn(out, resume=False, env=env)
     state.refresh()
     return state
+
+
+def claim_folder(out: Path, job_toml: str) -> None:
+    """Make `out` this job's folder by creating its job.toml, atomically: of two jobs started on one folder
+    in the same instant, exactly one gets it. A folder that holds anything already (another job, or files
+    chattui did not write) is refused, so a job never replaces what it did not create."""
+    if out.exists() and not out.is_dir():
+        raise JobError(f"{out}: is a file; the job's output must be a folder (a new or an empty one)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        present = sorted(p.name for p in out.iterdir())
+    except OSError as e:
+        raise JobError(f"{out}: cannot create the job folder ({e.strerror})") from None
+    if any(name in present for name in (JOB_CONFIG, RESOLVED_FILE, PROGRESS_FILE)):
+        raise JobError(f"{out}: already holds a job; resume it or choose another output folder")
+    if present:
+        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
+        raise JobError(f"{out}: not empty ({shown}); choose a new or empty folder for the job")
+    staged = out / f".{JOB_CONFIG}.{os.getpid()}.{time.monotonic_ns()}"
+    staged.write_text(job_toml, encoding="utf-8")
+    try:
+        os.link(staged, out / JOB_CONFIG)  # fails if job.toml exists: the folder is another job's
+    except FileExistsError:
+        raise JobError(f"{out}: already holds a job; resume it or choose another output folder") from None
+    finally:
+        staged.unlink()
 
 
 def resume_job(job_dir: str | Path, env: dict[str, str] | None = None) -> JobState:

@@ -14,7 +14,7 @@ from typing import Any
 
 from engine.params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1  # below the engine's 2**64: conversations keep the seed in SQLite, whose integers are signed 64-bit
 
 # used until a model is loaded: the engine's own defaults
 FALLBACK_DEFAULTS: dict[str, Any] = {**asdict(SamplingParams()), "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}

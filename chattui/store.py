@@ -4,17 +4,24 @@
   to i + 1, each in one transaction, so a failed migration leaves the file as it was.
 - WAL mode, and every write is its own committed transaction: a user message is saved when it is
   sent, a reply when it ends, so killing the app mid-reply loses no earlier message.
-- A file that is not a readable database is moved aside (never overwritten) and a fresh one is
-  started; `open_store` returns a notice saying where the old file went.
-- Used from the UI thread only; every call is a few milliseconds.
+- Only corruption moves a file aside: SQLite's `quick_check` failing, or "file is not a database". It is
+  renamed (never overwritten) and a fresh one is started; `open_store` returns a notice saying where it went.
+  Everything else leaves the file as it is: a lock held by another program is retried for BUSY_TIMEOUT_S
+  and then reported; a read-only file is opened read-only (its conversations are shown, nothing is saved);
+  a full disk, a missing table or a newer schema are reported. Every failure is a one-line StoreError, and
+  a database that could not be created is removed again (never a 0-byte file left behind).
+- Used from the UI thread only; every call is a few milliseconds (a locked database: up to BUSY_TIMEOUT_S).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +29,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DB_FILE = "chattui.db"
+BUSY_TIMEOUT_S = 2.0  # how long a write waits for another program's lock before saying so
+TABLES = ("conversations", "messages", "recent_models", "jobs")  # what the latest schema has
 
 MIGRATIONS: tuple[str, ...] = (
     # 0 -> 1: conversations, their messages, recently used models.
@@ -80,6 +89,29 @@ class CorruptDatabase(StoreError):
     """The file is not a readable SQLite database."""
 
 
+class ReadOnlyDatabase(StoreError):
+    """The file (or its folder) cannot be written."""
+
+
+# SQLite's primary result codes (https://sqlite.org/rescode.html) that say what went wrong.
+_BUSY, _LOCKED, _READONLY, _CORRUPT, _FULL, _NOTADB = 5, 6, 8, 11, 13, 26
+
+
+def _store_error(e: sqlite3.Error, path: Path | None) -> StoreError:
+    """One line for the user, of the StoreError kind that says what can be done about it."""
+    code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+    where = path or "the in-memory database"
+    if code in (_CORRUPT, _NOTADB):
+        return CorruptDatabase(str(e))
+    if code in (_BUSY, _LOCKED):
+        return StoreError(f"{where} is locked by another program (another chattui?); not saved, try again")
+    if code == _READONLY:
+        return ReadOnlyDatabase(f"{where} is read-only; not saved")
+    if code == _FULL:
+        return StoreError(f"not saved: the disk holding {where} is full")
+    return StoreError(f"{where}: {e}")
+
+
 @dataclass
 class Conversation:
     id: int
@@ -134,27 +166,67 @@ class JobRecord:
 
 
 class Store:
-    def __init__(self, path: Path | str, migrations: tuple[str, ...] = MIGRATIONS):
-        """Open (creating if needed) and migrate; raises CorruptDatabase or StoreError."""
+    def __init__(self, path: Path | str, migrations: tuple[str, ...] = MIGRATIONS, *, read_only: bool = False,
+                 busy_timeout: float | None = None):
+        """Open (creating if needed) and migrate; raises CorruptDatabase, ReadOnlyDatabase or StoreError.
+
+        read_only: copy the file into memory, so its conversations can be read and nothing is written back.
+        """
         self.path = Path(path) if str(path) != ":memory:" else None
-        if self.path is not None:
+        self.read_only = read_only
+        timeout = BUSY_TIMEOUT_S if busy_timeout is None else busy_timeout
+        created = False
+        if self.path is not None and not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None)
+            created = not self.path.exists()
+        if self.path is not None and not read_only and not created and not _writable(self.path):
+            raise ReadOnlyDatabase(f"{self.path} is read-only; not saved")
         try:
+            self._db = self._connect(timeout)
             check = self._db.execute("PRAGMA quick_check").fetchall()
             if check != [("ok",)]:
                 raise CorruptDatabase("; ".join(str(row[0]) for row in check[:3]))
-            if self.path is not None:
+            if self.path is not None and not read_only:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")  # durable across app crashes in WAL mode
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate(migrations)
-        except sqlite3.DatabaseError as e:
-            self._db.close()
-            raise CorruptDatabase(str(e)) from None
-        except StoreError:
-            self._db.close()
-            raise
+            self._check_tables(migrations)
+        except (sqlite3.Error, StoreError) as e:
+            if hasattr(self, "_db"):
+                self._db.close()
+            if created:  # never leave an empty database behind (a full disk, an unwritable folder)
+                for suffix in ("", "-wal", "-shm"):
+                    self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+            raise _store_error(e, self.path) if isinstance(e, sqlite3.Error) else e from None
+
+    def _connect(self, timeout: float) -> sqlite3.Connection:
+        if not self.read_only:
+            return sqlite3.connect(str(self.path or ":memory:"), isolation_level=None, timeout=timeout)
+        copy = sqlite3.connect(":memory:", isolation_level=None)
+        uri = self.path.resolve().as_uri()
+        # A WAL database on read-only media cannot make its -shm file: then read it as immutable.
+        for query in ("mode=ro", "immutable=1"):
+            try:
+                source = sqlite3.connect(f"{uri}?{query}", uri=True, timeout=timeout)
+                try:
+                    source.backup(copy)
+                finally:
+                    source.close()
+                return copy
+            except sqlite3.Error as e:
+                error = e
+        copy.close()
+        raise error
+
+    def _check_tables(self, migrations: tuple[str, ...]) -> None:
+        if migrations is not MIGRATIONS:
+            return
+        present = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        missing = [t for t in TABLES if t not in present]
+        if missing:
+            raise StoreError(f"{self.path}: the table {missing[0]!r} is missing (schema version {self.version}); "
+                             "the file was left untouched")
 
     @property
     def version(self) -> int:
@@ -180,10 +252,26 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on failure); SQLite errors come out as one-line StoreErrors."""
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+        except sqlite3.Error as e:
+            raise _store_error(e, self.path) from None
+
     def _write(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
         """One statement in its own committed transaction."""
-        with self._db:
-            return self._db.execute(sql, params)
+        with self._transaction() as db:
+            return db.execute(sql, params)
+
+    def _rows(self, sql: str, params: tuple = ()) -> list[tuple]:
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise _store_error(e, self.path) from None
 
     # -- conversations ---------------------------------------------------------------------------
 
@@ -198,20 +286,20 @@ class Store:
         return self.conversation(cur.lastrowid)
 
     def conversation(self, conversation_id: int) -> Conversation:
-        row = self._db.execute(
+        rows = self._rows(
             "SELECT id, title, mode, settings, model, created_at, updated_at FROM conversations WHERE id = ?",
             (conversation_id,),
-        ).fetchone()
-        if row is None:
+        )
+        if not rows:
             raise KeyError(conversation_id)
-        return _conversation(row)
+        return _conversation(rows[0])
 
     def conversations(self) -> list[Conversation]:
         """All conversations, most recently active first."""
-        rows = self._db.execute(
+        rows = self._rows(
             "SELECT id, title, mode, settings, model, created_at, updated_at FROM conversations "
             "ORDER BY updated_at DESC, id DESC"
-        ).fetchall()
+        )
         return [_conversation(r) for r in rows]
 
     def update_conversation(
@@ -257,12 +345,11 @@ class Store:
     ) -> Message:
         """Append a message and commit it (with the conversation's activity time) at once."""
         now = time.time()
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            (position,) = self._db.execute(
+        with self._transaction() as db:
+            (position,) = db.execute(
                 "SELECT COALESCE(MAX(position) + 1, 0) FROM messages WHERE conversation_id = ?", (conversation_id,)
             ).fetchone()
-            cur = self._db.execute(
+            cur = db.execute(
                 "INSERT INTO messages (conversation_id, position, role, content, created_at, finished_at, "
                 "finish_reason, prompt_tokens, generated_tokens, stats, settings, model) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -271,32 +358,31 @@ class Store:
                     prompt_tokens, generated_tokens, json.dumps(stats or {}), json.dumps(settings or {}), model,
                 ),
             )
-            self._db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
         return self.message(cur.lastrowid)
 
     def message(self, message_id: int) -> Message:
-        row = self._db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()
-        if row is None:
+        rows = self._rows(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,))
+        if not rows:
             raise KeyError(message_id)
-        return _message(row)
+        return _message(rows[0])
 
     def messages(self, conversation_id: int) -> list[Message]:
-        rows = self._db.execute(
+        rows = self._rows(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY position",
             (conversation_id,),
-        ).fetchall()
+        )
         return [_message(r) for r in rows]
 
     def edit_and_truncate(self, message_id: int, content: str) -> None:
         """Replace a message's text and delete every later message of its conversation, atomically."""
         msg = self.message(message_id)
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("UPDATE messages SET content = ?, created_at = ? WHERE id = ?", (content, time.time(), message_id))
-            self._db.execute(
+        with self._transaction() as db:
+            db.execute("UPDATE messages SET content = ?, created_at = ? WHERE id = ?", (content, time.time(), message_id))
+            db.execute(
                 "DELETE FROM messages WHERE conversation_id = ? AND position > ?", (msg.conversation_id, msg.position)
             )
-            self._db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), msg.conversation_id))
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), msg.conversation_id))
 
     def delete_message(self, message_id: int) -> None:
         self._write("DELETE FROM messages WHERE id = ?", (message_id,))
@@ -311,7 +397,7 @@ class Store:
         )
 
     def recent_models(self, limit: int = 10) -> list[str]:
-        rows = self._db.execute("SELECT path FROM recent_models ORDER BY last_used DESC LIMIT ?", (limit,))
+        rows = self._rows("SELECT path FROM recent_models ORDER BY last_used DESC LIMIT ?", (limit,))
         return [r[0] for r in rows]
 
     # -- fine-tune jobs --------------------------------------------------------------------------
@@ -333,15 +419,15 @@ class Store:
         self._write("UPDATE jobs SET status = ?, updated_at = ? WHERE id = ?", (status, time.time(), id))
 
     def job(self, id: str) -> JobRecord:
-        row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (id,)).fetchone()
-        if row is None:
+        rows = self._rows(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (id,))
+        if not rows:
             raise KeyError(id)
-        return JobRecord(*row)
+        return JobRecord(*rows[0])
 
     def jobs(self) -> list[JobRecord]:
         """Every job, newest first."""
-        rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created_at DESC, id DESC")
-        return [JobRecord(*r) for r in rows.fetchall()]
+        rows = self._rows(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created_at DESC, id DESC")
+        return [JobRecord(*r) for r in rows]
 
     def delete_job(self, id: str) -> None:
         self._write("DELETE FROM jobs WHERE id = ?", (id,))
@@ -373,12 +459,18 @@ def _json(text: str | None) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _writable(path: Path) -> bool:
+    """Whether SQLite can write the file and its -wal/-shm files beside it (False on read-only media)."""
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
 def open_store(data_dir: Path) -> tuple[Store, str | None]:
     """The store in data_dir, and a notice for the user when something had to be done about it.
 
-    A corrupt file is renamed to `chattui.db.corrupt-<time>` (with its -wal/-shm files) and a new
-    one is started. A database that cannot be used at all (newer schema, unwritable folder) gives
-    an in-memory store, so the app still works, with a notice that nothing will be saved.
+    A corrupt file is renamed to `chattui.db.corrupt-<time>` (with its -wal/-shm files) and a new one is
+    started. A read-only file is read into memory: its conversations are there, nothing is saved. A
+    database that cannot be used at all (locked, newer schema, full disk, unwritable folder) is left as it
+    is and gives an empty in-memory store, so the app still works, with a notice that nothing will be saved.
     """
     path = data_dir / DB_FILE
     try:
@@ -389,9 +481,16 @@ def open_store(data_dir: Path) -> tuple[Store, str | None]:
         log.warning(notice)
         try:
             return Store(path), notice
-        except (StoreError, OSError, sqlite3.Error) as e2:
+        except (StoreError, OSError) as e2:
             return Store(":memory:"), f"{notice} The new one failed too ({e2}); conversations will not be saved."
-    except (StoreError, OSError, sqlite3.Error) as e:
+    except ReadOnlyDatabase:
+        try:
+            return Store(path, read_only=True), (
+                f"{path} is read-only: your conversations are shown, but nothing new will be saved this session."
+            )
+        except (StoreError, OSError) as e:
+            return Store(":memory:"), f"{e}. Conversations will not be saved this session."
+    except (StoreError, OSError) as e:
         return Store(":memory:"), f"{e}. Conversations will not be saved this session."
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +37,32 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Parse a JSON object file; errors name the file, line and column."""
+MAX_JSON_BYTES = 256 << 20  # tokenizer.json of a 256k vocabulary is ~35 MB
+MAX_SAFETENSORS_HEADER_BYTES = 100_000_000  # as the safetensors library itself
+
+
+def check_regular_file(path: Path, max_bytes: int | None = None) -> int:
+    """The size of path, a regular file (symlinks followed) of at most max_bytes; checked before any read,
+    so a FIFO, a device (a symlink to /dev/zero) or a huge file never blocks or fills memory."""
     try:
-        text = path.read_text(encoding="utf-8")
+        info = os.stat(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO, device or socket"
+        raise CheckpointError(f"{path}: not a regular file ({kind}); refusing to read it")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise CheckpointError(f"{path}: {info.st_size:,} bytes, more than the {max_bytes:,} such a file can need")
+    return info.st_size
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON object file; errors name the file, line and column."""
+    check_regular_file(path, MAX_JSON_BYTES)
+    try:
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read ({e})") from None
     try:
@@ -103,10 +125,11 @@ def read_generation_defaults(model_dir: Path, model_json: dict[str, Any]) -> Gen
             raise ValueError(f"max_new_tokens must be >= 1, got {defaults.max_new_tokens}")
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    eos = gen.get("eos_token_id", model_json.get("eos_token_id"))
-    defaults.eos_token_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
-    bos = gen.get("bos_token_id", model_json.get("bos_token_id"))
-    defaults.bos_token_id = int(bos) if bos is not None else None
+    eos_file, eos = (path, gen["eos_token_id"]) if "eos_token_id" in gen else (model_dir / "config.json", model_json.get("eos_token_id"))
+    defaults.eos_token_ids = _token_ids(eos_file, "eos_token_id", eos)
+    bos_file, bos = (path, gen["bos_token_id"]) if "bos_token_id" in gen else (model_dir / "config.json", model_json.get("bos_token_id"))
+    bos_ids = _token_ids(bos_file, "bos_token_id", bos)
+    defaults.bos_token_id = bos_ids[0] if bos_ids else None
     return defaults
 
 
@@ -135,6 +158,14 @@ def check_model_path(model_path: str | Path) -> Path:
     elif not path.is_dir():
         raise CheckpointError(f"{path}: not a directory or a .gguf file")
     return path
+
+
+def _token_ids(path: Path, key: str, value: Any) -> list[int]:
+    """A config's token id field: an id, a list of ids, or null."""
+    values = value if isinstance(value, list) else [value]
+    if not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in values):
+        raise CheckpointError(f"{path}: {key!r} must be a token id or a list of token ids, got {value!r}")
+    return [v for v in values if v is not None]
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -181,8 +212,9 @@ class _TensorInfo:
 
 
 def _read_header(path: Path) -> dict[str, _TensorInfo]:
-    """Parse and check one safetensors header: every tensor's bytes must lie inside the file."""
-    size = path.stat().st_size
+    """Parse and check one safetensors header: every tensor's bytes must lie inside the file, in ranges that
+    do not overlap, and match its dtype and shape."""
+    size = check_regular_file(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -190,10 +222,14 @@ def _read_header(path: Path) -> dict[str, _TensorInfo]:
         header_len = int.from_bytes(head, "little")
         if header_len > size - 8:
             raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {header_len} bytes, file has {size})")
+        if header_len > MAX_SAFETENSORS_HEADER_BYTES:  # read into memory whole: a sparse 3 GB one must not be
+            raise CheckpointError(
+                f"{path}: corrupt safetensors file (header of {header_len:,} bytes; at most {MAX_SAFETENSORS_HEADER_BYTES:,})"
+            )
         try:
             header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({_short(e)})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_start = 8 + header_len
@@ -201,21 +237,45 @@ def _read_header(path: Path) -> dict[str, _TensorInfo]:
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        try:
-            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key}: {entry}") from None
-        expected = math.prod(shape) * dtype.itemsize
-        if end - begin != expected:
-            raise CheckpointError(f"{path}: corrupt safetensors header: {key} has {end - begin} bytes, shape needs {expected}")
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{path}: truncated safetensors file: {key} needs bytes up to {data_start + end}, the file has {size}"
-            )
-        tensors[key] = _TensorInfo(path, key, dtype, shape, data_start + begin, expected)
+        tensors[key] = _tensor_info(path, key, entry, data_start, size)
+    spans = sorted((info.begin, info.begin + info.nbytes, key) for key, info in tensors.items())
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: corrupt safetensors header: the data of {first} and {second} overlap")
     return tensors
+
+
+def _tensor_info(path: Path, key: str, entry: Any, data_start: int, size: int) -> _TensorInfo:
+    where = f"{path}: corrupt safetensors header entry for {_short(key)}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: expected an object, got {_short(entry)}")
+    dtype = entry.get("dtype")
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{where}: unknown dtype {_short(dtype)} (known: {', '.join(_SAFETENSORS_DTYPES)})")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: shape must be a list of sizes >= 0, got {_short(shape)}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {_short(offsets)}")
+    torch_dtype = _SAFETENSORS_DTYPES[dtype]
+    begin, end = offsets
+    expected = math.prod(shape) * torch_dtype.itemsize
+    if end - begin != expected:
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header: {key} has {end - begin} bytes, its dtype {dtype} and shape {shape} need {expected}"
+        )
+    if data_start + end > size:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file: {key} needs bytes up to {data_start + end}, the file has {size}"
+        )
+    return _TensorInfo(path, key, torch_dtype, tuple(shape), data_start + begin, expected)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a value from an untrusted file, cut to one readable piece."""
+    text = repr(value) if not isinstance(value, BaseException) else str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _scan_headers(files: list[Path]) -> dict[str, _TensorInfo]:
@@ -227,8 +287,7 @@ def _scan_headers(files: list[Path]) -> dict[str, _TensorInfo]:
 
 def _read_tensor(f, info: _TensorInfo, device: torch.device, dtype: torch.dtype, staging: torch.Tensor) -> torch.Tensor:
     """Read one tensor into its final device and dtype through the reusable uint8 staging buffer."""
-    target_dtype = dtype if info.dtype.is_floating_point else info.dtype
-    out = torch.empty(info.shape, dtype=target_dtype, device=device)
+    out = torch.empty(info.shape, dtype=dtype, device=device)  # load_model lets floating-point weights only
     flat = out.view(-1)
     per_chunk = staging.numel() // info.dtype.itemsize
     f.seek(info.begin)
@@ -271,6 +330,9 @@ class _SafetensorsWeights:
         self.tensors = _normalize_keys(found, expected, family.checkpoint_prefix, family.ignored_keys)
         if config.tie_word_embeddings:
             self.tensors.pop("lm_head.weight", None)  # tied: the embedding is the output projection
+        for key, info in self.tensors.items():
+            if key in expected and not info.dtype.is_floating_point:
+                raise CheckpointError(f"{info.file}: {key} is stored as {info.dtype}; model weights must be floating point")
         self.shapes = {key: info.shape for key, info in self.tensors.items()}
         self.sizes = {key: info.nbytes for key, info in self.tensors.items()}
 

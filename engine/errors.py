@@ -15,3 +15,11 @@ class TemplateError(EngineError):
 
 class PromptTooLongError(EngineError):
     """A prompt that cannot fit in the model's context window."""
+
+
+class NonFiniteLogitsError(EngineError):
+    """The model's next-token scores hold NaN or infinity: broken weights or adapter, or a numeric overflow."""
+
+
+class TrainingDiverged(EngineError):
+    """The training loss or gradients became NaN or infinite."""

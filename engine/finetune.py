@@ -64,10 +64,10 @@ import torch.nn as nn
 from engine.checkpoint import load_weights, read_model_config
 from engine.device import cpu_has_fast_bfloat16
 from engine.errors import EngineError
-from engine.finetune_data import DataError, ExampleBatches, pad_token_id, prepare_data
+from engine.finetune_data import DataCancelled, DataError, ExampleBatches, pad_token_id, prepare_data
 from engine.job_files import (
     CANCEL_FILE, CHECKPOINTS, EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED, FINAL_STATUSES, PROGRESS_FILE, RESOLVED_FILE,
-    user_data_dir,
+    RESULT_DIRS, user_data_dir,
 )
 from engine.gguf.header import is_gguf_path
 from engine.lora import LoRAConfig, apply_lora, default_targets, merge_lora, save_adapter, save_hf_checkpoint
@@ -234,8 +234,10 @@ def _check_values(c: JobConfig, source: str) -> None:
         fail(f"'lr' must be a positive number, got {c.lr}")
     if not 0 <= c.lora_dropout < 1:
         fail(f"'lora_dropout' must be in [0, 1), got {c.lora_dropout}")
-    if c.lora_alpha <= 0:
-        fail(f"'lora_alpha' must be > 0, got {c.lora_alpha}")
+    if not 0 < c.lora_alpha < math.inf:
+        fail(f"'lora_alpha' must be a positive finite number, got {c.lora_alpha}")
+    if c.seed >= 2**64:
+        fail(f"'seed' must be < 2**64 (a 64-bit seed), got {c.seed}")
     if c.val_fraction is not None and not 0 <= c.val_fraction < 1:
         fail(f"'val_fraction' must be in [0, 1), got {c.val_fraction}")
     if c.val_data and c.val_fraction:
@@ -341,6 +343,9 @@ def _check_out_dir(config: JobConfig, resume: bool) -> None:
         return
     if (out / RESOLVED_FILE).exists() or latest_checkpoint(out / CHECKPOINTS) is not None:
         raise JobError(f"{out}: already holds a job; resume it (--resume) or choose another output folder")
+    results = [name for name in RESULT_DIRS if (out / name).exists()]
+    if results:  # a new job would replace them: they are another job's, or the user's
+        raise JobError(f"{out}: already holds {results[0]}/; choose another output folder (nothing was changed)")
 
 
 # -- the model -----------------------------------------------------------------------------------------------
@@ -532,7 +537,19 @@ def _run(config, resume, dist, out, progress, stop, should_stop, on_progress) ->
     if val_fraction is None and not config.val_data:
         n_records = _count_records(config.data)
         val_fraction = AUTO_VAL_FRACTION if n_records >= AUTO_VAL_MIN_RECORDS else 0.0
-    data = prepare_data(tokenizer, config.data, max_seq_len, config.val_data, val_fraction or None, config.seed)
+
+    def stop_requested() -> bool:  # this process only: no collective call before training starts
+        if should_stop is not None and stop.signal_name is None and should_stop():
+            stop.signal_name = "request"
+        return stop.is_set()
+
+    try:
+        data = prepare_data(tokenizer, config.data, max_seq_len, config.val_data, val_fraction or None, config.seed,
+                            should_stop=stop_requested)
+    except DataCancelled:
+        progress.status("cancelled", reason=f"cancelled by {stop.signal_name} while preparing the data", step=0,
+                        start_step=_start_step(out, resume), checkpoint=None, adapter=None)
+        return JobResult("cancelled", step=0)
     progress.write({"type": "data", **data.report.to_dict()})
     batch, per_epoch, total_steps, eval_interval = plan_job(config, len(data.train))
 
@@ -579,9 +596,7 @@ def _run(config, resume, dist, out, progress, stop, should_stop, on_progress) ->
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
     def stop_now() -> bool:
-        if should_stop is not None and stop.signal_name is None and should_stop():
-            stop.signal_name = "request"
-        flag = stop.is_set()
+        flag = stop_requested()
         if dist.active:
             flag = _all_reduce([float(flag)], device, "max")[0] > 0
         return flag

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,10 @@ _SHAPES = {
 
 class DataError(EngineError):
     """A data file that cannot be trained on; the message starts with `file:line:`."""
+
+
+class DataCancelled(Exception):
+    """prepare_data's should_stop said stop (Ctrl-C or a cancel while the data was being prepared)."""
 
 
 @dataclass
@@ -267,10 +271,12 @@ def prepare_data(
     val_files: Sequence[str | Path] = (),
     val_fraction: float | None = None,
     seed: int = 0,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> PreparedData:
     """Read, check and tokenize the data; split validation (val_files, or a seeded val_fraction of the records).
 
-    Raises DataError on the first bad record, or when nothing is left to train on.
+    Raises DataError on the first bad record, or when nothing is left to train on; DataCancelled as soon as
+    should_stop() (polled before every record) is true.
     """
     if not train_files:
         raise DataError("no training data file given")
@@ -297,6 +303,8 @@ def prepare_data(
         nonlocal truncated, dropped
         out = []
         for record in recs:
+            if should_stop():
+                raise DataCancelled(f"stopped before {record.where}")
             example = render_record(record, tokenizer)
             lengths.append(example.full_length)
             if example.full_length > max_seq_len:

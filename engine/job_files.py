@@ -16,6 +16,7 @@ LOG_FILE = "job.log"  # the job process's stdout and stderr
 PID_FILE = "job.pid"  # the job's process id
 CANCEL_FILE = ".cancel"  # created by the launcher on SIGTERM/SIGINT; workers stop at the next step
 CHECKPOINTS = "checkpoints"
+RESULT_DIRS = ("adapter", "merged", "model")  # what a finished job saves into its folder
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATUSES = ("done", "failed", "cancelled")

@@ -3,12 +3,15 @@ sampling settings and their defaults, and the names of the dtypes a model can be
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DEFAULT_MAX_NEW_TOKENS = 512  # when generation_config.json does not say
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES, *DTYPE_ALIASES)  # what `--dtype` and config.toml accept
+MAX_SEED = 2**64  # torch.Generator seeds are 64-bit
+PENALTY_RANGE = (0.01, 100.0)  # beyond these a penalty overflows float32 logits (1e-40 makes them inf)
 
 
 @dataclass
@@ -22,13 +25,16 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             raise ValueError(f"min-p must be in [0, 1), got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        low, high = PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition penalty must be in [{low:g}, {high:g}] (1 = off), got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")

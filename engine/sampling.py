@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.errors import NonFiniteLogitsError
+
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """logits (V,), seen (V,) bool: CTRL-style penalty on every token already in the sequence."""
@@ -45,9 +47,15 @@ def sample(
     min_p: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> int:
-    """One token id from logits (V,); temperature 0 is argmax."""
+    """One token id from logits (V,); temperature 0 is argmax. NaN or +-inf at the top raises NonFiniteLogitsError."""
+    logits = logits.float()  # argmax is also ~3x faster than on bfloat16
+    peak = logits.max()  # NaN if any logit is NaN
+    if not torch.isfinite(peak):
+        what = "NaN" if torch.isnan(peak) else "infinite"
+        raise NonFiniteLogitsError(f"the model produced {what} logits (broken weights or adapter?); the reply was stopped")
     if temperature <= 0:
-        return int(torch.argmax(logits.float()))  # same id; PyTorch's argmax is ~3x slower on bfloat16
-    logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        return int(torch.argmax(logits))
+    # Shifted so the top logit is 0: the same distribution, and a tiny temperature gives -inf, not inf - inf.
+    logits = filter_logits((logits - peak) / temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     probs = logits.softmax(-1)  # (V,)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -6,14 +6,21 @@ sees its prompts exactly as it was tuned on them. Where transformers 5 does not 
 the rules that change token ids are mirrored here (see `_match_transformers_loading`).
 
 Chat templates come with downloaded checkpoints, so they are untrusted code: they run in Jinja's immutable
-sandbox, and every way a template can fail surfaces as a one-line `TemplateError`.
+sandbox, and every way a template can fail surfaces as a one-line `TemplateError`. The sandbox also bounds
+what a template can cost: rendering stops after TEMPLATE_TIME_LIMIT_S (endless loops), the prompt and every
+string, list or number the template builds stay under MAX_TEMPLATE_CHARS (`'x' * 10**9` is refused before it
+is allocated), and tojson's indent and strftime_now's format are limited.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
-from collections.abc import Mapping
+import re
+import threading
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 import jinja2
+import jinja2.compiler
 import jinja2.ext
 import jinja2.nodes
 import jinja2.parser
@@ -28,7 +36,7 @@ import jinja2.sandbox
 import jinja2.utils
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 
-from engine.checkpoint import read_json
+from engine.checkpoint import MAX_JSON_BYTES, check_regular_file, read_json
 from engine.errors import CheckpointError, TemplateError
 from engine.gguf.header import cached_gguf, is_gguf_path
 from engine.gguf.tokenizer import build_tokenizer
@@ -46,6 +54,13 @@ CHATML_FALLBACK_TEMPLATE = (
 
 # The special tokens transformers passes to chat templates as variables (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+TEMPLATE_TIME_LIMIT_S = 5.0  # a real chat template renders in milliseconds
+MAX_TEMPLATE_CHARS = 8_000_000  # ~2M tokens: above any context window; also the cap on any value built
+MAX_TEMPLATE_INT_BITS = 4096  # numbers a template computes (10**10**9 would take minutes of CPU)
+MAX_TOJSON_INDENT = 16
+MAX_TEMPLATE_FILE_BYTES = 4 << 20  # chat_template.jinja files are tens of kilobytes
+MAX_STRFTIME_FORMAT = 256
 
 # Names a message's reasoning goes by; templates read the first, transformers fills it (and `thinking`) from any.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -90,6 +105,8 @@ class ChatTokenizer:
         special_tokens_map = _read_optional_json(model_dir / "special_tokens_map.json")
         model_config = _read_optional_json(model_dir / "config.json")
 
+        _check_field_types(model_dir / "tokenizer_config.json", config)
+        _check_field_types(model_dir / "config.json", {"tokenizer_class": model_config.get("tokenizer_class")})
         special_tokens = {}
         for name in SPECIAL_TOKEN_NAMES:
             text = _token_text(config.get(name)) or _token_text(special_tokens_map.get(name))
@@ -141,7 +158,7 @@ class ChatTokenizer:
         }
         template = self._template
         try:
-            return template.render(context)
+            return _render_bounded(template, context)
         except TemplateError:
             raise  # from raise_exception(): the template's own message
         except jinja2.exceptions.SecurityError as e:
@@ -170,8 +187,9 @@ class ChatTokenizer:
 
 
 def _load_tokenizer_json(path: Path) -> Tokenizer:
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: file not found (the model folder needs its tokenizer.json)")
+    check_regular_file(path, MAX_JSON_BYTES)
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust library raises plain Exception
@@ -180,6 +198,20 @@ def _load_tokenizer_json(path: Path) -> Tokenizer:
 
 def _read_optional_json(path: Path) -> dict[str, Any]:
     return read_json(path) if path.exists() else {}
+
+
+_FIELD_TYPES = {  # tokenizer_config.json fields whose type this module relies on
+    "tokenizer_class": (str, "a string"),
+    "additional_special_tokens": (list, "a list of tokens"),
+    "extra_special_tokens": ((list, dict), "a list or an object of tokens"),
+}
+
+
+def _check_field_types(path: Path, config: dict[str, Any]) -> None:
+    for key, (kind, description) in _FIELD_TYPES.items():
+        value = config.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise CheckpointError(f"{path}: {key!r} must be {description}, got {type(value).__name__} {value!r}")
 
 
 def _token_text(value: Any) -> str | None:
@@ -193,6 +225,7 @@ def _read_chat_template(model_dir: Path, config: dict[str, Any]) -> str | None:
     """chat_template.jinja wins over tokenizer_config.json's chat_template (a string or a list of named ones)."""
     jinja_path = model_dir / "chat_template.jinja"
     if jinja_path.exists():
+        check_regular_file(jinja_path, MAX_TEMPLATE_FILE_BYTES)
         try:
             return jinja_path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
@@ -282,6 +315,146 @@ def _at_line(tb: TracebackType | None) -> str:
     return f" at line {line}" if line is not None else ""
 
 
+# --- Bounds on what a template may cost. ---
+
+
+class _RenderTimeout(BaseException):
+    """Raised into the rendering thread at the deadline; a BaseException so nothing on the way catches it."""
+
+
+def _render_bounded(template: jinja2.Template, context: dict[str, Any]) -> str:
+    """template.render(context), stopped at TEMPLATE_TIME_LIMIT_S or MAX_TEMPLATE_CHARS of output."""
+    pieces, size = [], 0
+
+    def render() -> str:
+        nonlocal size
+        for piece in template.generate(context):
+            size += len(piece)
+            if size > MAX_TEMPLATE_CHARS:
+                raise TemplateError(f"chat template produced more than {MAX_TEMPLATE_CHARS:,} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+
+    try:
+        return _with_deadline(render, TEMPLATE_TIME_LIMIT_S)
+    except _RenderTimeout:
+        raise TemplateError(
+            f"chat template took more than {TEMPLATE_TIME_LIMIT_S:g} s to render (an endless or huge loop?)"
+        ) from None
+
+
+def _with_deadline(run: Callable[[], str], seconds: float) -> str:
+    """run() in this thread, interrupted with _RenderTimeout once seconds have passed.
+
+    A watchdog timer raises the exception asynchronously in this thread (PyThreadState_SetAsyncExc), which
+    stops pure-Python work such as a template's loops wherever it is; single huge C operations are what the
+    value limits below prevent."""
+    thread_id = threading.get_ident()
+    lock = threading.Lock()
+    state = {"done": False, "fired": False}
+
+    def fire() -> None:
+        with lock:
+            if not state["done"]:
+                state["fired"] = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(_RenderTimeout))
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        return run()
+    finally:
+        timer.cancel()
+        with lock:
+            state["done"] = True
+            if state["fired"]:  # fired after run() ended: take back the exception not yet raised
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
+
+
+def _too_big(what: str) -> jinja2.exceptions.SecurityError:
+    return jinja2.exceptions.SecurityError(f"{what} (the limit is {MAX_TEMPLATE_CHARS:,})")
+
+
+def _check_size(value: Any) -> None:
+    """Refuse a string or sequence longer than MAX_TEMPLATE_CHARS, or a number of more than MAX_TEMPLATE_INT_BITS."""
+    if isinstance(value, (str, bytes, list, tuple)) and len(value) > MAX_TEMPLATE_CHARS:
+        raise _too_big(f"a value of {len(value):,} characters or items")
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_TEMPLATE_INT_BITS:
+        raise jinja2.exceptions.SecurityError(f"a number of {value.bit_length():,} bits")
+
+
+def _check_arguments(args: tuple, kwargs: dict, counts: bool) -> None:
+    """A call's arguments: sizes, and with counts (the callee takes widths or counts: `'x'.center(10**9)`)
+    no integer above MAX_TEMPLATE_CHARS."""
+    for value in (*args, *kwargs.values()):
+        _check_size(value)
+        if counts and isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_TEMPLATE_CHARS:
+            raise _too_big(f"a count or width of {value:,}")
+
+
+# Filters whose integer arguments are widths or counts of what they build.
+_WIDTH_FILTERS = frozenset({"center", "indent", "truncate", "wordwrap", "batch", "slice", "tojson"})
+
+
+def _takes_counts(function: Any) -> bool:
+    """Whether a callable is a method of a string or sequence (center, ljust, zfill, expandtabs, ...)."""
+    return isinstance(getattr(function, "__self__", None), (str, bytes, list, tuple))
+
+
+_FORMAT_WIDTH = re.compile(r"%[-+ #0]*\d{8,}|%[-+ #0]*\d*\.\d{8,}|\{[^{}]*:[^{}]*\d{8,}[^{}]*\}")
+
+
+def _check_format(text: Any) -> None:
+    """Refuse `'%1000000000d' % x` and `'{:>1000000000}'.format(x)` before they allocate."""
+    if isinstance(text, str) and _FORMAT_WIDTH.search(text):
+        raise _too_big("a format width")
+
+
+def _binop_result_size(operator: str, left: Any, right: Any) -> None:
+    sequences = (str, bytes, list, tuple)
+    if operator == "*":
+        count, seq = (right, left) if isinstance(left, sequences) else (left, right)
+        if isinstance(seq, sequences) and isinstance(count, int) and len(seq) * max(count, 0) > MAX_TEMPLATE_CHARS:
+            raise _too_big(f"repeating {len(seq):,} characters or items {count:,} times")
+        if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > MAX_TEMPLATE_INT_BITS:
+            raise jinja2.exceptions.SecurityError(f"a product of more than {MAX_TEMPLATE_INT_BITS:,} bits")
+    elif operator == "**":
+        if isinstance(left, int) and isinstance(right, int) and right > 0 and left.bit_length() * right > MAX_TEMPLATE_INT_BITS:
+            raise jinja2.exceptions.SecurityError(f"a power of more than {MAX_TEMPLATE_INT_BITS:,} bits")
+    elif operator == "+":
+        if isinstance(left, sequences) and isinstance(right, sequences) and len(left) + len(right) > MAX_TEMPLATE_CHARS:
+            raise _too_big(f"a concatenation of {len(left) + len(right):,} characters or items")
+    elif operator == "%" and isinstance(left, str):
+        _check_format(left)
+        _check_arguments(right if isinstance(right, tuple) else (right,), {}, counts="*" in left)  # '%*s' widths
+
+
+def _bounded_filter(name: str, function: Callable) -> Callable:
+    """A Jinja filter whose arguments are checked first (filters are called directly, not through call())."""
+
+    @functools.wraps(function)  # keeps Jinja's pass_context / pass_environment marks
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        values = tuple(a for a in args if not isinstance(a, (jinja2.runtime.Context, jinja2.Environment)))
+        _check_arguments(values, kwargs, counts=name in _WIDTH_FILTERS)
+        if name == "format" and args:
+            _check_format(args[0])
+        return function(*args, **kwargs)
+
+    return bounded
+
+
+class _BoundedCodeGenerator(jinja2.compiler.CodeGenerator):
+    """Compiles `a ~ b` to a size-checked join (Jinja's own str_join is out of the sandbox's reach)."""
+
+    def visit_Concat(self, node: jinja2.nodes.Concat, frame: jinja2.compiler.Frame) -> None:
+        self.write("environment.concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
 # --- The template environment: what transformers' chat_template_utils gives templates. ---
 
 
@@ -297,10 +470,17 @@ def _tojson(
     sort_keys: bool = False,
 ) -> str:
     """Plain json.dumps: Jinja's own tojson HTML-escapes, which would change prompts."""
+    width = len(indent) if isinstance(indent, str) else indent or 0
+    if width > MAX_TOJSON_INDENT:
+        raise jinja2.exceptions.SecurityError(f"tojson indent of {width:,} (the limit is {MAX_TOJSON_INDENT})")
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(format: str) -> str:
+    if len(format) > MAX_STRFTIME_FORMAT or re.search(r"%[-_0^#]*\d", format):
+        raise jinja2.exceptions.SecurityError(
+            f"strftime_now format of {len(format):,} characters or with a field width (at most {MAX_STRFTIME_FORMAT}, no widths)"
+        )
     return datetime.now().strftime(format)
 
 
@@ -326,6 +506,7 @@ class _TemplateNamespace(jinja2.utils.Namespace):
 
     def __setitem__(self, name: str, value: Any) -> None:
         _TemplateNamespace._check_name(name)
+        _check_size(value)  # a namespace is the one place a template can grow a value across loop iterations
         jinja2.utils.Namespace.__setitem__(self, name, value)
 
     @staticmethod
@@ -355,10 +536,35 @@ class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
     a template that probes Python internals is hostile, and saying so beats rendering a quietly wrong prompt.
     """
 
+    code_generator_class = _BoundedCodeGenerator
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise jinja2.exceptions.SecurityError(
             f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
         )
+
+    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
+        _binop_result_size(operator, left, right)
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        _check_arguments(args, kwargs, counts=_takes_counts(__obj))
+        result = super().call(__context, __obj, *args, **kwargs)
+        _check_size(result)
+        return result
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)  # `text.format`: checked when read, before any call
+        if wrapped is not None:
+            _check_format(value.__self__)
+        return wrapped
+
+    def concat(self, parts: tuple) -> str:
+        texts = [str(part) for part in parts]
+        if sum(map(len, texts)) > MAX_TEMPLATE_CHARS:
+            raise _too_big(f"a ~ concatenation of {sum(map(len, texts)):,} characters")
+        return "".join(texts)
 
 
 def _make_environment() -> _Sandbox:
@@ -366,6 +572,7 @@ def _make_environment() -> _Sandbox:
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
+    env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()

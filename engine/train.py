@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from engine.atomic import atomic_folder
+from engine.errors import TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +445,11 @@ def train(
             params = [p for g in optimizer.param_groups for p in g["params"]]
             if config.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+            # Stop before the update: the weights (and every checkpoint) stay those of the last healthy step.
+            if not math.isfinite(step_loss) or (config.grad_clip > 0 and not math.isfinite(grad_norm)):
+                what = f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {grad_norm}"
+                raise TrainingDiverged(f"training diverged at step {step + 1} ({what}); lower the learning rate "
+                                       "(nothing of this step was saved)")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()

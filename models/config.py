@@ -6,6 +6,7 @@ config.json belongs to is models.registry's job. Pure Python (no torch): the UI 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,7 +170,7 @@ def _get(hf: dict[str, Any], key: str, cast: type, default: Any = _REQUIRED, whe
         if isinstance(value, bool) or (cast is int and isinstance(value, float) and not value.is_integer()):
             raise ValueError
         converted = cast(value)
-        if converted <= 0:  # every count, size and scale in these configs is positive
+        if not 0 < converted < math.inf:  # every count, size and scale in these configs is positive (NaN is not)
             raise ValueError
         return converted
     except (TypeError, ValueError):
@@ -187,7 +188,9 @@ def _json_object(hf: dict[str, Any], key: str) -> dict[str, Any]:
 def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
     # transformers >= 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`.
     params, scaling = _json_object(hf, "rope_parameters"), _json_object(hf, "rope_scaling")
-    return _rope_from({**params, **scaling}, _get(hf, "rope_theta", float, 10000.0))
+    default_theta = _get(hf, "rope_theta", float, 10000.0)  # checked first: a NaN is named as such
+    _check_rope_agreement(params, {**scaling, "rope_theta": hf.get("rope_theta")})
+    return _rope_from({**params, **scaling}, default_theta)
 
 
 def _rope_from(merged: dict[str, Any], default_theta: float) -> tuple[float, RopeScaling]:
@@ -208,6 +211,22 @@ def _rope_from(merged: dict[str, Any], default_theta: float) -> tuple[float, Rop
             original_max_position_embeddings=_get(merged, "original_max_position_embeddings", int, where=where),
         )
     raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
+
+
+def _check_rope_agreement(params: dict[str, Any], legacy: dict[str, Any]) -> None:
+    """`rope_parameters` and the older `rope_scaling` / `rope_theta` may both be there, but must agree."""
+    def normalized(d: dict[str, Any]) -> dict[str, Any]:
+        d = {k: v for k, v in d.items() if v is not None}
+        if "type" in d:
+            d.setdefault("rope_type", d.pop("type"))
+        return d
+
+    new, old = normalized(params), normalized(legacy)
+    for key in sorted(new.keys() & old.keys()):
+        if new[key] != old[key]:
+            where = "rope_theta" if key == "rope_theta" else f"rope_scaling.{key}"
+            raise ConfigError(f"{where!r} = {old[key]!r} contradicts rope_parameters.{key} = {new[key]!r}; "
+                              "keep only one of them")
 
 
 def llama_config_from_hf(hf: dict[str, Any], architecture: str) -> LlamaConfig:

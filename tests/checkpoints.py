@@ -135,3 +135,29 @@ def hf_tokenizer(path: Path):
     import transformers as tf
 
     return tf.AutoTokenizer.from_pretrained(path)
+
+
+def set_tensor(path: Path, key: str, value: float) -> Path:
+    """Overwrite every element of one tensor in path/model.safetensors with value (e.g. 0 or NaN)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "model.safetensors")
+    weights[key] = torch.full_like(weights[key], value)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def make_hostile_checkpoint(path: Path, reply_token: str) -> Path:
+    """A model whose every greedy token decodes to reply_token (e.g. terminal escape sequences).
+
+    Its tokenizer is a word-level vocabulary with reply_token as id 0, and its lm_head is zero, so all logits
+    tie and argmax always picks id 0; the reply is reply_token repeated, joined by spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {reply_token: 0, "<unk>": 1, **{s: 2 + i for i, s in enumerate(specials)}, "user": 5, "assistant": 6}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(specials)
+    make_checkpoint(path, "llama", tokenizer)
+    return set_tensor(path, "lm_head.weight", 0.0)

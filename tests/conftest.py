@@ -56,6 +56,28 @@ def realworld() -> Path:
     return REALWORLD
 
 
+@pytest.fixture
+def tmpfs(tmp_path_factory):
+    """tmpfs(size) -> a fresh folder on its own small tmpfs (a disk that fills up, or can be made read-only
+    with remount_read_only). Skipped, saying why, where mounting is not allowed (not root, no CAP_SYS_ADMIN)."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size: str = "64k") -> Path:
+        folder = tmp_path_factory.mktemp("tmpfs")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs to fill up ({done.stderr.strip() or 'mount failed'})")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
 SMOLLM2_ENV = "CHATTUI_SMOLLM2_GGUF"
 
 

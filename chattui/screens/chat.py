@@ -27,11 +27,12 @@ from textual.worker import get_current_worker
 from chattui.backend import Backend, BackendError
 from chattui.catalog import display_name
 from chattui.export import write_export
+from chattui.notices import store_errors_as_notices, store_errors_noticed_by
 from chattui.screens.attention import AttentionScreen, LiveAttention
 from chattui.screens.dialogs import ConfirmDialog, TextDialog
 from chattui.screens.settings import SettingsScreen
 from chattui.settings import effective
-from chattui.store import Conversation, Store
+from chattui.store import Conversation, Store, StoreError
 from chattui.store import Message as StoredMessage
 from chattui.widgets.conversation_list import ConversationList
 from chattui.widgets.message_box import MessageBox, reply_meta
@@ -243,6 +244,7 @@ class ChatScreen(Screen):
 
     # -- conversations ---------------------------------------------------------------------------
 
+    @store_errors_as_notices
     async def open_conversation(self, conversation_id: int | None) -> None:
         """Show a conversation (None: a new, empty one). A reply in progress is stopped and kept."""
         await self.stop_reply()
@@ -280,6 +282,7 @@ class ChatScreen(Screen):
         sidebar = self.query_one("#sidebar")
         sidebar.display = not sidebar.display
 
+    @store_errors_as_notices
     async def action_toggle_mode(self) -> None:
         conversation = self._ensure_conversation()
         mode = "generate" if conversation.mode == "chat" else "chat"
@@ -296,6 +299,7 @@ class ChatScreen(Screen):
             return
         conversation = self.conversation
 
+        @store_errors_noticed_by(self)
         def renamed(title: str | None) -> None:
             if title and title.strip():
                 self.conversation = self.store.update_conversation(conversation.id, title=title.strip())
@@ -308,6 +312,7 @@ class ChatScreen(Screen):
             return
         conversation = self.conversation
 
+        @store_errors_noticed_by(self)
         async def confirmed(yes: bool | None) -> None:
             if yes:
                 await self.stop_reply()
@@ -332,19 +337,26 @@ class ChatScreen(Screen):
             return
         if not text.strip() and (self.mode == "chat" or not self.messages):
             return
+        try:
+            conversation = self._ensure_conversation()
+            if text.strip():
+                if not conversation.title:
+                    self.conversation = conversation = self.store.update_conversation(
+                        conversation.id, title=title_from(text)
+                    )
+                msg = self.store.add_message(conversation.id, "user", text)  # committed now
+        except StoreError as e:  # e.g. a full disk: the text stays in the input, to send again
+            self.notify(f"Your message was not sent: {e}", title="Not sent", severity="error", timeout=15,
+                        markup=False)
+            return
         self.prompt.clear()
-        conversation = self._ensure_conversation()
         if text.strip():
-            if not conversation.title:
-                self.conversation = conversation = self.store.update_conversation(
-                    conversation.id, title=title_from(text)
-                )
-            msg = self.store.add_message(conversation.id, "user", text)  # committed now
             self.messages.append(msg)
             await self._mount_box(self._box_for(msg))
             self._refresh_sidebar()
         await self.request_reply()
 
+    @store_errors_as_notices
     async def request_reply(self) -> None:
         """Start a reply to the conversation as it stands, or queue it until a model is ready."""
         conversation = self.conversation
@@ -443,6 +455,7 @@ class ChatScreen(Screen):
         if reply is not None and reply.id == message.reply_id:
             await self._finish(reply, "error", {}, error=message.error)
 
+    @store_errors_as_notices
     async def _finish(self, reply: ActiveReply, finish_reason: str, result: dict, error: str | None = None) -> None:
         """Commit the reply (text so far, stats) and render it once in full."""
         self.reply = None
@@ -508,6 +521,7 @@ class ChatScreen(Screen):
         reply.cancel.set()
         await self._finish(reply, "cancelled", {})
 
+    @store_errors_as_notices
     async def action_regenerate(self) -> None:
         await self.stop_reply()
         if not self.messages:
@@ -536,6 +550,7 @@ class ChatScreen(Screen):
     def edit_message(self, record: StoredMessage) -> None:
         """Edit a past user message; on confirm, later messages are removed and a new reply starts."""
 
+        @store_errors_noticed_by(self)
         async def edited(text: str | None) -> None:
             if text is None:
                 return
@@ -607,6 +622,7 @@ class ChatScreen(Screen):
         model = self.app.model
         conversation = self.conversation
 
+        @store_errors_noticed_by(self)
         async def saved(result: dict | None) -> None:
             if result is None:
                 return

@@ -28,6 +28,7 @@ from textual.widgets.option_list import Option
 from chattui import jobs
 from chattui.backend import BackendError, inspect_data
 from chattui.catalog import display_name
+from chattui.notices import store_errors_as_notices
 from chattui.widgets.loss_chart import LossChart, histogram
 
 POLL_S = 0.5  # how often running jobs' progress files are read
@@ -258,6 +259,7 @@ class FinetuneScreen(Screen):
     def store(self):
         return self.app.store
 
+    @store_errors_as_notices
     def load_jobs(self) -> None:
         """Jobs from the store and from the job folders (a folder the store lacks is added to it)."""
         for state in jobs.list_jobs(self.jobs_dir):
@@ -315,6 +317,7 @@ class FinetuneScreen(Screen):
 
     # -- polling ----------------------------------------------------------------------------------------
 
+    @store_errors_as_notices
     def poll(self) -> None:
         """Read what running jobs appended to their progress files; update the list and the job shown."""
         for job_id, state in list(self.states.items()):
@@ -405,6 +408,7 @@ class FinetuneScreen(Screen):
             box.update(preview_text(message.report, max(40, box.size.width or 60)))
 
     @on(Button.Pressed, "#ft-start")
+    @store_errors_as_notices
     def action_start(self) -> None:
         config, errors = validate_form(self.form_values())
         self.show_errors(errors)
@@ -512,6 +516,7 @@ class FinetuneScreen(Screen):
         except jobs.JobError as e:
             self.post_message(self.Resumed(job_id, None, str(e)))
 
+    @store_errors_as_notices
     def on_finetune_screen_resumed(self, message: Resumed) -> None:
         if message.state is None:
             self.notify(message.error, title="Cannot resume", severity="error", markup=False)

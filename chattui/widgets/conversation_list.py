@@ -7,6 +7,7 @@ from textual.widgets import OptionList
 from textual.widgets.option_list import Option
 
 from chattui.store import Conversation
+from chattui.terminal_text import displayable
 
 
 class ConversationList(OptionList):
@@ -15,7 +16,7 @@ class ConversationList(OptionList):
         options = []
         width = max(self.size.width - 4, 12) if self.size.width else 24
         for c in conversations:
-            title = c.title or "New chat"
+            title = displayable(c.title or "New chat")
             label = Text(title if len(title) <= width else title[: width - 1] + "…")
             if c.mode == "generate":
                 label.append("  raw", style="dim italic")

@@ -13,6 +13,8 @@ from textual.geometry import Size
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from chattui.terminal_text import displayable
+
 # Viridis (perceptually uniform, readable by colour-blind users), dark = little attention.
 _VIRIDIS = [(68, 1, 84), (72, 40, 120), (62, 74, 137), (49, 104, 142), (38, 130, 142),
             (31, 158, 137), (53, 183, 121), (109, 205, 89), (180, 222, 44), (253, 231, 37)]
@@ -51,7 +53,7 @@ def token_label(token: str) -> str:
             out.append("\\t")
         elif ch == "\r":
             out.append("\\r")
-        elif ord(ch) < 32 or ord(ch) == 127:
+        elif ord(ch) < 32 or 127 <= ord(ch) < 160:  # C0, DEL and C1 controls never reach the terminal
             out.append(f"\\x{ord(ch):02x}")
         else:
             out.append(ch)
@@ -150,7 +152,7 @@ def attended_text(tokens: list[str], weights: np.ndarray, query: int) -> Text:
     row_levels = levels(weights[: query + 1])
     bright = LEVELS * 2 // 3
     for k, token in enumerate(tokens):
-        shown = token.replace("\r", "")
+        shown = displayable(token.replace("\r", ""))
         if k <= query:
             level = int(row_levels[k])
             style = Style(bgcolor=Color.from_rgb(*RAMP[level]), color="black" if level >= bright else "white")

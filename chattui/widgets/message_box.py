@@ -2,7 +2,8 @@
 
 A reply is streamed with `start_stream()` / `write()` (Markdown's stream API, which batches
 appends the widget cannot keep up with) and finished with `finish()`, which stops the stream and
-renders the full text once.
+renders the full text once. Message text is untrusted (a model wrote it): it is shown through
+`displayable`, so escape sequences appear as marks (␛) and never reach the terminal; `text` keeps it exact.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
 from chattui.store import Message as StoredMessage
+from chattui.terminal_text import displayable
 
 FINISH_NOTES = {
     "eos": "",
@@ -70,12 +72,12 @@ class MessageBox(Vertical, can_focus=True):
         self._stream: MarkdownStream | None = None
 
     def compose(self):
-        yield Label(self._header, classes="message-header", markup=False)
+        yield Label(displayable(self._header), classes="message-header", markup=False)
         if self.role == "assistant":
-            yield Markdown(self.text, classes="message-body")
+            yield Markdown(displayable(self.text), classes="message-body")
         else:
-            yield Static(self.text, markup=False, classes="message-body")
-        yield Label(self._meta, classes="message-meta", markup=False)
+            yield Static(displayable(self.text), markup=False, classes="message-body")
+        yield Label(displayable(self._meta), classes="message-meta", markup=False)
 
     @property
     def meta(self) -> str:
@@ -84,7 +86,7 @@ class MessageBox(Vertical, can_focus=True):
     def set_meta(self, text: str, *, warning: bool = False) -> None:
         self._meta = text
         label = self.query_one(".message-meta", Label)
-        label.update(text)
+        label.update(displayable(text))
         label.set_class(warning, "warning")
         label.display = bool(text)
 
@@ -101,7 +103,7 @@ class MessageBox(Vertical, can_focus=True):
     async def write(self, fragment: str) -> None:
         self.text += fragment
         if self._stream is not None:
-            await self._stream.write(fragment)
+            await self._stream.write(displayable(fragment))
 
     async def finish(self, text: str, record: StoredMessage | None, meta: str, *, warning: bool = False) -> None:
         """End the stream and render the whole text once."""
@@ -109,7 +111,7 @@ class MessageBox(Vertical, can_focus=True):
             await self._stream.stop()
             self._stream = None
         self.text = text
-        await self.query_one(Markdown).update(text)
+        await self.query_one(Markdown).update(displayable(text))
         self.set_meta(meta, warning=warning)
         self.record = record
 

@@ -195,7 +195,7 @@ def test_raw_prompt_is_tokenized_as_is(cli, qwen2):
 
 def test_dash_reads_the_prompt_from_stdin(cli, qwen2, monkeypatch):
     text = "Tell me\na story about 你好"
-    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
     code, out, err = cli("generate", "--model", qwen2, "--show-prompt", "--json", "-")
     assert code == 0, err
     expected = hf_tokenizer(qwen2).apply_chat_template(chat_messages(text), add_generation_prompt=True, tokenize=False)

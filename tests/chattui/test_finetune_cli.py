@@ -70,7 +70,9 @@ def test_bad_data_is_one_error_line_naming_file_and_line(cli, checkpoint_factory
     "argv, message",
     [
         (["--lora-rank", "0"], "--lora-rank must be >= 1, got 0"),
-        (["--lr", "-1"], "--lr must be > 0"),
+        (["--lr", "-1"], "--lr must be a positive finite number"),
+        (["--lora-alpha", "inf"], "--lora-alpha must be a positive finite number, got inf"),
+        (["--seed", str(2**64)], "--seed must be in [0, 2**64)"),
         (["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
         (["--val-fraction", "1"], "--val-fraction must be between 0 and 1"),
         (["--method", "full", "--lora-rank", "4"], "--lora-rank applies to --method lora"),

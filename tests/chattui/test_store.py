@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from faults import fill_disk, hold_exclusive_lock, remount_read_only
+
 from chattui.store import DB_FILE, MIGRATIONS, Store, StoreError, open_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,3 +170,92 @@ def test_an_intact_database_opens_without_a_notice(tmp_path):
     Store(tmp_path / DB_FILE).close()
     store, notice = open_store(tmp_path)
     assert notice is None and store.path == tmp_path / DB_FILE
+
+
+# -- locked, read-only, full, incomplete: reported, never moved aside ----------------------------------------
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_locked_database_keeps_its_history_and_a_write_says_it_is_locked(tmp_path, monkeypatch):
+    monkeypatch.setattr("chattui.store.BUSY_TIMEOUT_S", 0.2)
+    store = Store(tmp_path / DB_FILE)
+    c = store.create_conversation(title="kept")
+    store.add_message(c.id, "user", "history")
+    store.close()
+    other = hold_exclusive_lock(tmp_path / DB_FILE)
+    store, notice = open_store(tmp_path)
+    assert notice is None and store.path == tmp_path / DB_FILE  # WAL: readers are not blocked
+    assert [m.content for m in store.messages(c.id)] == ["history"]
+    with pytest.raises(StoreError, match="is locked by another program.*not saved"):
+        store.add_message(c.id, "user", "while locked")
+    other.rollback()
+    other.close()
+    store.add_message(c.id, "user", "after the lock")
+    assert [m.content for m in store.messages(c.id)] == ["history", "after the lock"]
+    assert not any(".corrupt-" in name for name in _files(tmp_path))
+
+
+def test_a_database_locked_against_readers_is_reported_and_left_in_place(tmp_path, monkeypatch):
+    monkeypatch.setattr("chattui.store.BUSY_TIMEOUT_S", 0.2)
+    store = Store(tmp_path / DB_FILE)
+    store.add_message(store.create_conversation().id, "user", "history")
+    store._db.execute("PRAGMA journal_mode=DELETE")  # a rollback journal: EXCLUSIVE blocks readers too
+    store.close()
+    before = (tmp_path / DB_FILE).read_bytes()
+    other = hold_exclusive_lock(tmp_path / DB_FILE)
+    try:
+        store, notice = open_store(tmp_path)
+    finally:
+        other.rollback()
+        other.close()
+    assert "is locked by another program" in notice and "will not be saved" in notice
+    assert store.path is None
+    assert _files(tmp_path) == [DB_FILE] and (tmp_path / DB_FILE).read_bytes() == before
+
+
+def test_a_missing_table_is_reported_not_treated_as_corruption(tmp_path):
+    store = Store(tmp_path / DB_FILE)
+    store._db.execute("DROP TABLE recent_models")
+    store.close()
+    store, notice = open_store(tmp_path)
+    assert "'recent_models' is missing" in notice and "left untouched" in notice
+    assert store.path is None and _files(tmp_path) == [DB_FILE]
+
+
+def test_a_read_only_database_is_opened_read_only_with_its_history(tmpfs):
+    folder = tmpfs("1m")
+    store = Store(folder / DB_FILE)
+    c = store.create_conversation(title="old")
+    store.add_message(c.id, "user", "from before")
+    store.close()
+    remount_read_only(folder)
+    store, notice = open_store(folder)
+    assert "is read-only" in notice and "nothing new will be saved" in notice
+    assert [m.content for m in store.messages(c.id)] == ["from before"]
+    store.add_message(c.id, "user", "kept in memory")  # the app keeps working, in memory
+    assert _files(folder) == [DB_FILE]
+
+
+def test_a_full_disk_fails_the_write_with_one_line_and_keeps_the_database(tmpfs):
+    folder = tmpfs("256k")
+    store = Store(folder / DB_FILE)
+    c = store.create_conversation()
+    store.add_message(c.id, "user", "saved before")
+    fill_disk(folder)
+    with pytest.raises(StoreError, match="not saved: the disk holding .* is full"):
+        store.add_message(c.id, "user", "x" * 200_000)
+    assert [m.content for m in store.messages(c.id)] == ["saved before"]
+    store.close()
+    (folder / "filler").unlink()
+    assert [m.content for m in Store(folder / DB_FILE).messages(c.id)] == ["saved before"]
+
+
+def test_a_database_that_cannot_be_created_on_a_full_disk_leaves_no_empty_file(tmpfs):
+    folder = tmpfs("64k")
+    fill_disk(folder)
+    store, notice = open_store(folder)
+    assert store.path is None and "will not be saved" in notice
+    assert _files(folder) == ["filler"], "no 0-byte chattui.db left behind"
