@@ -68,12 +68,17 @@ class GGUFFile:
     def has(self, key: str) -> bool:
         return key in self.reader.fields
 
+    def _field(self, key: str, default: Any):
+        """The key's field, or None when it is absent and has a default."""
+        field = self.reader.fields.get(key)
+        if field is None and default is _REQUIRED:
+            raise CheckpointError(f"{self.path}: missing required metadata key {key!r}")
+        return field
+
     def value(self, key: str, kind: type, default: Any = _REQUIRED) -> Any:
         """A scalar metadata value of the kind int, float, bool or str; CheckpointError names the key otherwise."""
-        field = self.reader.fields.get(key)
+        field = self._field(key, default)
         if field is None:
-            if default is _REQUIRED:
-                raise CheckpointError(f"{self.path}: missing required metadata key {key!r}")
             return default
         allowed, described = _KINDS[kind]
         if len(field.types) != 1 or field.types[0] not in allowed:
@@ -82,10 +87,8 @@ class GGUFFile:
 
     def array(self, key: str, kind: type, default: Any = _REQUIRED) -> list:
         """An array metadata value whose items are of the kind int, float, bool or str."""
-        field = self.reader.fields.get(key)
+        field = self._field(key, default)
         if field is None:
-            if default is _REQUIRED:
-                raise CheckpointError(f"{self.path}: missing required metadata key {key!r}")
             return default
         allowed, described = _KINDS[kind]
         is_array = field.types[0] == GGUFValueType.ARRAY
