@@ -174,6 +174,7 @@ def job_name(config: dict[str, Any]) -> str:
 
 
 class FinetuneScreen(Screen):
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]  # chattui.tcss narrows the columns below 120
     BINDINGS = [
         Binding("escape", "back", "Back to chat"),
         Binding("ctrl+n", "new_job", "New job"),
@@ -228,18 +229,18 @@ class FinetuneScreen(Screen):
                                 yield Input(field.default, id=f"ft-{field.key}", classes="ft-number")
                     yield Static("", id="ft-errors", markup=False)
                     yield Button("Start", id="ft-start", variant="success")
-                with Vertical(id="ft-job"):
+                with VerticalScroll(id="ft-job"):
                     yield Static("", id="job-title", markup=False)
                     yield Static("", id="job-status", markup=False)
                     yield ProgressBar(id="job-progress", show_eta=False)
                     yield Static("", id="job-stats", markup=False)
+                    with HorizontalScroll(classes="buttons"):  # above the chart: visible on a short terminal
+                        yield Button("Cancel", id="job-cancel", variant="error", compact=True)
+                        yield Button("Resume", id="job-resume", compact=True)
+                        yield Button("Chat with this", id="job-chat", variant="primary", compact=True)
+                        yield Button("Compare", id="job-compare", compact=True)
                     yield LossChart(id="job-chart")
                     yield Static("", id="job-log", markup=False)
-                    with HorizontalScroll(classes="buttons"):
-                        yield Button("Cancel", id="job-cancel", variant="error")
-                        yield Button("Resume", id="job-resume")
-                        yield Button("Chat with this", id="job-chat", variant="primary")
-                        yield Button("Compare", id="job-compare")
         yield Footer()
 
     def on_mount(self) -> None:

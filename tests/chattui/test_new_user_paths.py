@@ -1,0 +1,125 @@
+"""What a new user hit at common terminal sizes (issue 14), driven through Pilot at 160x48 and 80x24:
+the fine-tune form and job view scroll with every field and button reachable, focus comes back after
+dialogs, raw mode continues only what was typed, the history that did not fit is shown, the reply that
+was streaming survives a crash, the adapter in use is shown and kept, and the smaller inaccuracies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+from textual.widgets import Button, Input, Select
+from ui_fakes import FakeBackend, record_notifications, wait_until
+
+from chattui import jobs
+from chattui.app import ChattuiApp
+from chattui.config import Config
+from chattui.screens.finetune import FinetuneScreen
+from chattui.store import Store
+
+SIZES = [(160, 48), (80, 24)]
+
+
+@pytest.fixture
+def make_app(tmp_path):
+    model = tmp_path / "fake-model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text("{}")
+
+    def make(backend=None, *, db: str = "chattui.db", **kwargs) -> ChattuiApp:
+        kwargs.setdefault("model_dir", model)
+        return ChattuiApp(
+            backend or FakeBackend(), Store(tmp_path / "data" / db), Config(path=tmp_path / "config.toml"),
+            bundled_dir=tmp_path / "no-bundled", hf_cache=tmp_path / "hf-cache", export_dir=tmp_path / "exports",
+            jobs_dir=tmp_path / "jobs", **kwargs,
+        )
+
+    return make
+
+
+def run(app: ChattuiApp, size, scenario) -> None:
+    async def main():
+        async with app.run_test(size=size) as pilot:
+            await wait_until(pilot, lambda: app.model is not None, what="the fake model to load")
+            await scenario(pilot)
+
+    asyncio.run(main())
+
+
+def write_job(root: Path, job_id: str, model: Path, *records: dict) -> Path:
+    """A job folder as engine.finetune leaves it: job.toml and the given progress records (no process)."""
+    folder = root / job_id
+    folder.mkdir(parents=True)
+    (folder / jobs.JOB_CONFIG).write_text(jobs.to_toml({"id": job_id, "model": str(model), "data": ["d.jsonl"]}))
+    now = time.time()
+    lines = [json.dumps({"time": now, **r}) + "\n" for r in records]
+    (folder / jobs.PROGRESS).write_text("".join(lines))
+    return folder
+
+
+def fully_visible(widget, container) -> bool:
+    region, view = widget.region, container.region
+    return region.area > 0 and view.contains_region(region)
+
+
+async def open_finetune(pilot) -> FinetuneScreen:
+    await pilot.press("f4")
+    return await wait_until(pilot, lambda: isinstance(pilot.app.screen, FinetuneScreen) and pilot.app.screen,
+                            what="the fine-tune screen")
+
+
+# -- 1: the fine-tune form and the job view scroll and stay usable ------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_every_form_field_and_button_is_reachable_by_tab_and_visible(make_app, size):
+    app = make_app()
+
+    async def scenario(pilot):
+        screen = await open_finetune(pilot)
+        form = screen.query_one("#ft-form")
+        preview = screen.query_one("#ft-preview")
+        preview.update("\n".join(f"preview line {i}" for i in range(20)))  # as tall as a real preview
+        preview.display = True
+        controls = [w for w in form.query("Input, Select, Button") if w.display and w.parent.display]
+        assert len(controls) >= 17
+        screen.query_one("#ft-model", Input).focus()
+        seen = set()
+        for _ in range(len(controls) + 2):
+            await pilot.pause()
+            focused = app.focused
+            if focused in controls:
+                assert fully_visible(focused, form), f"{focused.id} is focused but not on screen at {size}"
+                seen.add(focused)
+            await pilot.press("tab")
+        assert seen == set(controls), f"not reached by Tab: {[w.id for w in set(controls) - seen]}"
+        for key in ("model", "data"):
+            assert screen.query_one(f"#ft-{key}", Input).region.width >= 24, f"the {key} input is too narrow"
+        for widget in form.query(".ft-number"):
+            assert widget.region.width >= 10
+
+    run(app, size, scenario)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_job_view_buttons_are_on_screen(make_app, tmp_path, size):
+    model = tmp_path / "fake-model"
+    write_job(tmp_path / "jobs", "j1", model, {"type": "status", "status": "running"},
+              *({"type": "progress", "step": s, "total_steps": 50, "loss": 3.0 - s / 10} for s in range(1, 11)))
+    app = make_app()
+
+    async def scenario(pilot):
+        screen = await open_finetune(pilot)
+        screen.show_job("j1")
+        await pilot.pause()
+        view = screen.query_one("#ft-job")
+        for name in ("cancel", "resume", "chat", "compare"):
+            assert fully_visible(screen.query_one(f"#job-{name}", Button), view), f"{name} is cut off at {size}"
+        view.scroll_end(animate=False)
+        await pilot.pause()
+        assert fully_visible(screen.query_one("#job-log"), view), "the log is reachable by scrolling"
+
+    run(app, size, scenario)
