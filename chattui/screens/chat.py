@@ -94,10 +94,11 @@ class ChatScreen(Screen):
         Binding("ctrl+r", "regenerate", "Regenerate"),
         Binding("ctrl+n", "new_chat", "New chat"),
         Binding("ctrl+s", "settings", "Settings"),
-        Binding("ctrl+g", "toggle_mode", "Chat/raw mode", show=False),
-        Binding("ctrl+b", "toggle_sidebar", "Sidebar", show=False),
+        Binding("ctrl+l", "focus_prompt", "Message"),
+        Binding("ctrl+g", "toggle_mode", "Raw/chat"),
+        Binding("ctrl+b", "toggle_sidebar", "Sidebar"),
         Binding("f2", "attention", "Attention"),
-        Binding("f3", "toggle_live_attention", "Live attention", show=False),
+        Binding("f3", "toggle_live_attention", "Live attn"),
     ]
 
     @dataclass
@@ -274,6 +275,9 @@ class ChatScreen(Screen):
 
     async def action_new_chat(self) -> None:
         await self.open_conversation(None)
+        self.prompt.focus()
+
+    def action_focus_prompt(self) -> None:
         self.prompt.focus()
 
     def action_toggle_sidebar(self) -> None:

@@ -487,6 +487,9 @@ class FinetuneScreen(Screen):
         target = state.chat_target()
         self.query_one("#job-chat", Button).disabled = target is None
         self.query_one("#job-compare", Button).disabled = target is None or target[1] is None
+        if self.focused is None:  # the focused button was just disabled (Cancel, Resume): stay in the view
+            enabled = [b for b in self.query("#ft-job Button").results(Button) if not b.disabled]
+            (enabled[0] if enabled else self.query_one("#ft-job-list")).focus()
 
     @on(Button.Pressed, "#job-cancel")
     def action_cancel_job(self) -> None:

@@ -123,3 +123,87 @@ def test_job_view_buttons_are_on_screen(make_app, tmp_path, size):
         assert fully_visible(screen.query_one("#job-log"), view), "the log is reachable by scrolling"
 
     run(app, size, scenario)
+
+
+# -- 5: focus comes back after dialogs; one key focuses the message input -------------------------------------
+
+
+async def send(pilot, text: str) -> None:
+    chat = pilot.app.chat
+    chat.prompt.focus()
+    chat.prompt.load_text(text)
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: chat.reply is None and chat.messages[-1].role == "assistant", what="the reply")
+
+
+def footer_keys(screen) -> set[str]:
+    from textual.widgets._footer import FooterKey
+
+    return {key.key for key in screen.query(FooterKey)}
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_dialogs_give_focus_back_and_ctrl_l_focuses_the_message_input(make_app, size):
+    from textual.widgets import OptionList
+
+    from chattui.widgets.message_box import MessageBox
+
+    app = make_app()
+
+    async def scenario(pilot):
+        chat = app.chat
+        await send(pilot, "hello")
+        await send(pilot, "again")
+        assert "ctrl+l" in footer_keys(chat)
+        box = chat.boxes()[0]
+        box.focus()
+        await pilot.press("e")  # the edit dialog, cancelled
+        await wait_until(pilot, lambda: app.screen is not chat, what="the edit dialog")
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.screen is chat, what="the chat screen")
+        assert app.focused is box, "focus is back on the message the dialog came from"
+        await pilot.press("ctrl+l")
+        assert app.focused is chat.prompt
+        for key in ("ctrl+s", "ctrl+o", "f4"):  # settings, model picker, fine-tune screen
+            await pilot.press(key)
+            await wait_until(pilot, lambda: app.screen is not chat, what=f"the screen of {key}")
+            await pilot.pause()
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: app.screen is chat, what="the chat screen")
+            assert app.focused is chat.prompt, f"focus after {key} and Esc"
+        chat.query_one("#conversations", OptionList).focus()
+        await pilot.press("ctrl+l")
+        assert app.focused is chat.prompt and not isinstance(app.focused, MessageBox)
+
+    run(app, size, scenario)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_focus_stays_in_the_job_view_after_cancel(make_app, tmp_path, size):
+    import subprocess
+    import sys
+
+    # a stand-in job process: its command line names engine.finetune, as chattui.jobs checks
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "engine.finetune"])
+    folder = write_job(tmp_path / "jobs", "j1", tmp_path / "fake-model",
+                       {"type": "status", "status": "running", "pid": process.pid},
+                       {"type": "progress", "step": 1, "total_steps": 50, "loss": 3.0})
+    (folder / jobs.PID_FILE).write_text(f"{process.pid}\n")
+    app = make_app()
+
+    async def scenario(pilot):
+        screen = await open_finetune(pilot)
+        screen.show_job("j1")
+        cancel = screen.query_one("#job-cancel", Button)
+        await wait_until(pilot, lambda: not cancel.disabled, what="Cancel enabled")
+        cancel.focus()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: screen.job.finished, timeout=10, what="the job to end")
+        await wait_until(pilot, lambda: cancel.disabled, what="Cancel disabled")
+        assert app.focused is not None and app.focused is screen.query_one("#job-resume", Button)
+
+    try:
+        run(app, size, scenario)
+    finally:
+        process.kill()
+        process.wait()
