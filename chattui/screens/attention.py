@@ -93,8 +93,8 @@ class AttentionScreen(Screen):
         Binding("comma", "head(-1)", "Head-"),
         Binding("v", "next_view", "View"),
         Binding("a", "next_aggregation", "Aggregate"),
-        Binding("left", "query(-1)", "Query←", show=False, priority=True),
-        Binding("right", "query(1)", "Query→", show=False, priority=True),
+        Binding("left", "query(-1)", "Query←"),  # the text view; the heatmap scrolls sideways instead
+        Binding("right", "query(1)", "Query→"),
         Binding("c", "export('csv')", "CSV"),
         Binding("j", "export('json')", "JSON"),
         Binding("s", "screenshot", "SVG"),

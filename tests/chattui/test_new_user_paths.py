@@ -207,3 +207,47 @@ def test_focus_stays_in_the_job_view_after_cancel(make_app, tmp_path, size):
     finally:
         process.kill()
         process.wait()
+
+
+# -- 6: the heatmap scrolls sideways by keyboard; the working keys are in the footer ---------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_heatmap_scrolls_sideways_by_keyboard_and_says_so_in_the_footer(make_app, size):
+    from ui_fakes import FakeAttentionBackend
+
+    from chattui.screens.attention import AttentionScreen
+
+    app = make_app(FakeAttentionBackend())
+    words = " ".join(f"w{i}" for i in range(300))
+
+    async def scenario(pilot):
+        await send(pilot, words)
+        await pilot.press("f2")
+        screen = await wait_until(pilot, lambda: isinstance(app.screen, AttentionScreen) and app.screen.matrix is not None
+                                  and not app.screen.busy and app.screen, what="the heatmap")
+        heatmap = screen.heatmap
+        assert app.focused is heatmap
+        first = heatmap._visible_keys()
+        await pilot.press("right", "right", "right")
+        await pilot.pause()
+        moved = heatmap._visible_keys()
+        assert moved.start > first.start, "right scrolls the key columns"
+        await pilot.press("left")
+        await pilot.pause()
+        assert heatmap._visible_keys().start < moved.start
+        await pilot.press("end")
+        await pilot.pause()
+        assert heatmap._visible_keys().stop == len(screen.maps.tokens), "end shows the last key tokens"
+        await pilot.press("home")
+        await pilot.pause()
+        assert heatmap._visible_keys().start == 0
+        keys = footer_keys(screen)
+        assert {"left", "right"} <= keys or {"←", "→"} <= keys, keys
+        await pilot.press("v")  # the text view: left/right move the query token
+        await pilot.pause()
+        before = screen.query_index
+        await pilot.press("left")
+        assert screen.query_index == before - 1
+
+    run(app, size, scenario)
