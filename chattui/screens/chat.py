@@ -227,14 +227,20 @@ class ChatScreen(Screen):
         await self.view.mount_all([self._box_for(m) for m in earlier], before=self.boxes()[0])
         await self._update_earlier_button()
 
+    def _last_measured_reply(self) -> StoredMessage | None:
+        """The newest reply with token counts: what the conversation takes of the context."""
+        return next((m for m in reversed(self.messages) if m.role == "assistant" and m.prompt_tokens is not None),
+                    None)
+
+    def context_used(self) -> int:
+        last = self._last_measured_reply()
+        return last.prompt_tokens + (last.generated_tokens or 0) if last else 0
+
     def _show_context_from_history(self) -> None:
         model = self.app.model
-        used = 0
-        for m in reversed(self.messages):
-            if m.role == "assistant" and m.prompt_tokens is not None:
-                used = m.prompt_tokens + (m.generated_tokens or 0)
-                break
-        self.status.show_context(used, model.context_length if model else None)
+        self.status.show_context(self.context_used(), model.context_length if model else None)
+        last = self._last_measured_reply()
+        self.status.show_dropped(last.stats.get("dropped_messages", 0) if last else 0)
 
     def _update_placeholder(self) -> None:
         if self.mode == "generate":
@@ -470,11 +476,6 @@ class ChatScreen(Screen):
             if self.conversation is not None and self.conversation.id == reply.conversation_id:
                 self.messages.append(record)
             await reply.box.finish(text, record, reply_meta(record), warning=finish_reason in ("cancelled", "error"))
-            if result.get("dropped_messages"):
-                self.notify(
-                    f"The {result['dropped_messages']} oldest message(s) did not fit the context window "
-                    "and were left out of the prompt.", severity="warning",
-                )
         if error:
             self.notify(error, title="Generation failed", severity="error", timeout=15, markup=False)
         if result.get("ttft_s") is not None:
@@ -484,6 +485,7 @@ class ChatScreen(Screen):
             self.status.show_context(
                 result["prompt_tokens"] + (result.get("generated_tokens") or 0), model.context_length if model else None
             )
+            self.status.show_dropped(result.get("dropped_messages") or 0)
         self._refresh_sidebar()
 
     # -- stop, regenerate, edit, copy, export ------------------------------------------------------
@@ -627,6 +629,7 @@ class ChatScreen(Screen):
                 self.mode,
                 effective({}, model.defaults if model else None),
                 model.context_length if model else None,
+                self.context_used() if conversation else 0,
             ),
             saved,
         )

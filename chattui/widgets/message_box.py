@@ -39,6 +39,8 @@ def reply_meta(msg: StoredMessage) -> str:
         parts.append(f"TTFT {ttft:.2f} s")
     if msg.stats.get("seed") is not None:
         parts.append(f"seed {msg.stats['seed']}")
+    if msg.stats.get("dropped_messages"):
+        parts.append(f"{msg.stats['dropped_messages']} oldest message(s) left out of the prompt")
     note = FINISH_NOTES.get(msg.finish_reason or "", msg.finish_reason or "")
     if msg.stats.get("error"):
         note = f"⚠ {msg.stats['error']}"

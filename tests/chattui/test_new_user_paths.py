@@ -251,3 +251,48 @@ def test_heatmap_scrolls_sideways_by_keyboard_and_says_so_in_the_footer(make_app
         assert screen.query_index == before - 1
 
     run(app, size, scenario)
+
+
+# -- 7: max new tokens bounded by the context and the conversation; left-out messages shown until they fit -----
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_max_new_tokens_is_bounded_and_left_out_messages_stay_shown(make_app, size):
+    from textual.widgets import Input, Label
+
+    from chattui.screens.chat import ChatScreen
+    from chattui.screens.settings import SettingsScreen
+
+    backend = FakeBackend(["x" * 20], context_length=512, drop_to_fit=True)
+    app = make_app(backend)
+
+    async def scenario(pilot):
+        chat = app.chat
+        await send(pilot, "a" * 200)
+        await pilot.press("ctrl+s")
+        dialog = await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen) and app.screen,
+                                  what="the settings dialog")
+        dialog.query_one("#max_new_tokens", Input).value = "511"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert app.screen is dialog, "511 on a 512-token context is refused"
+        assert "at most 256" in dialog.errors["max_new_tokens"]
+        dialog.query_one("#max_new_tokens", Input).value = "250"
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatScreen), what="the chat")
+        dropped = chat.query_one("#status-dropped", Label)
+        assert not dropped.display
+        await send(pilot, "b" * 200)  # 200 + 20 + 200 + 250 > 512: the first exchange is left out
+        assert backend.requests[-1][0][0]["content"] == "b" * 200
+        assert dropped.display and "2 oldest message(s) left out" in str(dropped.render())
+        assert "left out of the prompt" in chat.boxes()[-1].meta
+        await pilot.pause(1.0)
+        assert dropped.display, "the indicator stays, unlike a notice"
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert not dropped.display
+        await chat.open_conversation(chat.store.conversations()[-1].id)
+        await pilot.pause()
+        assert dropped.display, "reopening the conversation shows it again"
+
+    run(app, size, scenario)

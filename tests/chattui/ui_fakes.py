@@ -30,12 +30,14 @@ class FakeBackend:
         load_delay: float = 0.0,
         context_length: int = 256,
         finish_reason: str = "eos",
+        drop_to_fit: bool = False,
     ) -> None:
         self.script = script if callable(script) else (lambda n, prompt, chunks=list(script): chunks)
         self.delay = delay
         self.load_delay = load_delay
         self.context_length = context_length
         self.finish_reason = finish_reason
+        self.drop_to_fit = drop_to_fit  # leave out the oldest turns as engine.chat_prompt does (1 char = 1 token)
         self.requests: list[tuple[object, dict]] = []  # (prompt, settings) of every stream() call
         self.loads: list[str] = []
         self.adapters: list[str | None] = []  # the adapter of every load() call
@@ -67,6 +69,17 @@ class FakeBackend:
     def stream(self, prompt, settings, cancel: threading.Event, on_attention=None):
         if self.loaded is None:
             raise BackendError("no model is loaded")
+        dropped = 0
+        if self.drop_to_fit and isinstance(prompt, list):
+            prompt = list(prompt)
+            while (sum(len(m["content"]) for m in prompt) + int(settings["max_new_tokens"]) > self.context_length
+                   and sum(m["role"] != "system" for m in prompt) > 1):
+                first = next(i for i, m in enumerate(prompt) if m["role"] != "system")
+                end = first + 1  # a whole turn: the message and the replies to it
+                while end < len(prompt) - 1 and prompt[end]["role"] == "assistant":
+                    end += 1
+                del prompt[first:end]
+                dropped += end - first
         self.requests.append((prompt, dict(settings)))
         chunks = self.script(len(self.requests), prompt)
         out: list[str] = []
@@ -95,7 +108,7 @@ class FakeBackend:
             "text": "".join(out), "finish_reason": finish, "prompt_tokens": prompt_tokens,
             "generated_tokens": len(out), "reused_prompt_tokens": 0, "ttft_s": self.delay,
             "prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": len(out) / elapsed,
-            "seed": settings.get("seed") if settings.get("seed") is not None else 42, "dropped_messages": 0,
+            "seed": settings.get("seed") if settings.get("seed") is not None else 42, "dropped_messages": dropped,
         }
 
 
