@@ -30,6 +30,7 @@ from chattui.paths import bundled_model_dir, hf_hub_cache
 from chattui.screens.chat import ChatScreen
 from chattui.screens.models import ModelPickerScreen
 from chattui.store import Store
+from chattui.trained import adapter_base, trained_models
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class ChattuiApp(App):
         self.chat.status.show_model(None)
         model = self.startup_model()
         if model is not None:
-            self.load_model(model)
+            self.load_model(model, self.conversation_adapter(model))
         else:
             self.notify(
                 f"No model loaded: the bundled model is not installed yet ({self.bundled_dir / 'config.json'} is "
@@ -147,6 +148,14 @@ class ChattuiApp(App):
         if (self.bundled_dir / "config.json").exists():
             return str(self.bundled_dir)
         return None
+
+    def conversation_adapter(self, model: str) -> str | None:
+        """The LoRA adapter the open conversation last used on `model`, if its folder is still there."""
+        conversation = self.chat.conversation
+        if conversation is None or not conversation.adapter or not conversation.model:
+            return None
+        same_model = Path(conversation.model).expanduser().resolve() == Path(model).expanduser().resolve()
+        return conversation.adapter if same_model and Path(conversation.adapter).is_dir() else None
 
     def _theme_changed(self, theme: Theme) -> None:
         if theme.name != self.config.theme:
@@ -228,15 +237,21 @@ class ChattuiApp(App):
 
         def chosen(path: str | None) -> None:
             if path:
-                self.load_model(path)
+                base = adapter_base(path)  # a LoRA adapter folder: its base model with it, unmerged
+                if base:
+                    self.load_model(base, adapter=path)
+                else:
+                    self.load_model(path)
 
+        current = (self.model.adapter or self.model.path) if self.model else None
         self.push_screen(
             ModelPickerScreen(
                 recent=self.store.recent_models(),
                 folders=self.config.model_folders,
                 hf_cache=self.hf_cache,
-                current=self.model.path if self.model else None,
+                current=current,
                 bundled=self.bundled_dir,
+                trained=partial(trained_models, self.jobs_dir),
             ),
             chosen,
         )

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from chattui.catalog import display_name
+from chattui.catalog import model_label
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
 Prompt = list[dict] | str  # chat messages [{"role", "content"}], or raw text to continue
@@ -98,7 +98,7 @@ class EngineBackend:
         d = engine.defaults
         return ModelInfo(
             path=str(engine.model_dir),
-            name=display_name(engine.model_dir) + (f" + {engine.adapter_dir.name}" if engine.adapter_dir else ""),
+            name=model_label(engine.model_dir, engine.adapter_dir),
             architecture=engine.config.architecture,
             parameters=engine.num_parameters,
             device=str(engine.device),

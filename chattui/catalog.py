@@ -61,6 +61,17 @@ def display_name(path: str | Path) -> str:
     return p.name or str(p)
 
 
+def adapter_name(path: str | Path) -> str:
+    """A LoRA adapter folder as people call it: the job's folder for a job's adapter/, else its own name."""
+    p = Path(path)
+    return p.parent.name if p.name == "adapter" and p.parent.name else p.name
+
+
+def model_label(model: str | Path, adapter: str | Path | None = None) -> str:
+    """What the status bar and a reply's header call a model: "name", or "name + adapter" with a LoRA adapter."""
+    return display_name(model) + (f" + {adapter_name(adapter)}" if adapter else "")
+
+
 def inspect_folder(path: Path, source: str, name: str | None = None) -> ModelEntry:
     entry = ModelEntry(path=path, name=name or display_name(path), source=source)
     config_path = path / "config.json"

@@ -172,6 +172,7 @@ class AttentionScreen(Screen):
         self.busy = busy
         for widget in (self.heatmap, self.query_one("#text"), self.table):
             widget.loading = busy
+        self.refresh_bindings()  # the footer again shows the keys of the view under the loading indicator
 
     @property
     def heatmap(self) -> Heatmap:

@@ -27,7 +27,7 @@ from textual.widgets.option_list import Option
 
 from chattui import jobs
 from chattui.backend import BackendError, inspect_data
-from chattui.catalog import display_name
+from chattui.catalog import display_name, model_label
 from chattui.widgets.loss_chart import LossChart, histogram
 
 POLL_S = 0.5  # how often running jobs' progress files are read
@@ -527,7 +527,8 @@ class FinetuneScreen(Screen):
             self._update_view()
 
     @on(Button.Pressed, "#job-chat")
-    def action_chat_with_job(self) -> None:
+    async def action_chat_with_job(self) -> None:
+        """Back to the chat, in a new conversation, with the job's result loaded."""
         state = self.job
         target = state.chat_target() if state else None
         if target is None:
@@ -536,6 +537,7 @@ class FinetuneScreen(Screen):
         if not is_loaded(self.app, model, adapter):
             self.app.load_model(model, adapter=adapter)
         self.app.pop_screen()
+        await self.app.chat.action_new_chat()
 
     @on(Button.Pressed, "#job-compare")
     def action_compare(self) -> None:
@@ -575,7 +577,7 @@ class CompareScreen(ModalScreen[None]):
 
     def compose(self):
         with Vertical(id="dialog", classes="compare-dialog"):
-            yield Label(f"Compare: {display_name(self.model)} vs + {Path(self.adapter).name}",
+            yield Label(f"Compare: {display_name(self.model)} vs {model_label(self.model, self.adapter)}",
                         classes="dialog-title")
             with Horizontal(classes="ft-row"):
                 yield Input(placeholder="A prompt for both models, Enter runs", id="cmp-prompt")

@@ -3,6 +3,7 @@ or a typed path. Folders are scanned in a thread (config.json only, no weights r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from textual.widgets.option_list import Option
 
 from chattui.catalog import ModelEntry, human_bytes, human_count, scan
 
-SOURCE_LABELS = {"bundled": "bundled", "recent": "recent", "config": "config folder", "hf-cache": "HF cache"}
+SOURCE_LABELS = {"bundled": "bundled", "recent": "recent", "config": "config folder", "hf-cache": "HF cache",
+                 "adapter": "LoRA adapter", "merged": "merged fine-tune", "tuned": "fine-tuned"}
 
 
 def entry_prompt(entry: ModelEntry, current: str | None) -> Text:
@@ -47,13 +49,14 @@ class ModelPickerScreen(ModalScreen[str | None]):
         entries: list[ModelEntry]
 
     def __init__(self, recent: list[str], folders: list[str], hf_cache: Path, current: str | None,
-                 bundled: Path | None = None) -> None:
+                 bundled: Path | None = None, trained: Callable[[], list[ModelEntry]] | None = None) -> None:
         super().__init__()
         self.recent = recent
         self.folders = folders
         self.hf_cache = hf_cache
         self.current = current
         self.bundled = bundled
+        self.trained = trained  # more entries, listed last: chattui.trained.trained_models (adapters, merged)
         self.entries: list[ModelEntry] = []
 
     def compose(self):
@@ -75,7 +78,8 @@ class ModelPickerScreen(ModalScreen[str | None]):
 
     @work(thread=True, exclusive=True)
     def _scan(self) -> None:
-        self.post_message(self.Scanned(scan(self.recent, self.folders, self.hf_cache, self.bundled)))
+        entries = scan(self.recent, self.folders, self.hf_cache, self.bundled)
+        self.post_message(self.Scanned(entries + (self.trained() if self.trained else [])))
 
     def on_model_picker_screen_scanned(self, message: Scanned) -> None:
         self.entries = message.entries

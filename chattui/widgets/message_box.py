@@ -23,7 +23,10 @@ FINISH_NOTES = {
     "length": "max new tokens reached",
     "cancelled": "■ stopped",
     "error": "⚠ error",
+    "streaming": "writing…",
+    "interrupted": "⚠ interrupted: chattui ended while writing it",
 }
+WARNING_FINISHES = ("cancelled", "error", "interrupted")
 
 
 def reply_meta(msg: StoredMessage) -> str:
@@ -92,7 +95,7 @@ class MessageBox(Vertical, can_focus=True):
 
     def on_mount(self) -> None:
         self.query_one(".message-meta", Label).display = bool(self._meta)
-        if self.record and self.record.finish_reason in ("cancelled", "error"):
+        if self.record and self.record.finish_reason in WARNING_FINISHES:
             self.query_one(".message-meta", Label).add_class("warning")
 
     # -- streaming -------------------------------------------------------------------------------

@@ -242,8 +242,8 @@ def test_heatmap_scrolls_sideways_by_keyboard_and_says_so_in_the_footer(make_app
         await pilot.press("home")
         await pilot.pause()
         assert heatmap._visible_keys().start == 0
-        keys = footer_keys(screen)
-        assert {"left", "right"} <= keys or {"←", "→"} <= keys, keys
+        await wait_until(pilot, lambda: {"left", "right", "ctrl+pageup", "ctrl+pagedown"} <= footer_keys(screen),
+                         what="the heatmap's scroll keys in the footer")
         await pilot.press("v")  # the text view: left/right move the query token
         await pilot.pause()
         before = screen.query_index
@@ -294,5 +294,161 @@ def test_max_new_tokens_is_bounded_and_left_out_messages_stay_shown(make_app, si
         await chat.open_conversation(chat.store.conversations()[-1].id)
         await pilot.pause()
         assert dropped.display, "reopening the conversation shows it again"
+
+    run(app, size, scenario)
+
+
+# -- 3: raw mode continues exactly what was typed; switching modes keeps the chat well formed -----------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_raw_mode_continues_only_the_typed_text_and_chat_mode_leaves_raw_turns_out(make_app, size):
+    backend = FakeBackend(lambda n, prompt: [f" reply{n}"])
+    app = make_app(backend)
+
+    async def scenario(pilot):
+        chat = app.chat
+        await send(pilot, "hello")
+        await pilot.press("ctrl+g")
+        await wait_until(pilot, lambda: chat.mode == "generate", what="raw mode")
+        await send(pilot, "Once upon a time")
+        assert backend.requests[-1][0] == "Once upon a time", "only the typed text, not the chat before it"
+        await send(pilot, "")  # Enter with no text continues it
+        assert backend.requests[-1][0] == "Once upon a time reply2"
+        assert "no earlier messages" in chat.prompt.placeholder
+        await pilot.press("ctrl+g")
+        await wait_until(pilot, lambda: chat.mode == "chat", what="chat mode")
+        headers = [box._header for box in chat.boxes()]
+        assert headers[2].startswith("Prompt") and "not in chat prompts" in headers[2]
+        await send(pilot, "hi")
+        assert backend.requests[-1][0] == [
+            {"role": "user", "content": "hello"}, {"role": "assistant", "content": " reply1"},
+            {"role": "user", "content": "hi"},
+        ], "raw prompts and completions are not chat turns"
+        assert [m.mode for m in chat.messages] == ["chat", "chat", "generate", "generate", "generate", "chat", "chat"]
+
+    run(app, size, scenario)
+
+
+# -- 8: the reply that was streaming is on disk, at most a second behind, and marked interrupted -------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_crash_mid_reply_keeps_the_partial_reply_marked_interrupted(make_app, tmp_path, size):
+    import sqlite3
+
+    from chattui.widgets.message_box import MessageBox
+
+    backend = FakeBackend(lambda n, prompt: ["ok"] if n == 1 else [f"w{i} " for i in range(400)], delay=0.01)
+    app = make_app(backend)
+    snapshot = tmp_path / "data" / "after-kill.db"
+
+    async def scenario(pilot):
+        chat = app.chat
+        await send(pilot, "first")
+        chat.prompt.load_text("tell me more")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: chat.reply is not None and len(chat.reply.box.text) > 60, what="streaming")
+        await pilot.pause(1.6)
+        shown = chat.reply.box.text
+        # what a kill -9 leaves: every committed transaction (a consistent copy of the database now)
+        source = sqlite3.connect(tmp_path / "data" / "chattui.db")
+        with sqlite3.connect(snapshot) as copy:
+            source.backup(copy)
+        source.close()
+        saved = Store(snapshot).messages(chat.conversation.id)[-1]
+        assert saved.role == "assistant" and saved.finish_reason == "streaming"
+        assert saved.content and shown.startswith(saved.content)
+        behind = len(shown.split()) - len(saved.content.split())
+        assert behind < 150, f"{behind} chunks behind: at most about a second (chunks come every ~10 ms)"
+        chat.reply.cancel.set()
+
+    run(app, size, scenario)
+
+    again = make_app(db="after-kill.db")
+
+    async def reopened(pilot):
+        chat = again.chat
+        messages = chat.messages
+        assert [m.content for m in messages[:3]] == ["first", "ok", "tell me more"], "earlier messages are kept"
+        assert messages[-1].finish_reason == "interrupted" and messages[-1].content
+        box = chat.boxes()[-1]
+        assert isinstance(box, MessageBox) and "interrupted" in box.meta
+
+    run(again, size, reopened)
+
+
+# -- 9: the adapter in use is shown, stored and restored; adapters are in the picker; "Chat with this" -------
+
+
+def make_adapter_job(root: Path, job_id: str, base: Path) -> Path:
+    folder = write_job(root, job_id, base, {"type": "status", "status": "done", "adapter": str(root / job_id / "adapter"),
+                                            "base_model": str(base)})
+    adapter = folder / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base), "r": 4}))
+    return adapter
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_the_adapter_is_listed_shown_on_replies_stored_and_restored(make_app, tmp_path, size):
+    from textual.widgets import OptionList
+
+    from chattui.screens.models import ModelPickerScreen
+
+    base = tmp_path / "fake-model"
+    (base / "config.json").write_text((Path(__file__).parents[2] / "models/default/config.json").read_text())
+    (base / "model.safetensors").touch()  # the picker lists folders that look loadable; the fake loads anything
+    adapter = make_adapter_job(tmp_path / "jobs", "job-7", base)
+    backend = FakeBackend(["ok"])
+    app = make_app(backend)
+
+    async def scenario(pilot):
+        chat = app.chat
+        await pilot.press("ctrl+o")
+        picker = await wait_until(pilot, lambda: isinstance(app.screen, ModelPickerScreen) and app.screen.entries
+                                  and app.screen, what="the picker's list")
+        names = [e.name for e in picker.entries]
+        assert "fake-model + job-7" in names, names
+        index = names.index("fake-model + job-7")
+        assert picker.entries[index].source == "adapter"
+        picker.query_one("#model-list", OptionList).highlighted = index
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.model.adapter == str(adapter), what="base + adapter")
+        assert backend.loads[-1] == str(base)
+        assert "fake-model + job-7" in chat.status.model_text
+        await send(pilot, "hi")
+        assert chat.boxes()[-1]._header == "fake-model + job-7"
+        assert chat.messages[-1].adapter == str(adapter) and chat.conversation.adapter == str(adapter)
+
+    run(app, size, scenario)
+
+    again = make_app(FakeBackend(["ok"]))
+
+    async def reopened(pilot):
+        assert again.model.adapter == str(adapter), "the conversation reopens on base + adapter"
+        assert again.chat.boxes()[-1]._header == "fake-model + job-7"
+
+    run(again, size, reopened)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_chat_with_this_opens_a_new_conversation(make_app, tmp_path, size):
+    adapter = make_adapter_job(tmp_path / "jobs", "job-8", tmp_path / "fake-model")
+    app = make_app()
+
+    async def scenario(pilot):
+        chat = app.chat
+        await send(pilot, "before")
+        earlier = chat.conversation.id
+        screen = await open_finetune(pilot)
+        screen.show_job("job-8")
+        await pilot.pause()
+        screen.query_one("#job-chat", Button).press()
+        await wait_until(pilot, lambda: app.screen is chat and app.model.adapter == str(adapter), what="the chat")
+        assert chat.conversation is None and not chat.messages, "a new conversation"
+        await send(pilot, "after")
+        assert chat.conversation.id != earlier and chat.conversation.adapter == str(adapter)
+        assert [m.content for m in app.store.messages(earlier)][0] == "before"
 
     run(app, size, scenario)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from chattui.backend import BackendError, ModelInfo
+from chattui.catalog import model_label
 from engine.attention import AttentionMaps
 
 DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "min_p": 0.0, "repetition_penalty": 1.0,
@@ -61,7 +62,7 @@ class FakeBackend:
             raise BackendError(f"{path}/model.safetensors: corrupt or truncated safetensors file")
         self.loaded = str(path)
         return ModelInfo(
-            path=str(path), name=path.name, architecture="FakeForCausalLM", parameters=1_234_567, device="cpu",
+            path=str(path), name=model_label(path, adapter), architecture="FakeForCausalLM", parameters=1_234_567, device="cpu",
             dtype="float32", context_length=self.context_length, defaults=dict(DEFAULTS),
             adapter=str(adapter) if adapter else None,
         )
