@@ -69,6 +69,7 @@ class ChattuiApp(App):
         path: str
         done: int  # bytes of weights read
         total: int
+        note: str | None = None  # a slow step that is not reading weights ("compiling CPU kernels, once")
 
     @dataclass
     class ModelLoaded(Message):
@@ -174,14 +175,14 @@ class ChattuiApp(App):
         worker = get_current_worker()
         last = 0.0
 
-        def progress(done: int, total: int) -> None:
+        def progress(done: int, total: int, note: str | None = None) -> None:
             nonlocal last
             if worker.is_cancelled:
                 raise LoadCancelled
             now = time.monotonic()
-            if now - last >= PROGRESS_INTERVAL_S or done >= total:
+            if now - last >= PROGRESS_INTERVAL_S or done >= total or note:
                 last = now
-                self.post_message(self.ModelLoadProgress(path, done, total))
+                self.post_message(self.ModelLoadProgress(path, done, total, note))
 
         warnings = _ThreadWarnings()
         logging.getLogger().addHandler(warnings)
@@ -201,7 +202,7 @@ class ChattuiApp(App):
 
     def on_chattui_app_model_load_progress(self, message: ModelLoadProgress) -> None:
         if message.path == self.loading:
-            self.chat.status.show_loading(display_name(message.path), message.done, message.total)
+            self.chat.status.show_loading(display_name(message.path), message.done, message.total, message.note)
 
     async def on_chattui_app_model_loaded(self, message: ModelLoaded) -> None:
         info = message.info

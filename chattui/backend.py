@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from chattui.catalog import model_label
 
-ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
+ProgressCallback = Callable[..., None]  # (bytes done, bytes total[, note]): engine.session.LoadProgress
 Prompt = list[dict] | str  # chat messages [{"role", "content"}], or raw text to continue
 AttentionCallback = Callable[[Any, list[str]], None]  # (numpy (layers, heads, positions), prompt tokens)
 

@@ -35,6 +35,16 @@ def default_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
+def add_version_argument(p: argparse.ArgumentParser) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("chattui")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        installed = "(not installed)"
+    p.add_argument("--version", action="version", version=f"chattui {installed}", help="print the version and exit")
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", type=Path, help="checkpoint folder (default: the bundled model)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (default: auto)")
@@ -50,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="chattui",
         description="Chat with, look inside and fine-tune Transformer language models in your terminal.",
     )
+    add_version_argument(parser)
     parser.add_argument("--model", dest="app_model", metavar="DIR", type=Path,
                         help="with no COMMAND: open the chat app on this checkpoint folder (default: the bundled model)")
     parser.add_argument("--device", dest="app_device", metavar="D", help="with no COMMAND: auto, cpu, cuda, cuda:N, mps")
@@ -146,16 +157,24 @@ def load_engine(args):
     model_dir = args.model or default_model_dir()
     adapter = getattr(args, "adapter", None)
     if not sys.stderr.isatty():
-        return Engine.load(model_dir, device=args.device, dtype=args.dtype, adapter=adapter)
+        def note_only(done: int, total: int, note: str | None) -> None:
+            if note:
+                print(f"chattui: {note}", file=sys.stderr, flush=True)
+
+        return Engine.load(model_dir, device=args.device, dtype=args.dtype, adapter=adapter, progress=note_only)
     with Progress(
         TextColumn("loading {task.description}"), BarColumn(), DownloadColumn(),
         transient=True, console=_stderr_console(),
     ) as bar:
         task = bar.add_task(str(model_dir), total=None)
-        return Engine.load(
-            model_dir, device=args.device, dtype=args.dtype, adapter=adapter,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+
+        def show(done: int, total: int, note: str | None) -> None:
+            if note:
+                bar.update(task, description=f"{model_dir}: {note}")
+            else:
+                bar.update(task, description=str(model_dir), completed=done, total=total)
+
+        return Engine.load(model_dir, device=args.device, dtype=args.dtype, adapter=adapter, progress=show)
 
 
 def _stderr_console():
@@ -257,6 +276,7 @@ def app_arguments(argv: list[str]) -> argparse.Namespace | None:
 
     Parsed without build_parser(), which imports the engine (and torch) for `bench --preset`."""
     p = argparse.ArgumentParser(prog="chattui", add_help=False, exit_on_error=False)
+    add_version_argument(p)  # answered here too, before torch is imported
     p.add_argument("--model", dest="app_model", type=Path)
     p.add_argument("--device", dest="app_device")
     p.add_argument("--dtype", dest="app_dtype")

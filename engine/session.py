@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionMaps, AttentionWatcher
+from engine import kernels
 from engine.checkpoint import (
     GenerationDefaults,
-    ProgressCallback,
     load_model,
     read_generation_defaults,
     read_json,
@@ -39,6 +39,10 @@ from engine.tokenizer import ChatTokenizer
 log = logging.getLogger(__name__)
 
 CACHE_GRANULE = 256  # KV cache capacity grows in multiples of this many positions
+
+# Engine.load's progress: (bytes of weights read, bytes in all, note). The note names a slow step that is not
+# reading weights (kernels.BUILD_NOTE while the bfloat16 kernels compile, with 0, 0), else it is None.
+LoadProgress = Callable[[int, int, str | None], None]
 
 
 @dataclass
@@ -122,7 +126,7 @@ class Engine:
         model_dir: str | Path,
         device: str = "auto",
         dtype: str = "auto",
-        progress: ProgressCallback | None = None,
+        progress: LoadProgress | None = None,
         adapter: str | Path | None = None,
     ) -> Engine:
         """Load a checkpoint folder; raises CheckpointError / TemplateError / EngineError with one-line messages.
@@ -139,7 +143,12 @@ class Engine:
         torch_dtype = resolve_dtype(dtype, torch_device)
         tokenizer = ChatTokenizer.from_dir(model_dir)
         defaults = read_generation_defaults(model_dir, read_json(model_dir / "config.json"))
-        model = load_model(model_dir, config, torch_device, torch_dtype, progress)
+        if torch_device.type == "cpu" and torch_dtype == torch.bfloat16 and kernels.needs_build():
+            if progress:
+                progress(0, 0, kernels.BUILD_NOTE)
+            kernels.bf16_decode_ops()  # now, while the note shows, rather than after the weights at 100%
+        model = load_model(model_dir, config, torch_device, torch_dtype,
+                           (lambda done, total: progress(done, total, None)) if progress else None)
         if lora is not None:
             prepare_for_training(model)  # plain layers again, so the adapted ones can stay unfused
             for layer in apply_adapter(model, lora).values():

@@ -45,14 +45,15 @@ class StatusBar(Horizontal):
             )
         self.query_one("#status-model", Label).update(self.model_text)
 
-    def show_loading(self, name: str | None, done: int = 0, total: int | None = None) -> None:
-        """Loading progress in bytes (total None: not started reading weights yet); name None hides it."""
+    def show_loading(self, name: str | None, done: int = 0, total: int | None = None, note: str | None = None) -> None:
+        """Loading progress in bytes (total None or 0: not reading weights yet); name None hides it. note: a
+        slow step before the weights, shown instead ("compiling CPU kernels, once")."""
         if name is None:
             self.loading_text = ""
             self._show_loading(False)
             return
         self._show_loading(True)
-        self.loading_text = f"loading {name}"
+        self.loading_text = f"loading {name}: {note}" if note else f"loading {name}"
         self.query_one("#status-loading", Label).update(self.loading_text)
         self.query_one("#status-load-bar", ProgressBar).update(total=total or None, progress=done)
 

@@ -452,3 +452,37 @@ def test_chat_with_this_opens_a_new_conversation(make_app, tmp_path, size):
         assert [m.content for m in app.store.messages(earlier)][0] == "before"
 
     run(app, size, scenario)
+
+
+# -- 4: the first load says that the CPU kernels compile -------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_first_bfloat16_load_says_the_cpu_kernels_compile(make_app, checkpoint_factory, monkeypatch, tmp_path, size):
+    import engine.kernels as kernels
+    from chattui.backend import EngineBackend
+
+    monkeypatch.setenv(kernels.KERNEL_DIR_ENV, str(tmp_path / "kernels"))  # never built on this "machine"
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # the build fails at once: PyTorch's kernels run
+    monkeypatch.setattr(kernels, "cpu_has_avx512_bf16", lambda: True)
+    kernels.bf16_decode_ops.cache_clear()
+    app = make_app(EngineBackend(), model_dir=checkpoint_factory("llama"), device="cpu", dtype="bfloat16")
+    notes: list[str] = []
+
+    def hook(message):
+        if isinstance(message, ChattuiApp.ModelLoadProgress) and message.note:
+            notes.append(message.note)
+
+    async def main():
+        async with app.run_test(size=size, message_hook=hook) as pilot:
+            await wait_until(pilot, lambda: app.model is not None, timeout=30, what="the model to load")
+            status = app.chat.status
+            status.show_loading("llama", 0, 0, notes[0])  # what the app's handler did with it
+            assert status.loading_text == "loading llama: compiling CPU kernels, once (about 10 s)"
+            assert status.query_one("#status-loading").display
+
+    try:
+        asyncio.run(main())
+    finally:
+        kernels.bf16_decode_ops.cache_clear()
+    assert notes == [kernels.BUILD_NOTE]
