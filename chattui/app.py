@@ -35,6 +35,7 @@ from chattui.trained import adapter_base, trained_models
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.05
+MAX_NOTICES = 2  # notifications shown at once; more would stack over the conversation (the oldest go first)
 
 
 class LoadCancelled(Exception):
@@ -262,6 +263,12 @@ class ChattuiApp(App):
 
         if not isinstance(self.screen, FinetuneScreen):
             self.push_screen(FinetuneScreen(self.jobs_dir))
+
+    def _on_notify(self, event) -> None:
+        super()._on_notify(event)
+        for old in list(self._notifications)[:-MAX_NOTICES]:
+            self._unnotify(old, refresh=False)
+        self._refresh_notifications()
 
     # -- quitting, the command palette -----------------------------------------------------------
 

@@ -186,16 +186,21 @@ class EngineBackend:
         yield result
 
 
+PREVIEW_RECORDS = 3  # records the data preview shows
+
+
 def inspect_data(model_dir: str, files: list[str], max_seq_len: int = 0) -> dict[str, Any]:
     """The fine-tune form's data preview: engine.finetune_data's DataReport as a dict (records per file and
-    detected format, token-length histogram, truncated examples), with the model's tokenizer. Slow (imports
-    the engine): call it from a thread. max_seq_len 0 = what a job would use, min(1024, the model's context).
-    Raises BackendError with a one-line message (file:line for bad records)."""
+    detected format, token-length histogram, truncated examples), with the model's tokenizer, plus
+    "first_records": the first PREVIEW_RECORDS records of the first file as {"line", "messages"} or {"line",
+    "text"}. Slow (imports the engine): call it from a thread. max_seq_len 0 = what a job would use,
+    min(1024, the model's context). Raises BackendError with a one-line message (file:line for bad records)."""
     import json
     from pathlib import Path
 
     from engine import EngineError
     from engine.finetune_data import inspect_data as engine_inspect
+    from engine.finetune_data import read_jsonl
 
     if not max_seq_len:
         try:
@@ -205,8 +210,14 @@ def inspect_data(model_dir: str, files: list[str], max_seq_len: int = 0) -> dict
         context = config.get("max_position_embeddings") or config.get("n_positions") or 1024
         max_seq_len = min(1024, int(context))
     try:
-        return engine_inspect(model_dir, files, max_seq_len).to_dict()
+        report = engine_inspect(model_dir, files, max_seq_len).to_dict()
+        _, records = read_jsonl(files[0])
     except EngineError as e:
         raise BackendError(str(e)) from None
     except (OSError, ValueError) as e:
         raise BackendError(f"{type(e).__name__}: {e}") from None
+    report["first_records"] = [
+        {"line": r.line, "messages": r.messages} if r.messages is not None else {"line": r.line, "text": r.text}
+        for r in records[:PREVIEW_RECORDS]
+    ]
+    return report

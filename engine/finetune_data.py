@@ -193,11 +193,12 @@ def read_jsonl(path: str | Path) -> tuple[str, list[Record]]:
                 line = line.removeprefix("\ufeff")  # a byte-order mark
             if not line.strip():
                 continue
+            line = line.rstrip("\r\n")  # else an error at the line's end is reported at column 1 of the next
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(
-                    f"{path}:{number}: malformed JSON at column {e.colno} ({e.msg}); expected one JSON object per line"
+                    f"{path}:{number}: malformed JSON at column {e.pos + 1} ({e.msg}); expected one JSON object per line"
                 ) from None
             record = parse_record(obj, path, number, fmt, records[0].line if records else number)
             fmt = record.format

@@ -497,6 +497,8 @@ class ChatScreen(Screen):
     async def _finish(self, reply: ActiveReply, finish_reason: str, result: dict, error: str | None = None) -> None:
         """Commit the reply (text so far, stats) and render it once in full."""
         self.reply = None
+        if self.live_attention is not None:
+            self.live_attention.finish(reply.id, result.get("generated_tokens"))
         self.refresh_bindings()
         text = "".join(reply.chunks)
         if not text and finish_reason in ("cancelled", "error"):

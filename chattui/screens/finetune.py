@@ -21,8 +21,9 @@ from textual.containers import Horizontal, HorizontalScroll, Vertical, VerticalS
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import (
-    Button, ContentSwitcher, Footer, Input, Label, OptionList, ProgressBar, Select, Static,
+    Button, ContentSwitcher, Footer, Input, Label, Markdown, OptionList, ProgressBar, Select, Static,
 )
+from textual.widgets.markdown import MarkdownStream
 from textual.widgets.option_list import Option
 
 from chattui import jobs
@@ -134,12 +135,30 @@ def human_duration(seconds: float | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+def record_lines(record: dict[str, Any], width: int) -> list[str]:
+    """One data record for the preview, a line per message ("role: content"), each cut to width."""
+    if record.get("messages") is None:
+        turns = [("text", record.get("text") or "")]
+    else:
+        turns = [(m.get("role", "?"), str(m.get("content", ""))) for m in record["messages"]]
+    lines = []
+    for role, content in turns:
+        line = f"{role}: " + " ".join(content.split())
+        lines.append(line if len(line) <= width else line[: width - 1] + "…")
+    return lines
+
+
 def preview_text(report: dict[str, Any], width: int = 60) -> Text:
-    """The data preview: records and format per file, examples, token lengths, truncation, a histogram."""
+    """The data preview: records and format per file, the first records, examples, token lengths, truncation,
+    a histogram."""
     text = Text()
     for f in report["files"]:
         text.append(f"{Path(f['path']).name}: ", style="bold")
         text.append(f"{f['records']} records · format {f['format']}\n")
+    for record in report.get("first_records", []):
+        text.append(f"line {record['line']}:\n", style="dim")
+        for line in record_lines(record, width - 2):
+            text.append(f"  {line}\n")
     text.append(
         f"{report['train_examples']} examples · {report['train_target_tokens']} tokens with a loss · token lengths "
         f"{report['length_min']}–{report['length_max']} (mean {report['length_mean']:.0f})\n"
@@ -182,6 +201,7 @@ class FinetuneScreen(Screen):
 
     @dataclass
     class Previewed(Message):
+        model: str
         data: str
         report: dict[str, Any] | None
         error: str | None = None
@@ -199,6 +219,7 @@ class FinetuneScreen(Screen):
         self.missing: dict[str, str] = {}  # job id -> why its folder cannot be read
         self.current: str | None = None  # the job shown
         self.preview: dict[str, Any] | None = None  # the last data report
+        self.rejected: tuple[str, str] | None = None  # (model, data) the preview refused: Start waits for a change
         self._labels: dict[str, Text] = {}
 
     def compose(self):
@@ -391,19 +412,28 @@ class FinetuneScreen(Screen):
         try:
             report = inspect_data(str(Path(model).expanduser()), [str(Path(data).expanduser())], max_seq_len)
         except BackendError as e:
-            self.post_message(self.Previewed(data, None, str(e)))
+            self.post_message(self.Previewed(model, data, None, str(e)))
         except Exception as e:  # an engine bug must not take the UI down
-            self.post_message(self.Previewed(data, None, f"{type(e).__name__}: {e}"))
+            self.post_message(self.Previewed(model, data, None, f"{type(e).__name__}: {e}"))
         else:
-            self.post_message(self.Previewed(data, report))
+            self.post_message(self.Previewed(model, data, report))
 
     def on_finetune_screen_previewed(self, message: Previewed) -> None:
         box = self.query_one("#ft-preview", Static)
         self.preview = message.report
         if message.error:
-            box.update(Text(message.error, style="red"))
+            box.update(Text(f"{message.error}\nStart waits until the data file or model changes.", style="red"))
+            self.rejected = (message.model, message.data)
         else:
             box.update(preview_text(message.report, max(40, box.size.width or 60)))
+            self.rejected = None
+        self._update_start()
+
+    @on(Input.Changed, "#ft-model, #ft-data")
+    def _update_start(self) -> None:
+        """Start is disabled while the model and data are the ones the preview just refused."""
+        current = (self.query_one("#ft-model", Input).value.strip(), self.query_one("#ft-data", Input).value.strip())
+        self.query_one("#ft-start", Button).disabled = self.rejected == current
 
     @on(Button.Pressed, "#ft-start")
     def action_start(self) -> None:
@@ -464,7 +494,9 @@ class FinetuneScreen(Screen):
             status.append("   result: " + " + ".join(p for p in state.chat_target() if p), style="dim")
         self.query_one("#job-status", Static).update(status)
         total = state.total_steps
-        self.query_one("#job-progress", ProgressBar).update(total=total, progress=state.step)
+        # A job that ended before it knew its steps gets a still bar (None would animate as "in progress").
+        bar_total = total or (max(state.step, 1) if state.finished else None)
+        self.query_one("#job-progress", ProgressBar).update(total=bar_total, progress=state.step)
         latest = state.latest or {}
         parts = [f"step {state.step}/{total or '?'}"]
         if state.eta_s is not None:
@@ -572,6 +604,7 @@ class CompareScreen(ModalScreen[None]):
         self.model = model
         self.adapter = adapter
         self.texts = {"base": "", "tuned": ""}
+        self.streams: dict[str, MarkdownStream] = {}  # pane -> the stream its reply is written into
         self.running = False
         self.cancel = threading.Event()
 
@@ -587,10 +620,10 @@ class CompareScreen(ModalScreen[None]):
             with Horizontal(id="cmp-panes"):
                 with VerticalScroll(classes="cmp-pane"):
                     yield Label("Base", classes="ft-label")
-                    yield Static("", id="cmp-base", markup=False)
+                    yield Markdown(id="cmp-base")  # rendered as the chat renders replies
                 with VerticalScroll(classes="cmp-pane"):
                     yield Label("Tuned (base + adapter)", classes="ft-label")
-                    yield Static("", id="cmp-tuned", markup=False)
+                    yield Markdown(id="cmp-tuned")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -617,8 +650,9 @@ class CompareScreen(ModalScreen[None]):
         else:
             status.update(f"Generating with seed {seed}…")
         self.texts = {"base": "", "tuned": ""}
-        self.query_one("#cmp-base", Static).update("")
-        self.query_one("#cmp-tuned", Static).update("")
+        for pane in self.texts:
+            self.query_one(f"#cmp-{pane}", Markdown).update("")
+        self.streams = {}
         self.running = True
         self._generate(prompt, seed)
 
@@ -644,11 +678,17 @@ class CompareScreen(ModalScreen[None]):
             return
         self.post_message(self.Done())
 
-    def on_compare_screen_chunk(self, message: Chunk) -> None:
+    async def on_compare_screen_chunk(self, message: Chunk) -> None:
         self.texts[message.pane] += message.text
-        self.query_one(f"#cmp-{message.pane}", Static).update(self.texts[message.pane])
+        if message.pane not in self.streams:
+            self.streams[message.pane] = Markdown.get_stream(self.query_one(f"#cmp-{message.pane}", Markdown))
+        await self.streams[message.pane].write(message.text)
 
-    def on_compare_screen_done(self, message: Done) -> None:
+    async def on_compare_screen_done(self, message: Done) -> None:
+        for pane, stream in self.streams.items():  # then each reply rendered once in full
+            await stream.stop()
+            await self.query_one(f"#cmp-{pane}", Markdown).update(self.texts[pane])
+        self.streams = {}
         self.running = False
         self.query_one("#cmp-status", Static).update(
             f"Error: {message.error}" if message.error else "Same prompt and seed; only the adapter differs."

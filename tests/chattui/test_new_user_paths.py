@@ -486,3 +486,151 @@ def test_first_bfloat16_load_says_the_cpu_kernels_compile(make_app, checkpoint_f
     finally:
         kernels.bf16_decode_ops.cache_clear()
     assert notes == [kernels.BUILD_NOTE]
+
+
+# -- 10: the smaller inaccuracies ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_failed_job_has_a_still_progress_bar(make_app, tmp_path, size):
+    from textual.widgets import ProgressBar
+
+    write_job(tmp_path / "jobs", "j1", tmp_path / "fake-model", {"type": "status", "status": "running"},
+              {"type": "status", "status": "failed", "reason": "data.jsonl:3: malformed JSON"})
+    app = make_app()
+
+    async def scenario(pilot):
+        screen = await open_finetune(pilot)
+        screen.show_job("j1")
+        await pilot.pause()
+        bar = screen.query_one("#job-progress", ProgressBar)
+        assert bar.total is not None, "total None is the indeterminate (animated) bar"
+        assert "malformed JSON" in str(screen.query_one("#job-status").render())
+
+    run(app, size, scenario)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_compare_renders_markdown_like_the_chat(make_app, tmp_path, size):
+    from textual.widgets import Markdown
+
+    from chattui.screens.finetune import CompareScreen
+
+    make_adapter_job(tmp_path / "jobs", "j1", tmp_path / "fake-model")
+    app = make_app(FakeBackend(["Some ", "**bold**", " text"]))
+
+    async def scenario(pilot):
+        screen = await open_finetune(pilot)
+        screen.show_job("j1")
+        await pilot.pause()
+        screen.query_one("#job-compare", Button).press()
+        compare = await wait_until(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen, what="Compare")
+        await pilot.pause()
+        compare.query_one("#cmp-prompt", Input).value = "hi"
+        compare.query_one("#cmp-run", Button).press()
+        await wait_until(pilot, lambda: not compare.running and compare.texts["tuned"], what="both replies")
+        await pilot.pause()
+        for pane in ("base", "tuned"):
+            shown = compare.query_one(f"#cmp-{pane}", Markdown)
+            assert shown.source == "Some **bold** text"
+            rendered = " ".join(str(block.render()) for block in shown.query("MarkdownBlock"))
+            assert "bold" in rendered and "**" not in rendered
+
+    run(app, size, scenario)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_preview_shows_the_first_records_and_a_rejected_file_blocks_start(make_app, checkpoint_factory, tmp_path,
+                                                                           size):
+    from textual.widgets import Static
+
+    model = checkpoint_factory("qwen2")
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                                     {"role": "assistant", "content": f"Answer {i}."}]}) + "\n"
+                            for i in range(5)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "cut off\n')
+    app = make_app()
+
+    async def scenario(pilot):
+        screen = await open_finetune(pilot)
+        screen.query_one("#ft-model", Input).value = str(model)
+        screen.query_one("#ft-data", Input).value = str(bad)
+        screen.query_one("#ft-preview-button", Button).press()
+        start = screen.query_one("#ft-start", Button)
+        await wait_until(pilot, lambda: start.disabled, timeout=30, what="Start disabled")
+        preview = str(screen.query_one("#ft-preview", Static).render())
+        assert "bad.jsonl:2: malformed JSON at column 10" in preview and "Start waits" in preview
+        screen.query_one("#ft-data", Input).value = str(good)
+        await wait_until(pilot, lambda: not start.disabled, what="Start enabled for another file")
+        screen.query_one("#ft-preview-button", Button).press()
+        await wait_until(pilot, lambda: screen.preview is not None, timeout=30, what="the preview")
+        await pilot.pause()
+        preview = str(screen.query_one("#ft-preview", Static).render())
+        for i in range(3):
+            assert f"user: Question {i}?" in preview and f"assistant: Answer {i}." in preview
+        assert "Question 3?" not in preview
+        assert not start.disabled
+
+    run(app, size, scenario)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_notices_do_not_stack_and_the_footer_shows_every_chat_key(make_app, size):
+    app = make_app()
+
+    async def scenario(pilot):
+        for i in range(6):
+            app.notify(f"notice {i}")
+        await pilot.pause()
+        assert [n.message for n in app._notifications] == ["notice 4", "notice 5"]
+        await wait_until(pilot, lambda: {"ctrl+g", "ctrl+b", "f3", "ctrl+l"} <= footer_keys(app.chat),
+                         what="the chat keys in the footer")
+
+    run(app, size, scenario)
+
+
+def test_markdown_export_keeps_its_structure_whatever_the_messages_hold(make_app, tmp_path):
+    from chattui.export import to_markdown
+
+    store = Store(tmp_path / "export.db")
+    conversation = store.update_conversation(store.create_conversation().id, title="Mine")
+    store.add_message(conversation.id, "user", "# Heading\nSetext title\n===\nand a fence:\n```python\n# comment")
+    store.add_message(conversation.id, "assistant", "## Not a section\n```\n# kept in code\n```\nend")
+    document = to_markdown(store.conversation(conversation.id), store.messages(conversation.id))
+    headings, in_code = [], False
+    for line in document.splitlines():  # the document's structure, as a CommonMark reader sees it
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            headings.append(line)
+    assert headings == ["# Mine", "## User", "## Assistant"]
+    assert not in_code, "every code block is closed"
+    assert "\\# Heading" in document and "# comment" in document and "# kept in code" in document
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_live_attention_does_not_count_the_end_token_as_a_reply_token(make_app, size):
+    from ui_fakes import FakeAttentionBackend
+
+    from chattui.screens.attention import AttentionScreen
+
+    app = make_app(FakeAttentionBackend(["a ", "b ", "c "], finish_reason="eos"))
+
+    async def scenario(pilot):
+        chat = app.chat
+        await pilot.press("f3")
+        await send(pilot, "hello there")
+        live = chat.live_attention
+        assert live.count == 4 and live.reply_tokens == 3 and live.chose_end
+        await pilot.press("f2")
+        screen = await wait_until(pilot, lambda: isinstance(app.screen, AttentionScreen) and app.screen,
+                                  what="the attention screen")
+        await pilot.press("v", "v", "v")  # heatmap -> text -> heads -> live
+        body = screen.query_one("#live-body")
+        await wait_until(pilot, lambda: "end token, after the reply's 3 tokens" in str(body.render()),
+                         what="the live view")
+        assert "Token 4 " not in str(body.render())
+
+    run(app, size, scenario)

@@ -101,6 +101,9 @@ class FakeBackend:
             else:
                 if cancel.is_set():
                     finish = "cancelled"
+                elif on_attention is not None and finish == "eos":  # as the engine: the forward that chose eos
+                    tokens = fake_tokens(prompt)
+                    on_attention(FakeAttentionMaps(tokens + out + ["<eos>"]).last_rows(), tokens)
         finally:
             self.streaming.clear()
         elapsed = max(time.perf_counter() - started, 1e-6)

@@ -72,6 +72,8 @@ USER_ONLY = {"messages": [{"role": "user", "content": "hi"}]}
 BAD_FILES = [
     ("malformed JSON", [chat("a", "b"), '{"messages": [}'], 2, "malformed JSON at column 15"),
     ("truncated JSON", [{"text": "ok"}, '{"text": "broken'], 2, "malformed JSON"),
+    ("cut off at the line's end", [chat("a", "b"), '{"messages": [{"role": "user", "content": "hi"}, '], 2,
+     "malformed JSON at column 50 (Expecting value)"),
     ("unknown role", [{"messages": [{"role": "bot", "content": "hi"}]}], 1,
      "messages[0]: unknown role 'bot' (expected one of system, user, assistant, tool)"),
     ("missing content", [chat("a", "b"), {"messages": [{"role": "user"}]}], 2, "missing messages[0].content"),
