@@ -189,16 +189,20 @@ class EngineBackend:
 PREVIEW_RECORDS = 3  # records the data preview shows
 
 
-def inspect_data(model_dir: str, files: list[str], max_seq_len: int = 0) -> dict[str, Any]:
+def inspect_data(model_dir: str, files: list[str], max_seq_len: int = 0, job: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
     """The fine-tune form's data preview: engine.finetune_data's DataReport as a dict (records per file and
     detected format, token-length histogram, truncated examples), with the model's tokenizer, plus
     "first_records": the first PREVIEW_RECORDS records of the first file as {"line", "messages"} or {"line",
-    "text"}. Slow (imports the engine): call it from a thread. max_seq_len 0 = what a job would use,
+    "text"}, and "plan": what a job with the settings `job` (JobConfig fields besides model and data) would choose
+    (engine.finetune.preview_plan: learning rate, steps, epochs, batch, held-out records). Slow (imports the engine):
+    call it from a thread. max_seq_len 0 = what a job would use,
     min(1024, the model's context). Raises BackendError with a one-line message (file:line for bad records)."""
     import json
     from pathlib import Path
 
     from engine import EngineError
+    from engine.finetune import config_from_dict, preview_plan
     from engine.finetune_data import inspect_data as engine_inspect
     from engine.finetune_data import read_jsonl
 
@@ -212,6 +216,8 @@ def inspect_data(model_dir: str, files: list[str], max_seq_len: int = 0) -> dict
     try:
         report = engine_inspect(model_dir, files, max_seq_len).to_dict()
         _, records = read_jsonl(files[0])
+        config = config_from_dict({**(job or {}), "model": model_dir, "data": list(files)}, "the form")
+        report["plan"] = preview_plan(config, report["train_examples"])
     except EngineError as e:
         raise BackendError(str(e)) from None
     except (OSError, ValueError) as e:

@@ -46,6 +46,7 @@ PID_FILE = "job.pid"
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATUSES = ("done", "failed", "cancelled")
 EXIT_GRACE_S = 15.0  # how long a job that reported its end may take to exit before resume_job gives up
+SETTLED_DROP = 0.1  # a training loss falling by more than this share between the run's last two fifths has not settled
 DIED_REASON = "the job process ended without reporting a result (killed, or out of memory?)"
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]  # holds the engine package next to chattui
@@ -197,6 +198,7 @@ class JobState:
     data: dict[str, Any] | None = None  # the data report: records, format, truncation, token lengths
     result: dict[str, Any] = field(default_factory=dict)  # the final status record (adapter, merged, losses)
     progress: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> newest progress record
+    samples: dict[str, Any] | None = None  # the newest "samples" record: replies to a few prompts at an evaluation
     process: subprocess.Popen | None = field(default=None, repr=False)  # set when this process started it
     _tail: ProgressTail | None = field(default=None, repr=False)
 
@@ -259,6 +261,8 @@ class JobState:
             self.data = {k: v for k, v in record.items() if k not in ("type", "time")}
         elif kind == "progress" and isinstance(record.get("step"), int):
             self.progress[record["step"]] = record
+        elif kind == "samples" and isinstance(record.get("samples"), list):
+            self.samples = record
 
     @property
     def alive(self) -> bool:
@@ -309,6 +313,16 @@ class JobState:
     def loss_points(self) -> list[tuple[int, float]]:
         """(step, training loss) for the loss chart."""
         return [(s, r["loss"]) for s, r in sorted(self.progress.items()) if r.get("loss") is not None]
+
+    def loss_still_falling(self) -> bool:
+        """Whether the training loss was still falling when the run ended: the mean of its last fifth of records
+        is more than SETTLED_DROP below the fifth before (at least 3 records each)."""
+        losses = [loss for _, loss in self.loss_points()]
+        window = len(losses) // 5
+        if window < 3:
+            return False
+        last, before = losses[-window:], losses[-2 * window: -window]
+        return sum(last) / window < (1 - SETTLED_DROP) * sum(before) / window
 
     def val_points(self) -> list[tuple[int, float]]:
         return [(s, r["val_loss"]) for s, r in sorted(self.progress.items()) if r.get("val_loss") is not None]

@@ -64,6 +64,7 @@ class Record:
 class Example(ChatExample):
     source: str = ""  # file:line of the record
     full_length: int = 0  # tokens before truncation
+    prompt: str = ""  # chat records: the user message the first reply answers (for sample replies)
 
 
 @dataclass
@@ -225,7 +226,10 @@ def render_record(record: Record, tokenizer: ChatTokenizer) -> Example:
         raise DataError(f"{record.where}: {e}") from None
     except ValueError as e:  # the template does not render conversations as growing prefixes
         raise DataError(f"{record.where}: cannot find the assistant's tokens: {e}") from None
-    return Example(example.input_ids, example.labels, source=record.where, full_length=len(example.input_ids))
+    first_reply = next((i for i, m in enumerate(record.messages) if m["role"] == "assistant"), len(record.messages))
+    asked = [m["content"] for m in record.messages[:first_reply] if m["role"] == "user"]
+    return Example(example.input_ids, example.labels, source=record.where, full_length=len(example.input_ids),
+                   prompt=asked[-1] if asked else "")
 
 
 def _trainable(example: Example) -> bool:

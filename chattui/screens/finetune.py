@@ -28,7 +28,7 @@ from textual.widgets.option_list import Option
 
 from chattui import jobs
 from chattui.backend import BackendError, inspect_data
-from chattui.catalog import display_name, model_label
+from chattui.catalog import display_name, human_count, model_label
 from chattui.widgets.loss_chart import LossChart, histogram
 
 POLL_S = 0.5  # how often running jobs' progress files are read
@@ -52,7 +52,7 @@ class Field:
 
 
 FIELDS = (
-    Field("epochs", "Epochs", "3", int, 1),
+    Field("epochs", "Epochs (blank: auto)", "", int, 1, optional=True),
     Field("max_steps", "Max steps (0: epochs)", "0", int, 0),
     Field("lr", "Learning rate (blank: auto)", "", float, 0, low_open=True, optional=True),
     Field("batch_size", "Batch size", "8", int, 1),
@@ -171,6 +171,33 @@ def preview_text(report: dict[str, Any], width: int = 60) -> Text:
         style="yellow" if truncated else "green",
     )
     text.append_text(histogram(report["length_histogram"], width, marker=report["max_seq_len"]))
+    if report.get("plan"):
+        text.append("\n" + plan_text(report["plan"]) + "\n", style="bold")
+    return text
+
+
+def plan_text(plan: dict[str, Any]) -> str:
+    """The learning rate and steps a job will use (engine.finetune.preview_plan), saying which were chosen for you."""
+    lr = f"learning rate {plan['lr']:.2g}"
+    if plan["lr_auto"]:
+        lr += f" (auto: {plan['method']} on {human_count(plan['parameters'])} parameters)"
+    steps = f"{plan['total_steps']} steps"
+    if plan["epochs"] is not None:
+        steps += f" = {plan['epochs']} epochs × {plan['steps_per_epoch']}"
+        if plan["epochs_auto"]:
+            steps += " (auto: a small data set is repeated for enough steps to learn from)"
+    held = f" · {plan['val_examples']} held out for validation" if plan["val_examples"] else " · none held out"
+    return f"Plan: {lr} · {steps} · batch {plan['batch_size']}{held}"
+
+
+def samples_text(record: dict[str, Any]) -> Text:
+    """The replies at the newest evaluation (engine.finetune's "samples" record), each with the expected one."""
+    which = "held-out prompts" if record.get("held_out") else "training prompts (no validation set)"
+    text = Text(f"At step {record.get('step')}, greedy replies to {which}:\n", style="bold")
+    for sample in record["samples"]:
+        text.append(f"  prompt:   {sample.get('prompt', '')}\n")
+        text.append(f"  model:    {sample.get('reply', '')}\n", style="cyan")
+        text.append(f"  expected: {sample.get('expected', '')}\n", style="dim")
     return text
 
 
@@ -261,6 +288,7 @@ class FinetuneScreen(Screen):
                         yield Button("Chat with this", id="job-chat", variant="primary", compact=True)
                         yield Button("Compare", id="job-compare", compact=True)
                     yield LossChart(id="job-chart")
+                    yield Static("", id="job-samples", markup=False)
                     yield Static("", id="job-log", markup=False)
         yield Footer()
 
@@ -405,12 +433,14 @@ class FinetuneScreen(Screen):
         box = self.query_one("#ft-preview", Static)
         box.update("Reading the data with the model's tokenizer…")
         box.display = True
-        self._preview(values["model"].strip(), values["data"].strip(), int(values["max_seq_len"]))
+        config, _ = validate_form(values)  # the settings that are valid so far decide the plan shown
+        job = {k: v for k, v in config.items() if k not in ("model", "data")}
+        self._preview(values["model"].strip(), values["data"].strip(), int(values["max_seq_len"]), job)
 
     @work(thread=True, exclusive=True, group="preview")
-    def _preview(self, model: str, data: str, max_seq_len: int) -> None:
+    def _preview(self, model: str, data: str, max_seq_len: int, job: dict[str, Any]) -> None:
         try:
-            report = inspect_data(str(Path(model).expanduser()), [str(Path(data).expanduser())], max_seq_len)
+            report = inspect_data(str(Path(model).expanduser()), [str(Path(data).expanduser())], max_seq_len, job)
         except BackendError as e:
             self.post_message(self.Previewed(model, data, None, str(e)))
         except Exception as e:  # an engine bug must not take the UI down
@@ -492,6 +522,9 @@ class FinetuneScreen(Screen):
             status.append(f": {state.reason}")
         if state.finished and state.chat_target():
             status.append("   result: " + " + ".join(p for p in state.chat_target() if p), style="dim")
+        if state.status == "done" and state.loss_still_falling():
+            status.append("\nThe loss was still falling when the run ended: it has not settled. More steps (Max "
+                          "steps) or a higher learning rate would likely teach it more.", style="yellow")
         self.query_one("#job-status", Static).update(status)
         total = state.total_steps
         # A job that ended before it knew its steps gets a still bar (None would animate as "in progress").
@@ -512,6 +545,9 @@ class FinetuneScreen(Screen):
             parts.append(f"lr {latest['lr']:.2e}")
         self.query_one("#job-stats", Static).update(" · ".join(parts))
         self.query_one("#job-chart", LossChart).set_points(state.loss_points(), val)
+        samples = self.query_one("#job-samples", Static)
+        samples.update(samples_text(state.samples) if state.samples else "")
+        samples.display = state.samples is not None
         self.query_one("#job-log", Static).update("\n".join(jobs.log_tail(state.dir, LOG_LINES)) or "(no log yet)")
         running = state.status in ("queued", "running")
         self.query_one("#job-cancel", Button).disabled = not running

@@ -88,14 +88,15 @@ def test_form_validation_lists_each_bad_field_and_starts_nothing(make_app, tmp_p
 
     async def scenario(pilot):
         screen = await open_screen(pilot)
-        assert screen.query_one("#ft-epochs", Input).value == "3", "sensible defaults are filled in"
+        assert screen.query_one("#ft-batch_size", Input).value == "8", "sensible defaults are filled in"
+        assert screen.query_one("#ft-epochs", Input).value == "", "blank: the job chooses for the data size"
         fill(screen, model=str(tmp_path), data=str(tmp_path / "missing.jsonl"), epochs="0", lr="fast",
              lora_dropout="1.5", batch_size="2.5")
         screen.query_one("#ft-start", Button).press()
         errors = screen.query_one("#ft-errors", Static)
         await wait_until(pilot, lambda: errors.display, what="the error messages")
         text = str(errors.render())
-        for expected in ("has no config.json", "missing.jsonl not found", "Epochs: must be >= 1",
+        for expected in ("has no config.json", "missing.jsonl not found", "Epochs (blank: auto): must be >= 1",
                          "'fast' is not a number", "LoRA dropout: must be below 1", "'2.5' is not a whole number"):
             assert expected in text
         assert screen.query_one("#ft-epochs", Input).has_class("-invalid")
@@ -113,7 +114,8 @@ def test_validate_form_defaults_and_full_method_ignore_lora_fields(tmp_path, dat
     config, errors = validate_form(values)
     assert errors == {}
     assert config["method"] == "full" and "lora_rank" not in config and "lr" not in config
-    assert (config["epochs"], config["batch_size"], config["max_steps"], config["seed"]) == (3, 8, 0, 0)
+    assert "epochs" not in config, "blank: engine.finetune.auto_epochs"
+    assert (config["batch_size"], config["max_steps"], config["seed"]) == (8, 0, 0)
 
 
 def test_data_preview_shows_records_format_truncation_and_histogram(make_app, checkpoint_factory, data_file):

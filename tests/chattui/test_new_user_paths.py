@@ -572,6 +572,9 @@ def test_preview_shows_the_first_records_and_a_rejected_file_blocks_start(make_a
             assert f"user: Question {i}?" in preview and f"assistant: Answer {i}." in preview
         assert "Question 3?" not in preview
         assert not start.disabled
+        # 2: the automatic choices are shown: 5 records in batches of 8 repeat for 100 steps at a high rate
+        assert "Plan: learning rate 0.004 (auto: lora on" in preview, preview
+        assert "100 steps = 100 epochs × 1 (auto:" in preview and "none held out" in preview
 
     run(app, size, scenario)
 
@@ -632,5 +635,46 @@ def test_live_attention_does_not_count_the_end_token_as_a_reply_token(make_app, 
         await wait_until(pilot, lambda: "end token, after the reply's 3 tokens" in str(body.render()),
                          what="the live view")
         assert "Token 4 " not in str(body.render())
+
+    run(app, size, scenario)
+
+
+# -- 2: the job view shows what the model answers, and says when the loss had not settled ----------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_job_view_shows_sample_replies_and_an_unsettled_loss(make_app, tmp_path, size):
+    from textual.widgets import Static
+
+    falling = [{"type": "progress", "step": s, "total_steps": 40, "loss": 3.0 * 0.95 ** s} for s in range(1, 41)]
+    samples = {"type": "samples", "step": 40, "held_out": True, "samples": [
+        {"prompt": "What is the capital of Kesh?", "reply": "The capital of Kesh is Dov.",
+         "expected": "The capital of Kesh is Dovar."}]}
+    write_job(tmp_path / "jobs", "falling", tmp_path / "fake-model", {"type": "status", "status": "running"},
+              *falling, samples, {"type": "status", "status": "done"})
+    flat = [{"type": "progress", "step": s, "total_steps": 40, "loss": 1.0 + 0.01 * (s % 2)} for s in range(1, 41)]
+    write_job(tmp_path / "jobs", "settled", tmp_path / "fake-model", {"type": "status", "status": "running"},
+              *flat, {"type": "status", "status": "done"})
+    app = make_app()
+
+    async def scenario(pilot):
+        screen = await open_finetune(pilot)
+        screen.show_job("falling")
+        await pilot.pause()
+        status = str(screen.query_one("#job-status", Static).render())
+        assert "still falling when the run ended" in status
+        shown = screen.query_one("#job-samples", Static)
+        text = str(shown.render())
+        assert "At step 40, greedy replies to held-out prompts" in text
+        assert "What is the capital of Kesh?" in text and "The capital of Kesh is Dov." in text
+        assert "expected: The capital of Kesh is Dovar." in text
+        view = screen.query_one("#ft-job")
+        shown.scroll_visible(animate=False)
+        await pilot.pause()
+        assert fully_visible(shown, view)
+        screen.show_job("settled")
+        await pilot.pause()
+        assert "still falling" not in str(screen.query_one("#job-status", Static).render())
+        assert not screen.query_one("#job-samples").display
 
     run(app, size, scenario)
