@@ -46,7 +46,7 @@ PID_FILE = "job.pid"
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATUSES = ("done", "failed", "cancelled")
 EXIT_GRACE_S = 15.0  # how long a job that reported its end may take to exit before resume_job gives up
-SETTLED_DROP = 0.1  # a training loss falling by more than this share between the run's last two fifths has not settled
+SETTLED_SHARE = 0.05  # a loss still falling by this share of its whole fall at the end of a run has not settled
 DIED_REASON = "the job process ended without reporting a result (killed, or out of memory?)"
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]  # holds the engine package next to chattui
@@ -315,14 +315,16 @@ class JobState:
         return [(s, r["loss"]) for s, r in sorted(self.progress.items()) if r.get("loss") is not None]
 
     def loss_still_falling(self) -> bool:
-        """Whether the training loss was still falling when the run ended: the mean of its last fifth of records
-        is more than SETTLED_DROP below the fifth before (at least 3 records each)."""
+        """Whether the training loss was still falling when the run ended: its mean over the last fifth of the
+        records is below the fifth before by more than SETTLED_SHARE of all it fell since the first fifth (at
+        least 3 records a fifth). Relative to the whole fall, so noise near a loss of 0 is not "falling"."""
         losses = [loss for _, loss in self.loss_points()]
         window = len(losses) // 5
         if window < 3:
             return False
-        last, before = losses[-window:], losses[-2 * window: -window]
-        return sum(last) / window < (1 - SETTLED_DROP) * sum(before) / window
+        first, before, last = (sum(part) / window for part in
+                               (losses[:window], losses[-2 * window: -window], losses[-window:]))
+        return first > last and before - last > SETTLED_SHARE * (first - last)
 
     def val_points(self) -> list[tuple[int, float]]:
         return [(s, r["val_loss"]) for s, r in sorted(self.progress.items()) if r.get("val_loss") is not None]
