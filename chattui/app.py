@@ -89,6 +89,7 @@ class ChattuiApp(App):
         config: Config,
         *,
         model_dir: str | Path | None = None,
+        adapter: str | Path | None = None,
         device: str | None = None,
         dtype: str | None = None,
         notices: Iterable[str] = (),
@@ -104,6 +105,7 @@ class ChattuiApp(App):
         self.device = device or config.device
         self.dtype = dtype or config.dtype
         self.initial_model = str(model_dir) if model_dir else None
+        self.initial_adapter = str(adapter) if adapter else None  # --adapter: applied to the start-up model
         self.notices = list(notices)
         self.export_dir = Path(export_dir or config.export_dir or Path.cwd()).expanduser()
         self.bundled_dir = bundled_dir or bundled_model_dir()
@@ -133,7 +135,7 @@ class ChattuiApp(App):
         self.chat.status.show_model(None)
         model = self.startup_model()
         if model is not None:
-            self.load_model(model, self.conversation_adapter(model))
+            self.load_model(model, self.initial_adapter or self.conversation_adapter(model))
         else:
             self.notify(
                 f"No model loaded: the bundled model is not installed yet ({self.bundled_dir / 'config.json'} is "
@@ -313,8 +315,10 @@ class ChattuiApp(App):
             yield SystemCommand(title, help_text, callback)
 
 
-def run_app(model: str | None = None, device: str | None = None, dtype: str | None = None) -> int:
-    """`chattui [--model DIR] [--device D] [--dtype D]`: open the app. Logging goes to a file, not the screen."""
+def run_app(model: str | None = None, device: str | None = None, dtype: str | None = None,
+            adapter: str | None = None) -> int:
+    """`chattui [--model DIR] [--adapter DIR] [--device D] [--dtype D]`: open the app (a LoRA adapter on the model,
+    unmerged). Logging goes to a file, not the screen."""
     from chattui.backend import EngineBackend
     from chattui.config import default_path, load_config
     from chattui.paths import config_dir, data_dir
@@ -334,7 +338,7 @@ def run_app(model: str | None = None, device: str | None = None, dtype: str | No
     root.handlers = [handler]
     try:
         app = ChattuiApp(
-            EngineBackend(), store, config, model_dir=model, device=device, dtype=dtype,
+            EngineBackend(), store, config, model_dir=model, adapter=adapter, device=device, dtype=dtype,
             notices=[notice] if notice else [],
         )
         app.run()

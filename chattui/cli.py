@@ -1,5 +1,5 @@
 """Command-line interface: `chattui generate`, `chattui bench`, and the app when run bare
-(`chattui [--model DIR] [--device D] [--dtype D]`).
+(`chattui [--model DIR] [--adapter DIR] [--device D] [--dtype D]`).
 
 Errors from bad input are printed as one line (`chattui: error: ...`) with a non-zero exit code.
 The engine (and torch) is imported only by the subcommands that need it, so the app opens at once.
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", dest="app_model", metavar="DIR", type=Path,
                         help="with no COMMAND: open the chat app on this checkpoint folder (default: the bundled model)")
     parser.add_argument("--device", dest="app_device", metavar="D", help="with no COMMAND: auto, cpu, cuda, cuda:N, mps")
+    parser.add_argument("--adapter", dest="app_adapter", metavar="DIR", type=Path,
+                        help="with no COMMAND: apply this LoRA adapter (a fine-tune job's adapter/ folder) unmerged")
     parser.add_argument("--dtype", dest="app_dtype", metavar="D",
                         help="with no COMMAND: auto, float32, bfloat16, float16")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -280,6 +282,7 @@ def app_arguments(argv: list[str]) -> argparse.Namespace | None:
     p.add_argument("--model", dest="app_model", type=Path)
     p.add_argument("--device", dest="app_device")
     p.add_argument("--dtype", dest="app_dtype")
+    p.add_argument("--adapter", dest="app_adapter", type=Path)
     try:
         args, rest = p.parse_known_args(argv)
     except argparse.ArgumentError:
@@ -298,7 +301,10 @@ def cmd_app(args) -> int:
     model = args.app_model.expanduser().resolve() if args.app_model is not None else None
     if model is not None and not model.is_dir():
         raise CommandError(f"{model}: not a directory")
-    return run_app(str(model) if model else None, args.app_device, args.app_dtype)
+    adapter = args.app_adapter.expanduser().resolve() if args.app_adapter is not None else None
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise CommandError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    return run_app(str(model) if model else None, args.app_device, args.app_dtype, str(adapter) if adapter else None)
 
 
 def main(argv: list[str] | None = None) -> int:

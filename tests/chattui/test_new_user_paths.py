@@ -431,6 +431,14 @@ def test_the_adapter_is_listed_shown_on_replies_stored_and_restored(make_app, tm
 
     run(again, size, reopened)
 
+    other = make_adapter_job(tmp_path / "jobs", "job-9", base)
+    given = make_app(FakeBackend(["ok"]), adapter=other)  # chattui --adapter DIR
+
+    async def on_the_given_adapter(pilot):
+        assert given.model.adapter == str(other)
+
+    run(given, size, on_the_given_adapter)
+
 
 @pytest.mark.parametrize("size", SIZES)
 def test_chat_with_this_opens_a_new_conversation(make_app, tmp_path, size):
