@@ -31,10 +31,12 @@ from chattui.screens.chat import ChatScreen
 from chattui.screens.models import ModelPickerScreen
 from chattui.store import Store, StoreError
 from chattui.terminal_text import displayable
+from chattui.trained import adapter_base, trained_models
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.05
+MAX_NOTICES = 2  # notifications shown at once; more would stack over the conversation (the oldest go first)
 
 
 class LoadCancelled(Exception):
@@ -69,6 +71,7 @@ class ChattuiApp(App):
         path: str
         done: int  # bytes of weights read
         total: int
+        note: str | None = None  # a slow step that is not reading weights ("compiling CPU kernels, once")
 
     @dataclass
     class ModelLoaded(Message):
@@ -87,6 +90,7 @@ class ChattuiApp(App):
         config: Config,
         *,
         model_dir: str | Path | None = None,
+        adapter: str | Path | None = None,
         device: str | None = None,
         dtype: str | None = None,
         notices: Iterable[str] = (),
@@ -102,6 +106,7 @@ class ChattuiApp(App):
         self.device = device or config.device
         self.dtype = dtype or config.dtype
         self.initial_model = str(model_dir) if model_dir else None
+        self.initial_adapter = str(adapter) if adapter else None  # --adapter: applied to the start-up model
         self.notices = list(notices)
         self.export_dir = Path(export_dir or config.export_dir or Path.cwd()).expanduser()
         self.bundled_dir = bundled_dir or bundled_model_dir()
@@ -135,7 +140,7 @@ class ChattuiApp(App):
         self.chat.status.show_model(None)
         model = self.startup_model()
         if model is not None:
-            self.load_model(model)
+            self.load_model(model, self.initial_adapter or self.conversation_adapter(model))
         else:
             self.notify(
                 f"No model loaded: the bundled model is not installed yet ({self.bundled_dir / 'config.json'} is "
@@ -157,6 +162,14 @@ class ChattuiApp(App):
             return str(self.bundled_dir)
         return None
 
+    def conversation_adapter(self, model: str) -> str | None:
+        """The LoRA adapter the open conversation last used on `model`, if its folder is still there."""
+        conversation = self.chat.conversation
+        if conversation is None or not conversation.adapter or not conversation.model:
+            return None
+        same_model = Path(conversation.model).expanduser().resolve() == Path(model).expanduser().resolve()
+        return conversation.adapter if same_model and Path(conversation.adapter).is_dir() else None
+
     def _theme_changed(self, theme: Theme) -> None:
         if theme.name != self.config.theme:
             self.config.save_theme(theme.name)
@@ -174,14 +187,14 @@ class ChattuiApp(App):
         worker = get_current_worker()
         last = 0.0
 
-        def progress(done: int, total: int) -> None:
+        def progress(done: int, total: int, note: str | None = None) -> None:
             nonlocal last
             if worker.is_cancelled:
                 raise LoadCancelled
             now = time.monotonic()
-            if now - last >= PROGRESS_INTERVAL_S or done >= total:
+            if now - last >= PROGRESS_INTERVAL_S or done >= total or note:
                 last = now
-                self.post_message(self.ModelLoadProgress(path, done, total))
+                self.post_message(self.ModelLoadProgress(path, done, total, note))
 
         warnings = _ThreadWarnings()
         logging.getLogger().addHandler(warnings)
@@ -201,7 +214,7 @@ class ChattuiApp(App):
 
     def on_chattui_app_model_load_progress(self, message: ModelLoadProgress) -> None:
         if message.path == self.loading:
-            self.chat.status.show_loading(display_name(message.path), message.done, message.total)
+            self.chat.status.show_loading(display_name(message.path), message.done, message.total, message.note)
 
     async def on_chattui_app_model_loaded(self, message: ModelLoaded) -> None:
         info = message.info
@@ -240,15 +253,21 @@ class ChattuiApp(App):
 
         def chosen(path: str | None) -> None:
             if path:
-                self.load_model(path)
+                base = adapter_base(path)  # a LoRA adapter folder: its base model with it, unmerged
+                if base:
+                    self.load_model(base, adapter=path)
+                else:
+                    self.load_model(path)
 
+        current = (self.model.adapter or self.model.path) if self.model else None
         self.push_screen(
             ModelPickerScreen(
                 recent=self.store.recent_models(),
                 folders=self.config.model_folders,
                 stores=self.stores,
-                current=self.model.path if self.model else None,
+                current=current,
                 bundled=self.bundled_dir,
+                trained=partial(trained_models, self.jobs_dir),
             ),
             chosen,
         )
@@ -258,6 +277,12 @@ class ChattuiApp(App):
 
         if not isinstance(self.screen, FinetuneScreen):
             self.push_screen(FinetuneScreen(self.jobs_dir))
+
+    def _on_notify(self, event) -> None:
+        super()._on_notify(event)
+        for old in list(self._notifications)[:-MAX_NOTICES]:
+            self._unnotify(old, refresh=False)
+        self._refresh_notifications()
 
     # -- quitting, the command palette -----------------------------------------------------------
 
@@ -303,8 +328,10 @@ class ChattuiApp(App):
             yield SystemCommand(title, help_text, callback)
 
 
-def run_app(model: str | None = None, device: str | None = None, dtype: str | None = None) -> int:
-    """`chattui [--model DIR] [--device D] [--dtype D]`: open the app. Logging goes to a file, not the screen."""
+def run_app(model: str | None = None, device: str | None = None, dtype: str | None = None,
+            adapter: str | None = None) -> int:
+    """`chattui [--model DIR] [--adapter DIR] [--device D] [--dtype D]`: open the app (a LoRA adapter on the model,
+    unmerged). Logging goes to a file, not the screen."""
     from chattui.backend import EngineBackend
     from chattui.config import default_path, load_config
     from chattui.paths import config_dir, data_dir
@@ -324,7 +351,7 @@ def run_app(model: str | None = None, device: str | None = None, dtype: str | No
     root.handlers = [handler]
     try:
         app = ChattuiApp(
-            EngineBackend(), store, config, model_dir=model, device=device, dtype=dtype,
+            EngineBackend(), store, config, model_dir=model, adapter=adapter, device=device, dtype=dtype,
             notices=[notice] if notice else [],
         )
         app.run()

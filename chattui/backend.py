@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from chattui.catalog import display_name
+from chattui.catalog import model_label
 
-ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
+ProgressCallback = Callable[..., None]  # (bytes done, bytes total[, note]): engine.session.LoadProgress
 Prompt = list[dict] | str  # chat messages [{"role", "content"}], or raw text to continue
 AttentionCallback = Callable[[Any, list[str]], None]  # (numpy (layers, heads, positions), prompt tokens)
 
@@ -98,7 +98,7 @@ class EngineBackend:
         d = engine.defaults
         return ModelInfo(
             path=str(engine.model_dir),
-            name=display_name(engine.model_dir) + (f" + {engine.adapter_dir.name}" if engine.adapter_dir else ""),
+            name=model_label(engine.model_dir, engine.adapter_dir),
             architecture=engine.config.architecture,
             parameters=engine.num_parameters,
             device=str(engine.device),
@@ -183,16 +183,25 @@ class EngineBackend:
         yield result
 
 
-def inspect_data(model_dir: str, files: list[str], max_seq_len: int = 0) -> dict[str, Any]:
+PREVIEW_RECORDS = 3  # records the data preview shows
+
+
+def inspect_data(model_dir: str, files: list[str], max_seq_len: int = 0, job: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
     """The fine-tune form's data preview: engine.finetune_data's DataReport as a dict (records per file and
-    detected format, token-length histogram, truncated examples), with the model's tokenizer. Slow (imports
-    the engine): call it from a thread. max_seq_len 0 = what a job would use, min(1024, the model's context).
-    Raises BackendError with a one-line message (file:line for bad records)."""
+    detected format, token-length histogram, truncated examples), with the model's tokenizer, plus
+    "first_records": the first PREVIEW_RECORDS records of the first file as {"line", "messages"} or {"line",
+    "text"}, and "plan": what a job with the settings `job` (JobConfig fields besides model and data) would choose
+    (engine.finetune.preview_plan: learning rate, steps, epochs, batch, held-out records). Slow (imports the engine):
+    call it from a thread. max_seq_len 0 = what a job would use,
+    min(1024, the model's context). Raises BackendError with a one-line message (file:line for bad records)."""
     import json
     from pathlib import Path
 
     from engine import EngineError
+    from engine.finetune import config_from_dict, preview_plan
     from engine.finetune_data import inspect_data as engine_inspect
+    from engine.finetune_data import read_jsonl
 
     if not max_seq_len:
         try:
@@ -202,8 +211,16 @@ def inspect_data(model_dir: str, files: list[str], max_seq_len: int = 0) -> dict
         context = config.get("max_position_embeddings") or config.get("n_positions") or 1024
         max_seq_len = min(1024, int(context))
     try:
-        return engine_inspect(model_dir, files, max_seq_len).to_dict()
+        report = engine_inspect(model_dir, files, max_seq_len).to_dict()
+        _, records = read_jsonl(files[0])
+        config = config_from_dict({**(job or {}), "model": model_dir, "data": list(files)}, "the form")
+        report["plan"] = preview_plan(config, report["train_examples"])
     except EngineError as e:
         raise BackendError(str(e)) from None
     except (OSError, ValueError) as e:
         raise BackendError(f"{type(e).__name__}: {e}") from None
+    report["first_records"] = [
+        {"line": r.line, "messages": r.messages} if r.messages is not None else {"line": r.line, "text": r.text}
+        for r in records[:PREVIEW_RECORDS]
+    ]
+    return report

@@ -128,6 +128,17 @@ def ollama_blob_name(blob: Path) -> str | None:
     return None
 
 
+def adapter_name(path: str | Path) -> str:
+    """A LoRA adapter folder as people call it: the job's folder for a job's adapter/, else its own name."""
+    p = Path(path)
+    return p.parent.name if p.name == "adapter" and p.parent.name else p.name
+
+
+def model_label(model: str | Path, adapter: str | Path | None = None) -> str:
+    """What the status bar and a reply's header call a model: "name", or "name + adapter" with a LoRA adapter."""
+    return display_name(model) + (f" + {adapter_name(adapter)}" if adapter else "")
+
+
 def inspect_folder(path: Path, source: str, name: str | None = None) -> ModelEntry:
     entry = ModelEntry(path=path, name=name or display_name(path), source=source)
     config_path = path / "config.json"

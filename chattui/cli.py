@@ -1,6 +1,6 @@
 """Command-line interface: `chattui generate`, `chattui bench`, and the app when run bare
-(`chattui [--model MODEL] [--device D] [--dtype D]`). `--model` takes a path or a name that
-`chattui models` lists; main() resolves it for every command.
+(`chattui [--model MODEL] [--adapter DIR] [--device D] [--dtype D]`). `--model` takes a path or a name
+that `chattui models` lists; main() resolves it for every command.
 
 Errors from bad input are printed as one line (`chattui: error: ...`) with a non-zero exit code.
 The engine (and torch) is imported only by the subcommands that need it, so the app opens at once.
@@ -42,6 +42,16 @@ def default_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
+def add_version_argument(p: argparse.ArgumentParser) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("chattui")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        installed = "(not installed)"
+    p.add_argument("--version", action="version", version=f"chattui {installed}", help="print the version and exit")
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="MODEL", help=f"{MODEL_HELP} (default: the bundled model)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (default: auto)")
@@ -57,10 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="chattui",
         description="Chat with, look inside and fine-tune Transformer language models in your terminal.",
     )
+    add_version_argument(parser)
     parser.add_argument("--model", dest="app_model", metavar="MODEL",
                         help=f"with no COMMAND: open the chat app on this {MODEL_HELP} "
                         "(default: the most recently used one, at first the bundled model)")
     parser.add_argument("--device", dest="app_device", metavar="D", help="with no COMMAND: auto, cpu, cuda, cuda:N, mps")
+    parser.add_argument("--adapter", dest="app_adapter", metavar="DIR", type=Path,
+                        help="with no COMMAND: apply this LoRA adapter (a fine-tune job's adapter/ folder) unmerged")
     parser.add_argument("--dtype", dest="app_dtype", metavar="D",
                         help="with no COMMAND: auto, float32, bfloat16, float16")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -176,16 +189,24 @@ def load_engine(args):
     model_dir = args.model or default_model_dir()
     adapter = getattr(args, "adapter", None)
     if not sys.stderr.isatty():
-        return Engine.load(model_dir, device=args.device, dtype=args.dtype, adapter=adapter)
+        def note_only(done: int, total: int, note: str | None) -> None:
+            if note:
+                print(f"chattui: {note}", file=sys.stderr, flush=True)
+
+        return Engine.load(model_dir, device=args.device, dtype=args.dtype, adapter=adapter, progress=note_only)
     with Progress(
         TextColumn("loading {task.description}"), BarColumn(), DownloadColumn(),
         transient=True, console=_stderr_console(),
     ) as bar:
         task = bar.add_task(str(model_dir), total=None)
-        return Engine.load(
-            model_dir, device=args.device, dtype=args.dtype, adapter=adapter,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+
+        def show(done: int, total: int, note: str | None) -> None:
+            if note:
+                bar.update(task, description=f"{model_dir}: {note}")
+            else:
+                bar.update(task, description=str(model_dir), completed=done, total=total)
+
+        return Engine.load(model_dir, device=args.device, dtype=args.dtype, adapter=adapter, progress=show)
 
 
 def _stderr_console():
@@ -307,7 +328,10 @@ def cmd_app(args) -> int:
     model = args.app_model.resolve() if args.app_model is not None else None
     if model is not None and not (model.is_dir() or model.is_file() and is_gguf_file(model)):
         raise CommandError(f"{model}: not a model folder or a .gguf file")
-    return run_app(str(model) if model else None, args.app_device, args.app_dtype)
+    adapter = args.app_adapter.expanduser().resolve() if args.app_adapter is not None else None
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise CommandError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    return run_app(str(model) if model else None, args.app_device, args.app_dtype, str(adapter) if adapter else None)
 
 
 def resolve_model_args(args: argparse.Namespace) -> None:

@@ -19,6 +19,32 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
 
 
+_FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
+_BREAKS_STRUCTURE = re.compile(r" {0,3}(#{1,6}(\s|$)|=+\s*$|-+\s*$)")  # an ATX heading, a setext underline
+
+
+def message_markdown(text: str) -> str:
+    """A message's text made safe to place under the export's "## ..." headings: outside code blocks, a line that
+    would start a heading ("# Title", or "===" / "---" under a line) is escaped, and a code block left open is
+    closed, so a message can never end the document's structure or swallow the messages after it."""
+    lines = []
+    fence: str | None = None  # the fence that opened the code block we are in
+    for line in text.split("\n"):
+        marker = _FENCE.match(line)
+        if fence is None:
+            if marker:
+                fence = marker.group(1)
+            elif _BREAKS_STRUCTURE.match(line):
+                indent = len(line) - len(line.lstrip(" "))
+                line = line[:indent] + "\\" + line[indent:]
+        elif marker and line.strip() == marker.group(1) and marker.group(1).startswith(fence):  # it closes
+            fence = None
+        lines.append(line)
+    if fence is not None:
+        lines.append(fence)
+    return "\n".join(lines)
+
+
 def to_markdown(conversation: Conversation, messages: list[Message]) -> str:
     title = conversation.title or "Untitled conversation"
     lines = [f"# {title}", ""]
@@ -32,12 +58,12 @@ def to_markdown(conversation: Conversation, messages: list[Message]) -> str:
     lines.append("")
     system = conversation.settings.get("system_prompt")
     if system and conversation.mode == "chat":
-        lines += ["## System", "", system, ""]
+        lines += ["## System", "", message_markdown(system), ""]
     for m in messages:
         if m.role == "user":
-            heading = "User" if conversation.mode == "chat" else "Prompt"
+            heading = "User" if m.mode == "chat" else "Prompt"
         else:
-            heading = "Assistant" if conversation.mode == "chat" else "Completion"
+            heading = "Assistant" if m.mode == "chat" else "Completion"
         lines.append(f"## {heading}")
         details = [_when(m.created_at)]
         if m.role == "assistant":
@@ -49,7 +75,7 @@ def to_markdown(conversation: Conversation, messages: list[Message]) -> str:
                 details.append(f"{m.stats['decode_tokens_per_s']:.1f} tok/s")
             if m.finish_reason:
                 details.append("stopped" if m.finish_reason == "cancelled" else f"finish: {m.finish_reason}")
-        lines += ["", f"*{' · '.join(d for d in details if d)}*", "", m.content, ""]
+        lines += ["", f"*{' · '.join(d for d in details if d)}*", "", message_markdown(m.content), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

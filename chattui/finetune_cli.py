@@ -54,9 +54,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"base model: {MODEL_HELP}; a .gguf file for LoRA only (default: the bundled model)")
     p.add_argument("--data", type=Path, action="append", metavar="FILE", help="training JSONL file; repeatable")
     p.add_argument("--method", choices=("lora", "full"), help="LoRA adapters on a frozen base, or every weight (default: lora)")
-    p.add_argument("--epochs", type=int, metavar="N", help="passes over the data (default: 3)")
+    p.add_argument("--epochs", type=int, metavar="N",
+                   help="passes over the data (default: 3, more for a small data set: at least 100 steps)")
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps, instead of --epochs")
-    p.add_argument("--lr", type=float, metavar="X", help="peak learning rate (default: 2e-4 LoRA, 2e-5 full)")
+    p.add_argument("--lr", type=float, metavar="X",
+                   help="peak learning rate (default: 2e-4 LoRA, 2e-5 full at 1B parameters, times sqrt(1e9 / "
+                   "parameters) for smaller models, at most 20x)")
     p.add_argument("--batch-size", type=int, metavar="N", help="examples per step, all processes together (default: 8)")
     p.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per optimizer step (default: 1)")
     p.add_argument("--max-seq-len", type=int, metavar="N",

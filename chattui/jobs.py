@@ -40,6 +40,7 @@ from chattui.paths import data_dir
 from engine.job_files import FINAL_STATUSES, JOB_CONFIG, LOG_FILE, PID_FILE, PROGRESS_FILE, RESOLVED_FILE
 
 EXIT_GRACE_S = 15.0  # how long a job that reported its end may take to exit before resume_job gives up
+SETTLED_SHARE = 0.05  # a loss still falling by this share of its whole fall at the end of a run has not settled
 DIED_REASON = "the job process ended without reporting a result (killed, or out of memory?)"
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]  # holds the engine package next to chattui
@@ -191,6 +192,7 @@ class JobState:
     data: dict[str, Any] | None = None  # the data report: records, format, truncation, token lengths
     result: dict[str, Any] = field(default_factory=dict)  # the final status record (adapter, merged, losses)
     progress: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> newest progress record
+    samples: dict[str, Any] | None = None  # the newest "samples" record: replies to a few prompts at an evaluation
     process: subprocess.Popen | None = field(default=None, repr=False)  # set when this process started it
     _tail: ProgressTail | None = field(default=None, repr=False)
 
@@ -253,6 +255,8 @@ class JobState:
             self.data = {k: v for k, v in record.items() if k not in ("type", "time")}
         elif kind == "progress" and isinstance(record.get("step"), int):
             self.progress[record["step"]] = record
+        elif kind == "samples" and isinstance(record.get("samples"), list):
+            self.samples = record
 
     @property
     def alive(self) -> bool:
@@ -303,6 +307,18 @@ class JobState:
     def loss_points(self) -> list[tuple[int, float]]:
         """(step, training loss) for the loss chart."""
         return [(s, r["loss"]) for s, r in sorted(self.progress.items()) if r.get("loss") is not None]
+
+    def loss_still_falling(self) -> bool:
+        """Whether the training loss was still falling when the run ended: its mean over the last fifth of the
+        records is below the fifth before by more than SETTLED_SHARE of all it fell since the first fifth (at
+        least 3 records a fifth). Relative to the whole fall, so noise near a loss of 0 is not "falling"."""
+        losses = [loss for _, loss in self.loss_points()]
+        window = len(losses) // 5
+        if window < 3:
+            return False
+        first, before, last = (sum(part) / window for part in
+                               (losses[:window], losses[-2 * window: -window], losses[-window:]))
+        return first > last and before - last > SETTLED_SHARE * (first - last)
 
     def val_points(self) -> list[tuple[int, float]]:
         return [(s, r["val_loss"]) for s, r in sorted(self.progress.items()) if r.get("val_loss") is not None]

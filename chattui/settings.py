@@ -46,8 +46,15 @@ FIELDS: tuple[SettingField, ...] = (
 FIELD_BY_KEY = {f.key: f for f in FIELDS}
 
 
-def parse_value(field: SettingField, text: str, context_length: int | None = None) -> int | float:
-    """The value typed for one field; SettingError says what is allowed."""
+def max_new_tokens_limit(context_length: int, context_used: int = 0) -> int:
+    """The largest max_new_tokens that leaves the conversation in the prompt: at most half the context window,
+    and no more than the conversation (context_used tokens so far) leaves free. Beyond it, every reply would
+    push the oldest messages out of the prompt."""
+    return max(1, min(context_length // 2, context_length - context_used))
+
+
+def parse_value(field: SettingField, text: str, context_length: int | None = None, context_used: int = 0) -> int | float:
+    """The value typed for one field; SettingError says what is allowed (max_new_tokens: see max_new_tokens_limit)."""
     raw = text.strip()
     try:
         value = field.kind(raw)
@@ -61,15 +68,18 @@ def parse_value(field: SettingField, text: str, context_length: int | None = Non
             value = None
     if value is None or (isinstance(value, float) and not math.isfinite(value)) or not field.check(value):
         raise SettingError(f"{field.label} must be {field.allowed}; got {raw!r}")
-    if field.key == "max_new_tokens" and context_length and value >= context_length:
+    if field.key == "max_new_tokens" and context_length and value > max_new_tokens_limit(context_length, context_used):
+        limit = max_new_tokens_limit(context_length, context_used)
+        used = f", and this conversation already takes {context_used}" if context_used else ""
         raise SettingError(
-            f"{field.label} must be less than the model's context length ({context_length}); got {raw!r}"
+            f"{field.label} must be at most {limit}: the model's context window is {context_length} tokens{used}; "
+            f"a larger value would leave earlier messages out of every prompt; got {raw!r}"
         )
     return value
 
 
 def parse_overrides(
-    texts: dict[str, str], context_length: int | None = None
+    texts: dict[str, str], context_length: int | None = None, context_used: int = 0
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Typed overrides from the text of each field (empty = model default), and an error per bad field."""
     overrides: dict[str, Any] = {}
@@ -78,7 +88,7 @@ def parse_overrides(
         if not text.strip():
             continue
         try:
-            overrides[key] = parse_value(FIELD_BY_KEY[key], text, context_length)
+            overrides[key] = parse_value(FIELD_BY_KEY[key], text, context_length, context_used)
         except SettingError as e:
             errors[key] = str(e)
     return overrides, errors

@@ -3,7 +3,9 @@
 - The schema version is SQLite's `user_version`; `MIGRATIONS[i]` takes a database from version i
   to i + 1, each in one transaction, so a failed migration leaves the file as it was.
 - WAL mode, and every write is its own committed transaction: a user message is saved when it is
-  sent, a reply when it ends, so killing the app mid-reply loses no earlier message.
+  sent, a reply when it starts (finish_reason "streaming") and then as it streams, so killing the app
+  mid-reply loses no earlier message and at most the last second of the reply; the next start marks
+  such a reply "interrupted" (`mark_interrupted`).
 - Only corruption moves a file aside: SQLite's `quick_check` failing, or "file is not a database". It is
   renamed (never overwritten) and a fresh one is started; `open_store` returns a notice saying where it went.
   Everything else leaves the file as it is: a lock held by another program is retried for BUSY_TIMEOUT_S
@@ -78,6 +80,12 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     """,
+    # 2 -> 3: the adapter a conversation and each reply used; the mode each message was written in.
+    """
+    ALTER TABLE conversations ADD COLUMN adapter TEXT;        -- LoRA adapter folder on top of model, if any
+    ALTER TABLE messages ADD COLUMN adapter TEXT;             -- the adapter that wrote the reply, if any
+    ALTER TABLE messages ADD COLUMN mode TEXT NOT NULL DEFAULT 'chat';  -- 'chat' or 'generate' (raw)
+    """,
 )
 
 
@@ -121,6 +129,7 @@ class Conversation:
     model: str | None
     created_at: float
     updated_at: float
+    adapter: str | None = None  # the LoRA adapter folder used with model, if any
 
 
 @dataclass
@@ -138,6 +147,8 @@ class Message:
     stats: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
+    adapter: str | None = None  # the LoRA adapter on top of model that wrote the reply, if any
+    mode: str = "chat"  # the conversation's mode when it was written: "chat" or "generate" (raw)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -151,6 +162,8 @@ class Message:
             "stats": self.stats,
             "settings": self.settings,
             "model": self.model,
+            "adapter": self.adapter,
+            "mode": self.mode,
         }
 
 
@@ -287,7 +300,7 @@ class Store:
 
     def conversation(self, conversation_id: int) -> Conversation:
         rows = self._rows(
-            "SELECT id, title, mode, settings, model, created_at, updated_at FROM conversations WHERE id = ?",
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = ?",
             (conversation_id,),
         )
         if not rows:
@@ -297,8 +310,7 @@ class Store:
     def conversations(self) -> list[Conversation]:
         """All conversations, most recently active first."""
         rows = self._rows(
-            "SELECT id, title, mode, settings, model, created_at, updated_at FROM conversations "
-            "ORDER BY updated_at DESC, id DESC"
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations ORDER BY updated_at DESC, id DESC"
         )
         return [_conversation(r) for r in rows]
 
@@ -310,8 +322,10 @@ class Store:
         mode: str | None = None,
         settings: dict | None = None,
         model: str | None = None,
+        adapter: str | None = None,
     ) -> Conversation:
-        changes = {"title": title, "mode": mode, "model": model}
+        """Change what is given (None: unchanged); adapter "" clears it."""
+        changes = {"title": title, "mode": mode, "model": model, "adapter": adapter}
         changes = {k: v for k, v in changes.items() if v is not None}
         if settings is not None:
             changes["settings"] = json.dumps(settings)
@@ -342,6 +356,8 @@ class Store:
         stats: dict | None = None,
         settings: dict | None = None,
         model: str | None = None,
+        adapter: str | None = None,
+        mode: str = "chat",
     ) -> Message:
         """Append a message and commit it (with the conversation's activity time) at once."""
         now = time.time()
@@ -351,15 +367,39 @@ class Store:
             ).fetchone()
             cur = db.execute(
                 "INSERT INTO messages (conversation_id, position, role, content, created_at, finished_at, "
-                "finish_reason, prompt_tokens, generated_tokens, stats, settings, model) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "finish_reason, prompt_tokens, generated_tokens, stats, settings, model, adapter, mode) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     conversation_id, position, role, content, created_at or now, finished_at, finish_reason,
                     prompt_tokens, generated_tokens, json.dumps(stats or {}), json.dumps(settings or {}), model,
+                    adapter, mode,
                 ),
             )
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
         return self.message(cur.lastrowid)
+
+    def update_reply(
+        self,
+        message_id: int,
+        content: str,
+        *,
+        finish_reason: str,
+        finished_at: float | None = None,
+        prompt_tokens: int | None = None,
+        generated_tokens: int | None = None,
+        stats: dict | None = None,
+    ) -> Message:
+        """A reply's text so far (finish_reason "streaming" while it is written) or in the end, with its outcome."""
+        self._write(
+            "UPDATE messages SET content = ?, finish_reason = ?, finished_at = ?, prompt_tokens = ?, "
+            "generated_tokens = ?, stats = ? WHERE id = ?",
+            (content, finish_reason, finished_at, prompt_tokens, generated_tokens, json.dumps(stats or {}), message_id),
+        )
+        return self.message(message_id)
+
+    def mark_interrupted(self) -> int:
+        """Replies left "streaming" by a chattui that did not end them (killed, crashed) become "interrupted"."""
+        return self._write("UPDATE messages SET finish_reason = 'interrupted' WHERE finish_reason = 'streaming'").rowcount
 
     def message(self, message_id: int) -> Message:
         rows = self._rows(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,))
@@ -435,20 +475,22 @@ class Store:
 
 _JOB_COLUMNS = "id, name, status, out_dir, base_model, created_at, updated_at"
 
+_CONVERSATION_COLUMNS = "id, title, mode, settings, model, created_at, updated_at, adapter"
+
 _MESSAGE_COLUMNS = (
     "id, conversation_id, position, role, content, created_at, finished_at, finish_reason, "
-    "prompt_tokens, generated_tokens, stats, settings, model"
+    "prompt_tokens, generated_tokens, stats, settings, model, adapter, mode"
 )
 
 
 def _conversation(row) -> Conversation:
-    id_, title, mode, settings, model, created, updated = row
-    return Conversation(id_, title, mode, _json(settings), model, created, updated)
+    id_, title, mode, settings, model, created, updated, adapter = row
+    return Conversation(id_, title, mode, _json(settings), model, created, updated, adapter or None)
 
 
 def _message(row) -> Message:
-    *head, stats, settings, model = row
-    return Message(*head, stats=_json(stats), settings=_json(settings), model=model)
+    *head, stats, settings, model, adapter, mode = row
+    return Message(*head, stats=_json(stats), settings=_json(settings), model=model, adapter=adapter, mode=mode)
 
 
 def _json(text: str | None) -> dict:

@@ -68,6 +68,7 @@ class Record:
 class Example(ChatExample):
     source: str = ""  # file:line of the record
     full_length: int = 0  # tokens before truncation
+    prompt: str = ""  # chat records: the user message the first reply answers (for sample replies)
 
 
 @dataclass
@@ -197,11 +198,12 @@ def read_jsonl(path: str | Path) -> tuple[str, list[Record]]:
                 line = line.removeprefix("\ufeff")  # a byte-order mark
             if not line.strip():
                 continue
+            line = line.rstrip("\r\n")  # else an error at the line's end is reported at column 1 of the next
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(
-                    f"{path}:{number}: malformed JSON at column {e.colno} ({e.msg}); expected one JSON object per line"
+                    f"{path}:{number}: malformed JSON at column {e.pos + 1} ({e.msg}); expected one JSON object per line"
                 ) from None
             record = parse_record(obj, path, number, fmt, records[0].line if records else number)
             fmt = record.format
@@ -228,7 +230,10 @@ def render_record(record: Record, tokenizer: ChatTokenizer) -> Example:
         raise DataError(f"{record.where}: {e}") from None
     except ValueError as e:  # the template does not render conversations as growing prefixes
         raise DataError(f"{record.where}: cannot find the assistant's tokens: {e}") from None
-    return Example(example.input_ids, example.labels, source=record.where, full_length=len(example.input_ids))
+    first_reply = next((i for i, m in enumerate(record.messages) if m["role"] == "assistant"), len(record.messages))
+    asked = [m["content"] for m in record.messages[:first_reply] if m["role"] == "user"]
+    return Example(example.input_ids, example.labels, source=record.where, full_length=len(example.input_ids),
+                   prompt=asked[-1] if asked else "")
 
 
 def _trainable(example: Example) -> bool:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionMaps, AttentionWatcher
+from engine import kernels
 from engine.checkpoint import (
     GenerationDefaults,
     ProgressCallback,
@@ -39,6 +40,10 @@ from engine.tokenizer import ChatTokenizer
 log = logging.getLogger(__name__)
 
 CACHE_GRANULE = 256  # KV cache capacity grows in multiples of this many positions
+
+# Engine.load's progress: (bytes of weights read, bytes in all, note). The note names a slow step that is not
+# reading weights (kernels.BUILD_NOTE while the bfloat16 kernels compile, with 0, 0), else it is None.
+LoadProgress = Callable[[int, int, str | None], None]
 
 
 @dataclass
@@ -123,7 +128,7 @@ class Engine:
         model_dir: str | Path,
         device: str = "auto",
         dtype: str = "auto",
-        progress: ProgressCallback | None = None,
+        progress: LoadProgress | None = None,
         adapter: str | Path | None = None,
     ) -> Engine:
         """Load a checkpoint folder or a GGUF file; raises CheckpointError / TemplateError / EngineError with
@@ -139,7 +144,12 @@ class Engine:
         torch_dtype = resolve_dtype(dtype, torch_device)
         tokenizer = ChatTokenizer.load(model_dir)
         defaults = read_defaults(model_dir)
-        model = load_weights(model_dir, config, torch_device, torch_dtype, progress)
+        if torch_device.type == "cpu" and torch_dtype == torch.bfloat16 and kernels.needs_build():
+            if progress:
+                progress(0, 0, kernels.BUILD_NOTE)
+            kernels.bf16_decode_ops()  # now, while the note shows, rather than after the weights at 100%
+        model = load_weights(model_dir, config, torch_device, torch_dtype,
+                             (lambda done, total: progress(done, total, None)) if progress else None)
         if lora is not None:  # before preparing, so the adapted layers stay plain and unfused
             for layer in apply_adapter(model, lora).values():
                 layer.lora_A.to(dtype=torch_dtype)

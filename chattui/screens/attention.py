@@ -63,12 +63,23 @@ class LiveAttention:
         self.reply_id: int | None = None
         self.rows: np.ndarray | None = None
         self.prompt_tokens: list[str] = []
-        self.count = 0  # rows received for this reply
+        self.count = 0  # rows received for this reply: one per forward, each choosing the next token
         self.history: list[list[tuple[int, float]]] = []  # per generated token: (key, mean weight) top 3
+        self.reply_tokens: int | None = None  # set when the reply ends: its tokens, the end token not counted
 
     def start(self, reply_id: int):
-        self.reply_id, self.rows, self.count, self.history = reply_id, None, 0, []
+        self.reply_id, self.rows, self.count, self.history, self.reply_tokens = reply_id, None, 0, [], None
         return self.receive
+
+    def finish(self, reply_id: int, generated_tokens: int | None) -> None:
+        """The reply ended with generated_tokens tokens; a row beyond them chose the end token, not a reply token."""
+        if reply_id == self.reply_id and generated_tokens is not None:
+            self.reply_tokens = generated_tokens
+
+    @property
+    def chose_end(self) -> bool:
+        """Whether the newest row is the forward that chose the end token."""
+        return self.reply_tokens is not None and self.count > self.reply_tokens
 
     def receive(self, rows: np.ndarray, prompt_tokens: list[str]) -> None:
         mean = rows.mean(axis=(0, 1))  # (S,)
@@ -93,8 +104,8 @@ class AttentionScreen(Screen):
         Binding("comma", "head(-1)", "Head-"),
         Binding("v", "next_view", "View"),
         Binding("a", "next_aggregation", "Aggregate"),
-        Binding("left", "query(-1)", "Query←", show=False, priority=True),
-        Binding("right", "query(1)", "Query→", show=False, priority=True),
+        Binding("left", "query(-1)", "Query←"),  # the text view; the heatmap scrolls sideways instead
+        Binding("right", "query(1)", "Query→"),
         Binding("c", "export('csv')", "CSV"),
         Binding("j", "export('json')", "JSON"),
         Binding("s", "screenshot", "SVG"),
@@ -137,7 +148,7 @@ class AttentionScreen(Screen):
         self.error: str | None = None
         self.busy = False  # a capture or matrix is being computed
         self._maps_lock = threading.Lock()  # AttentionMaps caches layers: one thread at a time
-        self._live_seen = -1
+        self._live_seen: tuple[int, bool] | None = None  # (rows, chose_end) last drawn
 
     def compose(self):
         with Vertical(id="attention"):
@@ -172,6 +183,7 @@ class AttentionScreen(Screen):
         self.busy = busy
         for widget in (self.heatmap, self.query_one("#text"), self.table):
             widget.loading = busy
+        self.refresh_bindings()  # the footer again shows the keys of the view under the loading indicator
 
     @property
     def heatmap(self) -> Heatmap:
@@ -415,11 +427,12 @@ class AttentionScreen(Screen):
         rows = live.rows
         if rows is None:
             body.update("Live attention is on: it shows here while a reply is being written.")
-            self._live_seen = -1
+            self._live_seen = None
             return
-        if live.count == self._live_seen:
+        seen = (live.count, live.chose_end)
+        if seen == self._live_seen:
             return
-        self._live_seen = live.count
+        self._live_seen = seen
         layer = min(self.layer_index, rows.shape[0] - 1)
         if self.aggregation == "head":
             row = rows[layer, min(self.head, rows.shape[1] - 1)]
@@ -428,10 +441,15 @@ class AttentionScreen(Screen):
             row = rows[layer].mean(axis=0)
             what = f"layer {layer}, mean over heads"
         S = row.shape[0]
-        text = Text(f"Token {live.count} of the reply chose from {S} positions ({what}):\n\n")
+        if live.chose_end:
+            text = Text(f"The end token, after the reply's {live.reply_tokens} tokens, was chosen from {S} positions "
+                        f"({what}):\n\n")
+        else:
+            text = Text(f"Token {live.count} of the reply chose from {S} positions ({what}):\n\n")
         tokens = [token_label(live.token(k)) for k in range(S)]
         text.append_text(attended_text(tokens, row, S - 1))
         text.append("\n\nRecent tokens, most attended (all layers and heads):\n")
         for i, top in enumerate(live.history, start=max(1, live.count - len(live.history) + 1)):
-            text.append(f"  #{i}: " + ", ".join(f"{token_label(live.token(k))!r} {w:.2f}" for k, w in top) + "\n")
+            name = "end" if live.chose_end and i == live.count else f"#{i}"
+            text.append(f"  {name}: " + ", ".join(f"{token_label(live.token(k))!r} {w:.2f}" for k, w in top) + "\n")
         body.update(text)

@@ -25,7 +25,7 @@ from textual.widgets import Button, Footer, Label, OptionList, Static
 from textual.worker import get_current_worker
 
 from chattui.backend import Backend, BackendError
-from chattui.catalog import display_name
+from chattui.catalog import model_label
 from chattui.export import write_export
 from chattui.notices import store_errors_as_notices, store_errors_noticed_by
 from chattui.screens.attention import AttentionScreen, LiveAttention
@@ -47,6 +47,7 @@ MOUNT_LIMIT = 12  # messages on screen; earlier ones wait behind a button (every
 # update re-lays out and repaints the screen, and while the UI thread works it holds the GIL the
 # engine needs between tensor ops; so the interval adapts to keep the UI's share of a core near
 # UI_BUSY_TARGET: 20 updates a second on a light screen, fewer on a long conversation or slow machine.
+SAVE_INTERVAL_S = 1.0  # a streaming reply's text is written to the store at least this often (crash safety)
 MIN_CHUNK_INTERVAL_S = 1 / 20
 MAX_CHUNK_INTERVAL_S = 1 / 4
 UI_BUSY_TARGET = 0.05
@@ -55,19 +56,29 @@ STAT_KEYS = ("ttft_s", "decode_tokens_per_s", "prefill_tokens_per_s", "seed", "r
 QUEUED_NOTE = "⏳ queued: sent once the model is loaded"
 NO_REPLY_NOTE = "no reply yet · ctrl+r writes one"
 EMPTY_HINT = (
-    "Type a message and press Enter to send it (ctrl+j adds a new line).\n"
+    "Type a message and press Enter to send it (ctrl+j adds a new line; ctrl+l comes back here).\n"
     "ctrl+o chooses a model · ctrl+s sets the system prompt and sampling · ctrl+g switches to raw "
     "generate mode · ctrl+p lists every command."
 )
 
 
-def build_prompt(conversation: Conversation, messages: list[StoredMessage]) -> list[dict] | str:
-    """Chat mode: system prompt + messages for the chat template. Generate mode: the text so far."""
-    if conversation.mode == "generate":
-        return "".join(m.content for m in messages)
+def build_prompt(
+    conversation: Conversation, messages: list[StoredMessage], mode: str | None = None
+) -> list[dict] | str:
+    """What the model is given, in `mode` (default: the conversation's).
+
+    Chat mode: the system prompt and the messages written in chat mode, for the chat template (raw prompts and
+    completions are not chat turns). Generate (raw) mode: exactly the text last typed in raw mode, followed by
+    the completions that continued it; nothing earlier.
+    """
+    if (mode or conversation.mode) == "generate":
+        starts = [i for i, m in enumerate(messages) if m.mode == "generate" and m.role == "user"]
+        if not starts:
+            return ""
+        return "".join(m.content for m in messages[starts[-1]:] if m.mode == "generate")
     system = conversation.settings.get("system_prompt")
     prompt = [{"role": "system", "content": system}] if system else []
-    return prompt + [{"role": m.role, "content": m.content} for m in messages]
+    return prompt + [{"role": m.role, "content": m.content} for m in messages if m.mode == "chat"]
 
 
 def title_from(text: str) -> str:
@@ -78,15 +89,19 @@ def title_from(text: str) -> str:
 @dataclass
 class ActiveReply:
     id: int
+    record_id: int  # the stored message, saved as it streams (finish_reason "streaming")
     conversation_id: int
     box: MessageBox
     cancel: threading.Event  # set to stop the engine between two tokens
     settings: dict[str, Any]  # the sampling settings it uses
     model: str  # folder of the model writing it
+    adapter: str | None  # the LoRA adapter on top of it, if any
+    mode: str  # "chat" or "generate"
     started_at: float
     chunks: list[str] = field(default_factory=list)  # the text so far, as received
     stopping: bool = False
     last_chunk_at: tuple[float, float] | None = None  # (wall clock, UI thread CPU time) at the last chunk
+    saved_at: float = 0.0  # time.monotonic() of the last save of the text so far
 
 
 class ChatScreen(Screen):
@@ -95,10 +110,11 @@ class ChatScreen(Screen):
         Binding("ctrl+r", "regenerate", "Regenerate"),
         Binding("ctrl+n", "new_chat", "New chat"),
         Binding("ctrl+s", "settings", "Settings"),
-        Binding("ctrl+g", "toggle_mode", "Chat/raw mode", show=False),
-        Binding("ctrl+b", "toggle_sidebar", "Sidebar", show=False),
+        Binding("ctrl+l", "focus_prompt", "Message"),
+        Binding("ctrl+g", "toggle_mode", "Raw/chat"),
+        Binding("ctrl+b", "toggle_sidebar", "Sidebar"),
         Binding("f2", "attention", "Attention"),
-        Binding("f3", "toggle_live_attention", "Live attention", show=False),
+        Binding("f3", "toggle_live_attention", "Live attn"),
     ]
 
     @dataclass
@@ -140,6 +156,10 @@ class ChatScreen(Screen):
         yield Footer()
 
     async def on_mount(self) -> None:
+        interrupted = self.store.mark_interrupted()
+        if interrupted:
+            self.notify(f"{interrupted} reply(ies) were being written when chattui last ended; their text so far "
+                        "is kept, marked interrupted.", title="Conversations", severity="warning", timeout=15)
         conversations = self.store.conversations()
         await self.open_conversation(conversations[0].id if conversations else None)
         self.prompt.focus()
@@ -176,16 +196,21 @@ class ChatScreen(Screen):
             self.store.conversations(), self.conversation.id if self.conversation else None
         )
 
-    def _header(self, role: str, model: str | None = None) -> str:
-        if self.mode == "generate":
-            return "Prompt" if role == "user" else "Completion"
-        if role == "user":
-            return "You"
-        return display_name(model) if model else "Assistant"
+    def _header(self, role: str, mode: str, model: str | None = None, adapter: str | None = None) -> str:
+        """"You" / the model (+ adapter) in chat mode, "Prompt" / "Completion" in raw mode; a message of the
+        other mode than the conversation's says that it is not part of this mode's prompts."""
+        if mode == "generate":
+            header = "Prompt" if role == "user" else "Completion"
+        else:
+            header = "You" if role == "user" else (model_label(model, adapter) if model else "Assistant")
+        if mode != self.mode:
+            header += " · raw mode, not in chat prompts" if mode == "generate" else " · chat, not in raw prompts"
+        return header
 
     def _box_for(self, msg: StoredMessage) -> MessageBox:
         meta = reply_meta(msg) if msg.role == "assistant" else ""
-        return MessageBox(msg.role, msg.content, header=self._header(msg.role, msg.model), meta=meta, record=msg)
+        header = self._header(msg.role, msg.mode, msg.model, msg.adapter)
+        return MessageBox(msg.role, msg.content, header=header, meta=meta, record=msg)
 
     async def _mount_box(self, box: MessageBox) -> None:
         for hint in self.view.query("#empty-hint"):
@@ -227,18 +252,25 @@ class ChatScreen(Screen):
         await self.view.mount_all([self._box_for(m) for m in earlier], before=self.boxes()[0])
         await self._update_earlier_button()
 
+    def _last_measured_reply(self) -> StoredMessage | None:
+        """The newest reply with token counts: what the conversation takes of the context."""
+        return next((m for m in reversed(self.messages) if m.role == "assistant" and m.prompt_tokens is not None),
+                    None)
+
+    def context_used(self) -> int:
+        last = self._last_measured_reply()
+        return last.prompt_tokens + (last.generated_tokens or 0) if last else 0
+
     def _show_context_from_history(self) -> None:
         model = self.app.model
-        used = 0
-        for m in reversed(self.messages):
-            if m.role == "assistant" and m.prompt_tokens is not None:
-                used = m.prompt_tokens + (m.generated_tokens or 0)
-                break
-        self.status.show_context(used, model.context_length if model else None)
+        self.status.show_context(self.context_used(), model.context_length if model else None)
+        last = self._last_measured_reply()
+        self.status.show_dropped(last.stats.get("dropped_messages", 0) if last else 0)
 
     def _update_placeholder(self) -> None:
         if self.mode == "generate":
-            self.prompt.placeholder = "Raw generate mode: text to continue (no chat template). Enter with no text continues."
+            self.prompt.placeholder = ("Raw mode: the model continues exactly this text (no template, no earlier "
+                                       "messages). Enter with no text continues further.")
         else:
             self.prompt.placeholder = "Message (Enter sends · ctrl+j new line · Esc stops a reply)"
 
@@ -278,6 +310,9 @@ class ChatScreen(Screen):
         await self.open_conversation(None)
         self.prompt.focus()
 
+    def action_focus_prompt(self) -> None:
+        self.prompt.focus()
+
     def action_toggle_sidebar(self) -> None:
         sidebar = self.query_one("#sidebar")
         sidebar.display = not sidebar.display
@@ -289,8 +324,10 @@ class ChatScreen(Screen):
         self.conversation = self.store.update_conversation(conversation.id, mode=mode)
         await self.open_conversation(conversation.id)
         self.notify(
-            "Raw generate mode: your text is continued as-is, without the chat template."
-            if mode == "generate" else "Chat mode: messages go through the model's chat template."
+            "Raw generate mode: the model continues exactly the text you type next, without the chat template "
+            "or earlier messages; Enter with no text continues it further."
+            if mode == "generate" else
+            "Chat mode: messages go through the model's chat template; raw prompts and completions are left out."
         )
 
     def action_rename(self) -> None:
@@ -335,8 +372,9 @@ class ChatScreen(Screen):
         if self.reply is not None:
             self.notify("A reply is still being written: press Esc to stop it first", severity="warning")
             return
-        if not text.strip() and (self.mode == "chat" or not self.messages):
-            return
+        if not text.strip() and (self.mode == "chat" or not self.conversation
+                                 or not build_prompt(self.conversation, self.messages)):
+            return  # raw mode continues with no text only when there is raw text to continue
         try:
             conversation = self._ensure_conversation()
             if text.strip():
@@ -344,7 +382,7 @@ class ChatScreen(Screen):
                     self.conversation = conversation = self.store.update_conversation(
                         conversation.id, title=title_from(text)
                     )
-                msg = self.store.add_message(conversation.id, "user", text)  # committed now
+                msg = self.store.add_message(conversation.id, "user", text, mode=self.mode)  # committed now
         except StoreError as e:  # e.g. a full disk: the text stays in the input, to send again
             self.notify(f"Your message was not sent: {e}", title="Not sent", severity="error", timeout=15,
                         markup=False)
@@ -372,27 +410,37 @@ class ChatScreen(Screen):
                     severity="warning", timeout=10,
                 )
             return
+        prompt = build_prompt(conversation, self.messages)
+        if not prompt or (isinstance(prompt, list) and prompt[-1]["role"] != "user"):
+            self.notify("Nothing to answer in this mode: the last message was written in the other mode. Type a "
+                        "message (ctrl+g switches mode).", severity="warning", timeout=10)
+            return
         if self.waiting == conversation.id:
             self.waiting = None
         for box in self.boxes():
             if box.meta in (QUEUED_NOTE, NO_REPLY_NOTE):
                 box.set_meta("")
         settings = effective(conversation.settings, model.defaults)
-        box = MessageBox("assistant", header=self._header("assistant", model.path), meta="…")
+        box = MessageBox("assistant", header=self._header("assistant", self.mode, model.path, model.adapter), meta="…")
         await self._mount_box(box)
         box.start_stream()
+        started = time.time()
+        record = self.store.add_message(  # on disk from the start: a crash keeps the text so far
+            conversation.id, "assistant", "", created_at=started, finish_reason="streaming", settings=settings,
+            model=model.path, adapter=model.adapter, mode=self.mode,
+        )
         reply = ActiveReply(
-            id=next(self._reply_ids), conversation_id=conversation.id, box=box, cancel=threading.Event(),
-            settings=settings, model=model.path, started_at=time.time(),
+            id=next(self._reply_ids), record_id=record.id, conversation_id=conversation.id, box=box,
+            cancel=threading.Event(), settings=settings, model=model.path, adapter=model.adapter, mode=self.mode,
+            started_at=started, saved_at=time.monotonic(),
         )
         self.reply = reply
-        if conversation.model != model.path:
-            self.conversation = self.store.update_conversation(conversation.id, model=model.path)
+        if conversation.model != model.path or conversation.adapter != model.adapter:
+            self.conversation = self.store.update_conversation(conversation.id, model=model.path,
+                                                               adapter=model.adapter or "")
         self.refresh_bindings()
         # Start once the new box and footer are on screen, so that work does not compete with decoding.
-        self.call_after_refresh(
-            self._generate, self.backend, reply.id, build_prompt(conversation, self.messages), settings, reply.cancel
-        )
+        self.call_after_refresh(self._generate, self.backend, reply.id, prompt, settings, reply.cancel)
 
     @work(thread=True, exclusive=True, group="reply")
     def _generate(self, backend: Backend, reply_id: int, prompt, settings: dict, cancel: threading.Event) -> None:
@@ -432,6 +480,9 @@ class ChatScreen(Screen):
         reply.chunks.append(message.text)
         self._pace(reply)
         await reply.box.write(message.text)
+        if time.monotonic() - reply.saved_at >= SAVE_INTERVAL_S:
+            reply.saved_at = time.monotonic()
+            self.store.update_reply(reply.record_id, "".join(reply.chunks), finish_reason="streaming")
 
     def _pace(self, reply: ActiveReply) -> None:
         """Adapt chunk_interval to the UI thread's CPU share since the last chunk."""
@@ -459,9 +510,12 @@ class ChatScreen(Screen):
     async def _finish(self, reply: ActiveReply, finish_reason: str, result: dict, error: str | None = None) -> None:
         """Commit the reply (text so far, stats) and render it once in full."""
         self.reply = None
+        if self.live_attention is not None:
+            self.live_attention.finish(reply.id, result.get("generated_tokens"))
         self.refresh_bindings()
         text = "".join(reply.chunks)
         if not text and finish_reason in ("cancelled", "error"):
+            self.store.delete_message(reply.record_id)
             await reply.box.finish("", None, "")
             await reply.box.remove()
             if finish_reason == "cancelled":
@@ -470,20 +524,13 @@ class ChatScreen(Screen):
             stats = {k: result[k] for k in STAT_KEYS if result.get(k) is not None}
             if error:
                 stats["error"] = error
-            record = self.store.add_message(
-                reply.conversation_id, "assistant", text, created_at=reply.started_at, finished_at=time.time(),
-                finish_reason=finish_reason, prompt_tokens=result.get("prompt_tokens"),
-                generated_tokens=result.get("generated_tokens"), stats=stats, settings=reply.settings,
-                model=reply.model,
+            record = self.store.update_reply(
+                reply.record_id, text, finished_at=time.time(), finish_reason=finish_reason,
+                prompt_tokens=result.get("prompt_tokens"), generated_tokens=result.get("generated_tokens"), stats=stats,
             )
             if self.conversation is not None and self.conversation.id == reply.conversation_id:
                 self.messages.append(record)
             await reply.box.finish(text, record, reply_meta(record), warning=finish_reason in ("cancelled", "error"))
-            if result.get("dropped_messages"):
-                self.notify(
-                    f"The {result['dropped_messages']} oldest message(s) did not fit the context window "
-                    "and were left out of the prompt.", severity="warning",
-                )
         if error:
             self.notify(error, title="Generation failed", severity="error", timeout=15, markup=False)
         if result.get("ttft_s") is not None:
@@ -493,6 +540,7 @@ class ChatScreen(Screen):
             self.status.show_context(
                 result["prompt_tokens"] + (result.get("generated_tokens") or 0), model.context_length if model else None
             )
+            self.status.show_dropped(result.get("dropped_messages") or 0)
         self._refresh_sidebar()
 
     # -- stop, regenerate, edit, copy, export ------------------------------------------------------
@@ -603,7 +651,7 @@ class ChatScreen(Screen):
         upto = next((i for i, m in enumerate(self.messages) if m.id == record.id), len(self.messages) - 1)
         who = "your message" if record.role == "user" else "the reply"
         self.app.push_screen(AttentionScreen(
-            self.backend, build_prompt(self.conversation, self.messages[: upto + 1]),
+            self.backend, build_prompt(self.conversation, self.messages[: upto + 1], record.mode),
             f"{self.conversation.title or 'New chat'} · up to {who} #{upto + 1}",
             view="live" if self.reply is not None and self.live_attention is not None else "heatmap",
             live=self.live_attention,
@@ -639,6 +687,7 @@ class ChatScreen(Screen):
                 self.mode,
                 effective({}, model.defaults if model else None),
                 model.context_length if model else None,
+                self.context_used() if conversation else 0,
             ),
             saved,
         )

@@ -21,13 +21,14 @@ from textual.containers import Horizontal, HorizontalScroll, Vertical, VerticalS
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import (
-    Button, ContentSwitcher, Footer, Input, Label, OptionList, ProgressBar, Select, Static,
+    Button, ContentSwitcher, Footer, Input, Label, Markdown, OptionList, ProgressBar, Select, Static,
 )
+from textual.widgets.markdown import MarkdownStream
 from textual.widgets.option_list import Option
 
 from chattui import jobs
 from chattui.backend import BackendError, inspect_data
-from chattui.catalog import display_name
+from chattui.catalog import display_name, human_count, model_label
 from chattui.notices import store_errors_as_notices
 from chattui.widgets.loss_chart import LossChart, histogram
 
@@ -52,7 +53,7 @@ class Field:
 
 
 FIELDS = (
-    Field("epochs", "Epochs", "3", int, 1),
+    Field("epochs", "Epochs (blank: auto)", "", int, 1, optional=True),
     Field("max_steps", "Max steps (0: epochs)", "0", int, 0),
     Field("lr", "Learning rate (blank: auto)", "", float, 0, low_open=True, optional=True),
     Field("batch_size", "Batch size", "8", int, 1),
@@ -135,12 +136,30 @@ def human_duration(seconds: float | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+def record_lines(record: dict[str, Any], width: int) -> list[str]:
+    """One data record for the preview, a line per message ("role: content"), each cut to width."""
+    if record.get("messages") is None:
+        turns = [("text", record.get("text") or "")]
+    else:
+        turns = [(m.get("role", "?"), str(m.get("content", ""))) for m in record["messages"]]
+    lines = []
+    for role, content in turns:
+        line = f"{role}: " + " ".join(content.split())
+        lines.append(line if len(line) <= width else line[: width - 1] + "…")
+    return lines
+
+
 def preview_text(report: dict[str, Any], width: int = 60) -> Text:
-    """The data preview: records and format per file, examples, token lengths, truncation, a histogram."""
+    """The data preview: records and format per file, the first records, examples, token lengths, truncation,
+    a histogram."""
     text = Text()
     for f in report["files"]:
         text.append(f"{Path(f['path']).name}: ", style="bold")
         text.append(f"{f['records']} records · format {f['format']}\n")
+    for record in report.get("first_records", []):
+        text.append(f"line {record['line']}:\n", style="dim")
+        for line in record_lines(record, width - 2):
+            text.append(f"  {line}\n")
     text.append(
         f"{report['train_examples']} examples · {report['train_target_tokens']} tokens with a loss · token lengths "
         f"{report['length_min']}–{report['length_max']} (mean {report['length_mean']:.0f})\n"
@@ -153,6 +172,33 @@ def preview_text(report: dict[str, Any], width: int = 60) -> Text:
         style="yellow" if truncated else "green",
     )
     text.append_text(histogram(report["length_histogram"], width, marker=report["max_seq_len"]))
+    if report.get("plan"):
+        text.append("\n" + plan_text(report["plan"]) + "\n", style="bold")
+    return text
+
+
+def plan_text(plan: dict[str, Any]) -> str:
+    """The learning rate and steps a job will use (engine.finetune.preview_plan), saying which were chosen for you."""
+    lr = f"learning rate {plan['lr']:.2g}"
+    if plan["lr_auto"]:
+        lr += f" (auto: {plan['method']} on {human_count(plan['parameters'])} parameters)"
+    steps = f"{plan['total_steps']} steps"
+    if plan["epochs"] is not None:
+        steps += f" = {plan['epochs']} epochs × {plan['steps_per_epoch']}"
+        if plan["epochs_auto"]:
+            steps += " (auto: a small data set is repeated for enough steps to learn from)"
+    held = f" · {plan['val_examples']} held out for validation" if plan["val_examples"] else " · none held out"
+    return f"Plan: {lr} · {steps} · batch {plan['batch_size']}{held}"
+
+
+def samples_text(record: dict[str, Any]) -> Text:
+    """The replies at the newest evaluation (engine.finetune's "samples" record), each with the expected one."""
+    which = "held-out prompts" if record.get("held_out") else "training prompts (no validation set)"
+    text = Text(f"At step {record.get('step')}, greedy replies to {which}:\n", style="bold")
+    for sample in record["samples"]:
+        text.append(f"  prompt:   {sample.get('prompt', '')}\n")
+        text.append(f"  model:    {sample.get('reply', '')}\n", style="cyan")
+        text.append(f"  expected: {sample.get('expected', '')}\n", style="dim")
     return text
 
 
@@ -175,6 +221,7 @@ def job_name(config: dict[str, Any]) -> str:
 
 
 class FinetuneScreen(Screen):
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]  # chattui.tcss narrows the columns below 120
     BINDINGS = [
         Binding("escape", "back", "Back to chat"),
         Binding("ctrl+n", "new_job", "New job"),
@@ -182,6 +229,7 @@ class FinetuneScreen(Screen):
 
     @dataclass
     class Previewed(Message):
+        model: str
         data: str
         report: dict[str, Any] | None
         error: str | None = None
@@ -199,6 +247,7 @@ class FinetuneScreen(Screen):
         self.missing: dict[str, str] = {}  # job id -> why its folder cannot be read
         self.current: str | None = None  # the job shown
         self.preview: dict[str, Any] | None = None  # the last data report
+        self.rejected: tuple[str, str] | None = None  # (model, data) the preview refused: Start waits for a change
         self._labels: dict[str, Text] = {}
 
     def compose(self):
@@ -229,18 +278,19 @@ class FinetuneScreen(Screen):
                                 yield Input(field.default, id=f"ft-{field.key}", classes="ft-number")
                     yield Static("", id="ft-errors", markup=False)
                     yield Button("Start", id="ft-start", variant="success")
-                with Vertical(id="ft-job"):
+                with VerticalScroll(id="ft-job"):
                     yield Static("", id="job-title", markup=False)
                     yield Static("", id="job-status", markup=False)
                     yield ProgressBar(id="job-progress", show_eta=False)
                     yield Static("", id="job-stats", markup=False)
+                    with HorizontalScroll(classes="buttons"):  # above the chart: visible on a short terminal
+                        yield Button("Cancel", id="job-cancel", variant="error", compact=True)
+                        yield Button("Resume", id="job-resume", compact=True)
+                        yield Button("Chat with this", id="job-chat", variant="primary", compact=True)
+                        yield Button("Compare", id="job-compare", compact=True)
                     yield LossChart(id="job-chart")
+                    yield Static("", id="job-samples", markup=False)
                     yield Static("", id="job-log", markup=False)
-                    with HorizontalScroll(classes="buttons"):
-                        yield Button("Cancel", id="job-cancel", variant="error")
-                        yield Button("Resume", id="job-resume")
-                        yield Button("Chat with this", id="job-chat", variant="primary")
-                        yield Button("Compare", id="job-compare")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -386,26 +436,37 @@ class FinetuneScreen(Screen):
         box = self.query_one("#ft-preview", Static)
         box.update("Reading the data with the model's tokenizer…")
         box.display = True
-        self._preview(values["model"].strip(), values["data"].strip(), int(values["max_seq_len"]))
+        config, _ = validate_form(values)  # the settings that are valid so far decide the plan shown
+        job = {k: v for k, v in config.items() if k not in ("model", "data")}
+        self._preview(values["model"].strip(), values["data"].strip(), int(values["max_seq_len"]), job)
 
     @work(thread=True, exclusive=True, group="preview")
-    def _preview(self, model: str, data: str, max_seq_len: int) -> None:
+    def _preview(self, model: str, data: str, max_seq_len: int, job: dict[str, Any]) -> None:
         try:
-            report = inspect_data(str(Path(model).expanduser()), [str(Path(data).expanduser())], max_seq_len)
+            report = inspect_data(str(Path(model).expanduser()), [str(Path(data).expanduser())], max_seq_len, job)
         except BackendError as e:
-            self.post_message(self.Previewed(data, None, str(e)))
+            self.post_message(self.Previewed(model, data, None, str(e)))
         except Exception as e:  # an engine bug must not take the UI down
-            self.post_message(self.Previewed(data, None, f"{type(e).__name__}: {e}"))
+            self.post_message(self.Previewed(model, data, None, f"{type(e).__name__}: {e}"))
         else:
-            self.post_message(self.Previewed(data, report))
+            self.post_message(self.Previewed(model, data, report))
 
     def on_finetune_screen_previewed(self, message: Previewed) -> None:
         box = self.query_one("#ft-preview", Static)
         self.preview = message.report
         if message.error:
-            box.update(Text(message.error, style="red"))
+            box.update(Text(f"{message.error}\nStart waits until the data file or model changes.", style="red"))
+            self.rejected = (message.model, message.data)
         else:
             box.update(preview_text(message.report, max(40, box.size.width or 60)))
+            self.rejected = None
+        self._update_start()
+
+    @on(Input.Changed, "#ft-model, #ft-data")
+    def _update_start(self) -> None:
+        """Start is disabled while the model and data are the ones the preview just refused."""
+        current = (self.query_one("#ft-model", Input).value.strip(), self.query_one("#ft-data", Input).value.strip())
+        self.query_one("#ft-start", Button).disabled = self.rejected == current
 
     @on(Button.Pressed, "#ft-start")
     @store_errors_as_notices
@@ -465,9 +526,14 @@ class FinetuneScreen(Screen):
             status.append(f": {state.reason}")
         if state.finished and state.chat_target():
             status.append("   result: " + " + ".join(p for p in state.chat_target() if p), style="dim")
+        if state.status == "done" and state.loss_still_falling():
+            status.append("\nThe loss was still falling when the run ended: it has not settled. More steps (Max "
+                          "steps) or a higher learning rate would likely teach it more.", style="yellow")
         self.query_one("#job-status", Static).update(status)
         total = state.total_steps
-        self.query_one("#job-progress", ProgressBar).update(total=total, progress=state.step)
+        # A job that ended before it knew its steps gets a still bar (None would animate as "in progress").
+        bar_total = total or (max(state.step, 1) if state.finished else None)
+        self.query_one("#job-progress", ProgressBar).update(total=bar_total, progress=state.step)
         latest = state.latest or {}
         parts = [f"step {state.step}/{total or '?'}"]
         if state.eta_s is not None:
@@ -483,6 +549,9 @@ class FinetuneScreen(Screen):
             parts.append(f"lr {latest['lr']:.2e}")
         self.query_one("#job-stats", Static).update(" · ".join(parts))
         self.query_one("#job-chart", LossChart).set_points(state.loss_points(), val)
+        samples = self.query_one("#job-samples", Static)
+        samples.update(samples_text(state.samples) if state.samples else "")
+        samples.display = state.samples is not None
         self.query_one("#job-log", Static).update("\n".join(jobs.log_tail(state.dir, LOG_LINES)) or "(no log yet)")
         running = state.status in ("queued", "running")
         self.query_one("#job-cancel", Button).disabled = not running
@@ -490,6 +559,9 @@ class FinetuneScreen(Screen):
         target = state.chat_target()
         self.query_one("#job-chat", Button).disabled = target is None
         self.query_one("#job-compare", Button).disabled = target is None or target[1] is None
+        if self.focused is None:  # the focused button was just disabled (Cancel, Resume): stay in the view
+            enabled = [b for b in self.query("#ft-job Button").results(Button) if not b.disabled]
+            (enabled[0] if enabled else self.query_one("#ft-job-list")).focus()
 
     @on(Button.Pressed, "#job-cancel")
     def action_cancel_job(self) -> None:
@@ -528,7 +600,8 @@ class FinetuneScreen(Screen):
             self._update_view()
 
     @on(Button.Pressed, "#job-chat")
-    def action_chat_with_job(self) -> None:
+    async def action_chat_with_job(self) -> None:
+        """Back to the chat, in a new conversation, with the job's result loaded."""
         state = self.job
         target = state.chat_target() if state else None
         if target is None:
@@ -537,6 +610,7 @@ class FinetuneScreen(Screen):
         if not is_loaded(self.app, model, adapter):
             self.app.load_model(model, adapter=adapter)
         self.app.pop_screen()
+        await self.app.chat.action_new_chat()
 
     @on(Button.Pressed, "#job-compare")
     def action_compare(self) -> None:
@@ -571,12 +645,13 @@ class CompareScreen(ModalScreen[None]):
         self.model = model
         self.adapter = adapter
         self.texts = {"base": "", "tuned": ""}
+        self.streams: dict[str, MarkdownStream] = {}  # pane -> the stream its reply is written into
         self.running = False
         self.cancel = threading.Event()
 
     def compose(self):
         with Vertical(id="dialog", classes="compare-dialog"):
-            yield Label(f"Compare: {display_name(self.model)} vs + {Path(self.adapter).name}",
+            yield Label(f"Compare: {display_name(self.model)} vs {model_label(self.model, self.adapter)}",
                         classes="dialog-title")
             with Horizontal(classes="ft-row"):
                 yield Input(placeholder="A prompt for both models, Enter runs", id="cmp-prompt")
@@ -586,10 +661,10 @@ class CompareScreen(ModalScreen[None]):
             with Horizontal(id="cmp-panes"):
                 with VerticalScroll(classes="cmp-pane"):
                     yield Label("Base", classes="ft-label")
-                    yield Static("", id="cmp-base", markup=False)
+                    yield Markdown(id="cmp-base")  # rendered as the chat renders replies
                 with VerticalScroll(classes="cmp-pane"):
                     yield Label("Tuned (base + adapter)", classes="ft-label")
-                    yield Static("", id="cmp-tuned", markup=False)
+                    yield Markdown(id="cmp-tuned")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -616,8 +691,9 @@ class CompareScreen(ModalScreen[None]):
         else:
             status.update(f"Generating with seed {seed}…")
         self.texts = {"base": "", "tuned": ""}
-        self.query_one("#cmp-base", Static).update("")
-        self.query_one("#cmp-tuned", Static).update("")
+        for pane in self.texts:
+            self.query_one(f"#cmp-{pane}", Markdown).update("")
+        self.streams = {}
         self.running = True
         self._generate(prompt, seed)
 
@@ -643,11 +719,17 @@ class CompareScreen(ModalScreen[None]):
             return
         self.post_message(self.Done())
 
-    def on_compare_screen_chunk(self, message: Chunk) -> None:
+    async def on_compare_screen_chunk(self, message: Chunk) -> None:
         self.texts[message.pane] += message.text
-        self.query_one(f"#cmp-{message.pane}", Static).update(self.texts[message.pane])
+        if message.pane not in self.streams:
+            self.streams[message.pane] = Markdown.get_stream(self.query_one(f"#cmp-{message.pane}", Markdown))
+        await self.streams[message.pane].write(message.text)
 
-    def on_compare_screen_done(self, message: Done) -> None:
+    async def on_compare_screen_done(self, message: Done) -> None:
+        for pane, stream in self.streams.items():  # then each reply rendered once in full
+            await stream.stop()
+            await self.query_one(f"#cmp-{pane}", Markdown).update(self.texts[pane])
+        self.streams = {}
         self.running = False
         self.query_one("#cmp-status", Static).update(
             f"Error: {message.error}" if message.error else "Same prompt and seed; only the adapter differs."

@@ -6,6 +6,7 @@ and then loads it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from chattui.widgets.pull_panel import PullPanel
 SOURCE_LABELS = {
     "bundled": "bundled", "recent": "recent", "pulled": "pulled", "config": "config folder",
     "hf-cache": "HF cache", "ollama": "Ollama", "lm-studio": "LM Studio", "llama.cpp": "llama.cpp cache",
+    "adapter": "LoRA adapter", "merged": "merged fine-tune", "tuned": "fine-tuned",
 }
 PULL_PREFIX = "pull:"  # option ids of the catalog models offered for pulling
 
@@ -67,13 +69,14 @@ class ModelPickerScreen(ModalScreen[str | None]):
         missing: list[CatalogModel]  # catalog models not pulled yet
 
     def __init__(self, recent: list[str], folders: list[str], stores: Stores, current: str | None,
-                 bundled: Path | None = None) -> None:
+                 bundled: Path | None = None, trained: Callable[[], list[ModelEntry]] | None = None) -> None:
         super().__init__()
         self.recent = recent
         self.folders = folders
         self.stores = stores
         self.current = current
         self.bundled = bundled
+        self.trained = trained  # more entries, listed last: chattui.trained.trained_models (adapters, merged)
         self.entries: list[ModelEntry] = []
         self.missing: list[CatalogModel] = []
 
@@ -101,7 +104,7 @@ class ModelPickerScreen(ModalScreen[str | None]):
     def _scan(self) -> None:
         entries = scan(self.recent, self.folders, self.stores, self.bundled)
         missing = [m for m in CATALOG.values() if not is_pulled(m, self.stores.pulled)]
-        self.post_message(self.Scanned(entries, missing))
+        self.post_message(self.Scanned(entries + (self.trained() if self.trained else []), missing))
 
     def on_model_picker_screen_scanned(self, message: Scanned) -> None:
         self.entries = message.entries

@@ -24,8 +24,10 @@ class SettingsScreen(ModalScreen[dict | None]):
         Binding("ctrl+s", "save", "Save"),
     ]
 
-    def __init__(self, settings: dict[str, Any], mode: str, defaults: dict[str, Any], context_length: int | None):
+    def __init__(self, settings: dict[str, Any], mode: str, defaults: dict[str, Any], context_length: int | None,
+                 context_used: int = 0):
         super().__init__()
+        self.context_used = context_used  # tokens the conversation takes now: bounds max new tokens
         self.settings = settings
         self.mode = mode
         self.defaults = defaults
@@ -80,7 +82,7 @@ class SettingsScreen(ModalScreen[dict | None]):
 
     def action_save(self) -> None:
         texts = {field.key: self.query_one(f"#{field.key}", Input).value for field in FIELDS}
-        overrides, self.errors = parse_overrides(texts, self.context_length)
+        overrides, self.errors = parse_overrides(texts, self.context_length, self.context_used)
         for field in FIELDS:
             self.query_one(f"#{field.key}", Input).set_class(field.key in self.errors, "-invalid")
         error = self.query_one("#settings-error", Static)

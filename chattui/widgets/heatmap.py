@@ -9,6 +9,7 @@ from rich.color import Color
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
+from textual.binding import Binding
 from textual.geometry import Size
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
@@ -75,6 +76,15 @@ class Heatmap(ScrollView, can_focus=True):
     CELL_W = 2
     LABEL_W = 14
     HEADER_H = 6
+    KEY_STEP = 8  # key columns per left/right press
+    BINDINGS = [  # shown in the footer: sideways is where long prompts hide most of the matrix
+        Binding("left", "keys(-1)", "Keys←"),
+        Binding("right", "keys(1)", "Keys→"),
+        Binding("ctrl+pageup", "page_left", "Page←"),
+        Binding("ctrl+pagedown", "page_right", "Page→"),
+        Binding("home", "first_keys", "First keys", show=False),
+        Binding("end", "last_keys", "Last keys", show=False),
+    ]
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -92,6 +102,15 @@ class Heatmap(ScrollView, can_focus=True):
         T = len(tokens)
         self.virtual_size = Size(self.LABEL_W + 1 + T * self.CELL_W, self.HEADER_H + T)
         self.refresh()
+
+    def action_keys(self, direction: int) -> None:
+        self.scroll_to(x=self.scroll_offset.x + direction * self.KEY_STEP * self.CELL_W, animate=False)
+
+    def action_first_keys(self) -> None:
+        self.scroll_to(x=0, animate=False)
+
+    def action_last_keys(self) -> None:
+        self.scroll_to(x=self.max_scroll_x, animate=False)
 
     def cell_at(self, x: int, y: int) -> tuple[int, int] | None:
         """(query, key) of the cell at widget coordinates x, y, or None off the cells."""

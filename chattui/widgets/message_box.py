@@ -25,7 +25,10 @@ FINISH_NOTES = {
     "length": "max new tokens reached",
     "cancelled": "■ stopped",
     "error": "⚠ error",
+    "streaming": "writing…",
+    "interrupted": "⚠ interrupted: chattui ended while writing it",
 }
+WARNING_FINISHES = ("cancelled", "error", "interrupted")
 
 
 def reply_meta(msg: StoredMessage) -> str:
@@ -41,6 +44,8 @@ def reply_meta(msg: StoredMessage) -> str:
         parts.append(f"TTFT {ttft:.2f} s")
     if msg.stats.get("seed") is not None:
         parts.append(f"seed {msg.stats['seed']}")
+    if msg.stats.get("dropped_messages"):
+        parts.append(f"{msg.stats['dropped_messages']} oldest message(s) left out of the prompt")
     note = FINISH_NOTES.get(msg.finish_reason or "", msg.finish_reason or "")
     if msg.stats.get("error"):
         note = f"⚠ {msg.stats['error']}"
@@ -92,7 +97,7 @@ class MessageBox(Vertical, can_focus=True):
 
     def on_mount(self) -> None:
         self.query_one(".message-meta", Label).display = bool(self._meta)
-        if self.record and self.record.finish_reason in ("cancelled", "error"):
+        if self.record and self.record.finish_reason in WARNING_FINISHES:
             self.query_one(".message-meta", Label).add_class("warning")
 
     # -- streaming -------------------------------------------------------------------------------

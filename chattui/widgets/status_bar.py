@@ -16,6 +16,7 @@ class StatusBar(Horizontal):
         self.context_text = ""
         self.speed_text = ""
         self.loading_text = ""
+        self.dropped_text = ""
 
     def compose(self):
         yield Label(self.model_text, id="status-model", markup=False)
@@ -23,10 +24,12 @@ class StatusBar(Horizontal):
         yield ProgressBar(total=None, show_eta=False, id="status-load-bar")
         yield Label("ctx", id="status-context")
         yield ProgressBar(total=1, show_eta=False, show_percentage=False, id="status-gauge")
+        yield Label("", id="status-dropped", markup=False)
         yield Label("", id="status-speed")
 
     def on_mount(self) -> None:
         self._show_loading(False)
+        self.show_dropped(0)
 
     def _show_loading(self, loading: bool) -> None:
         self.query_one("#status-loading").display = loading
@@ -42,14 +45,15 @@ class StatusBar(Horizontal):
             )
         self.query_one("#status-model", Label).update(self.model_text)
 
-    def show_loading(self, name: str | None, done: int = 0, total: int | None = None) -> None:
-        """Loading progress in bytes (total None: not started reading weights yet); name None hides it."""
+    def show_loading(self, name: str | None, done: int = 0, total: int | None = None, note: str | None = None) -> None:
+        """Loading progress in bytes (total None or 0: not reading weights yet); name None hides it. note: a
+        slow step before the weights, shown instead ("compiling CPU kernels, once")."""
         if name is None:
             self.loading_text = ""
             self._show_loading(False)
             return
         self._show_loading(True)
-        self.loading_text = f"loading {name}"
+        self.loading_text = f"loading {name}: {note}" if note else f"loading {name}"
         self.query_one("#status-loading", Label).update(self.loading_text)
         self.query_one("#status-load-bar", ProgressBar).update(total=total or None, progress=done)
 
@@ -62,6 +66,13 @@ class StatusBar(Horizontal):
             self.context_text = f"ctx {used}/{maximum}"
             gauge.update(total=maximum, progress=min(used, maximum))
         self.query_one("#status-context", Label).update(self.context_text)
+
+    def show_dropped(self, count: int) -> None:
+        """How many of the oldest messages the last prompt left out to fit the context (0 hides it)."""
+        self.dropped_text = f"⚠ {count} oldest message(s) left out" if count else ""
+        label = self.query_one("#status-dropped", Label)
+        label.update(self.dropped_text)
+        label.display = bool(count)
 
     def show_speed(self, ttft_s: float | None, tokens_per_s: float | None) -> None:
         if ttft_s is None:

@@ -101,6 +101,14 @@ def _load(library: Library, what: str):
         return None
 
 
+BUILD_NOTE = "compiling CPU kernels, once (about 10 s)"  # what loaders show while the compiler runs
+
+
+def needs_build() -> bool:
+    """Whether the first bf16_decode_ops() call on this machine will run the compiler (seconds)."""
+    return bf16_decode_ops.cache_info().currsize == 0 and cpu_has_avx512_bf16() and not _library_path().exists()
+
+
 @functools.cache
 def bf16_decode_ops():
     """torch.ops.chattui (linear_bf16, rms_norm_bf16), built if needed; None where they cannot run here."""

@@ -24,18 +24,26 @@ def launched(monkeypatch):
 
 def test_bare_chattui_opens_the_app_on_the_default_model(launched):
     assert main([]) == 0
-    assert launched == [(None, None, None)]
+    assert launched == [(None, None, None, None)]
 
 
 def test_model_device_and_dtype_are_passed_to_the_app(launched, tmp_path):
     assert main(["--model", str(tmp_path), "--device", "cpu", "--dtype", "float32"]) == 0
-    assert launched == [(str(tmp_path.resolve()), "cpu", "float32")]
+    assert launched == [(str(tmp_path.resolve()), "cpu", "float32", None)]
+
+
+def test_an_adapter_is_passed_to_the_app(launched, tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    assert main(["--model", str(tmp_path), "--adapter", str(tmp_path / "adapter")]) == 0
+    assert launched == [(str(tmp_path.resolve()), None, None, str((tmp_path / "adapter").resolve()))]
 
 
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [(["--device", "gpu"], "unknown device 'gpu'"), (["--dtype", "int4"], "unknown dtype 'int4'"),
-     (["--model", "/no/such/folder"], "/no/such/folder: no such file or folder")],
+     (["--model", "/no/such/folder"], "/no/such/folder: no such file or folder"),
+     (["--adapter", "/no/such/adapter"], "/no/such/adapter: not a LoRA adapter folder (no adapter_config.json)")],
 )
 def test_bad_app_options_are_one_line_errors(launched, capsys, argv, needle):
     assert main(argv) == 1

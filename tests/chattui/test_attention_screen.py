@@ -272,8 +272,11 @@ def test_live_view_shows_what_each_new_token_attended_to(make_app, fake_dir):
         prompt = backend.requests[-1][0]
         assert live.prompt_tokens == fake_tokens(prompt)
         seen = live.count
-        await wait_until(pilot, lambda: live.count > seen + 3 and f"Token {live.count} " in str(body.render()),
-                         timeout=5, what="the live view to follow new tokens")
+        def following() -> bool:  # the newest row is shown: a reply token's, or once the reply ended the end token's
+            shown = str(body.render())
+            return live.count > seen + 3 and (f"Token {live.count} " in shown or live.chose_end and "end token" in shown)
+
+        await wait_until(pilot, following, timeout=5, what="the live view to follow new tokens")
         S = live.rows.shape[-1]
         assert S == len(fake_tokens(prompt)) + live.count
         assert "⟨gen 1⟩" in str(body.render())

@@ -344,3 +344,30 @@ def test_bench_prompt_longer_than_context_is_a_one_line_error(cli, qwen2):
         *cli("bench", "--model", qwen2, "--new-tokens", "4", "--prompt-tokens", "300", "--repeat", "1", "--json"),
         "context",
     )
+
+
+def test_generate_says_when_the_cpu_kernels_compile(cli, qwen2, monkeypatch, tmp_path):
+    import engine.kernels as kernels
+
+    monkeypatch.setenv(kernels.KERNEL_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # the build fails at once: PyTorch's kernels run
+    monkeypatch.setattr(kernels, "cpu_has_avx512_bf16", lambda: True)
+    kernels.bf16_decode_ops.cache_clear()
+    try:
+        code, out, err = cli("generate", "--model", qwen2, "--device", "cpu", "--dtype", "bfloat16",
+                             "--temperature", "0", "--max-new-tokens", "2", "hi")
+    finally:
+        kernels.bf16_decode_ops.cache_clear()
+    assert code == 0 and f"chattui: {kernels.BUILD_NOTE}" in err.splitlines()
+
+
+def test_version_prints_the_installed_version_without_importing_torch():
+    import os
+    import re
+    from importlib.metadata import version
+
+    code = "from chattui.cli import main; main(['--version'])"
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout == f"chattui {version('chattui')}\n"
+    assert not re.search(r"\|\s+torch$", done.stderr, re.M), "torch was imported"

@@ -89,14 +89,15 @@ def test_form_validation_lists_each_bad_field_and_starts_nothing(make_app, tmp_p
 
     async def scenario(pilot):
         screen = await open_screen(pilot)
-        assert screen.query_one("#ft-epochs", Input).value == "3", "sensible defaults are filled in"
+        assert screen.query_one("#ft-batch_size", Input).value == "8", "sensible defaults are filled in"
+        assert screen.query_one("#ft-epochs", Input).value == "", "blank: the job chooses for the data size"
         fill(screen, model=str(tmp_path), data=str(tmp_path / "missing.jsonl"), epochs="0", lr="fast",
              lora_dropout="1.5", batch_size="2.5")
         screen.query_one("#ft-start", Button).press()
         errors = screen.query_one("#ft-errors", Static)
         await wait_until(pilot, lambda: errors.display, what="the error messages")
         text = str(errors.render())
-        for expected in ("has no config.json", "missing.jsonl not found", "Epochs: must be >= 1",
+        for expected in ("has no config.json", "missing.jsonl not found", "Epochs (blank: auto): must be >= 1",
                          "'fast' is not a number", "LoRA dropout: must be below 1", "'2.5' is not a whole number"):
             assert expected in text
         assert screen.query_one("#ft-epochs", Input).has_class("-invalid")
@@ -114,7 +115,8 @@ def test_validate_form_defaults_and_full_method_ignore_lora_fields(tmp_path, dat
     config, errors = validate_form(values)
     assert errors == {}
     assert config["method"] == "full" and "lora_rank" not in config and "lr" not in config
-    assert (config["epochs"], config["batch_size"], config["max_steps"], config["seed"]) == (3, 8, 0, 0)
+    assert "epochs" not in config, "blank: engine.finetune.auto_epochs"
+    assert (config["batch_size"], config["max_steps"], config["seed"]) == (8, 0, 0)
 
 
 def test_data_preview_shows_records_format_truncation_and_histogram(make_app, checkpoint_factory, data_file):
@@ -230,7 +232,7 @@ def test_job_from_the_form_runs_to_done_then_compare_chat_and_restart(make_app, 
 
     tuned = EngineBackend()
     info = tuned.load(str(model), "cpu", "float32", adapter=seen["adapter"])
-    assert info.adapter == seen["adapter"] and info.name.endswith("+ adapter")
+    assert info.adapter == seen["adapter"] and info.name == f"{model.name} + {seen['id']}", "named by its job"
     base = EngineBackend()
     base.load(str(model), "cpu", "float32")
     assert reply(tuned, adapter_enabled=False) == reply(base)
@@ -296,10 +298,10 @@ def test_the_jobs_table_is_added_to_an_existing_database(tmp_path):
     from chattui.store import MIGRATIONS
 
     old = Store(tmp_path / "chattui.db", migrations=MIGRATIONS[:1])
-    conversation = old.create_conversation(title="kept")
+    old._write("INSERT INTO conversations (title, created_at, updated_at) VALUES ('kept', 0, 0)")  # as version 1 wrote
     old.close()
     store = Store(tmp_path / "chattui.db")
-    assert store.conversation(conversation.id).title == "kept"
+    assert [c.title for c in store.conversations()] == ["kept"]
     store.save_job("j1", name="data · lora", status="queued", out_dir="/jobs/j1", base_model="/m")
     store.set_job_status("j1", "running")
     assert [(j.id, j.status, j.out_dir) for j in store.jobs()] == [("j1", "running", "/jobs/j1")]

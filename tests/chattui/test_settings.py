@@ -28,7 +28,8 @@ def test_allowed_values_parse(key, text, value):
         ("min_p", "1", "Min-p must be a number >= 0 and < 1 (0 = off); got '1'"),
         ("repetition_penalty", "0", "Repetition penalty must be a number > 0 (1 = off); got '0'"),
         ("max_new_tokens", "0", "Max new tokens must be a whole number >= 1; got '0'"),
-        ("max_new_tokens", "4096", "Max new tokens must be less than the model's context length (2048); got '4096'"),
+        ("max_new_tokens", "1025", "Max new tokens must be at most 1024: the model's context window is 2048 tokens; "
+                                   "a larger value would leave earlier messages out of every prompt; got '1025'"),
         ("seed", "-1", "Seed must be a whole number from 0 to 9223372036854775807, or empty for a random seed; "
                        "got '-1'"),
     ],
@@ -37,6 +38,15 @@ def test_rejected_values_say_what_is_allowed(key, text, message):
     with pytest.raises(SettingError) as info:
         parse_value(FIELD_BY_KEY[key], text, context_length=2048)
     assert str(info.value) == message
+
+
+def test_max_new_tokens_is_bounded_by_what_the_conversation_leaves_free():
+    field = FIELD_BY_KEY["max_new_tokens"]
+    assert parse_value(field, "1024", context_length=2048) == 1024  # half the window
+    assert parse_value(field, "248", context_length=512, context_used=264) == 248
+    with pytest.raises(SettingError, match="at most 248: .* this conversation already takes 264"):
+        parse_value(field, "249", context_length=512, context_used=264)
+    assert parse_value(field, "1", context_length=512, context_used=600) == 1  # full: still a valid setting
 
 
 def test_empty_fields_mean_model_default_and_errors_are_per_field():

@@ -259,3 +259,33 @@ def test_a_database_that_cannot_be_created_on_a_full_disk_leaves_no_empty_file(t
     store, notice = open_store(folder)
     assert store.path is None and "will not be saved" in notice
     assert _files(folder) == ["filler"], "no 0-byte chattui.db left behind"
+
+
+def test_version_2_messages_become_chat_mode_without_an_adapter(tmp_path):
+    path = tmp_path / DB_FILE
+    old = Store(path, migrations=MIGRATIONS[:2])
+    old._write("INSERT INTO conversations (title, model, created_at, updated_at) VALUES ('old', '/m', 0, 0)")
+    old._write("INSERT INTO messages (conversation_id, position, role, content, created_at) VALUES (1, 0, 'user', 'hi', 0)")
+    old.close()
+    store = Store(path)
+    assert (store.conversation(1).model, store.conversation(1).adapter) == ("/m", None)
+    [message] = store.messages(1)
+    assert (message.content, message.mode, message.adapter) == ("hi", "chat", None)
+    assert store.update_conversation(1, adapter="/a").adapter == "/a"
+    assert store.update_conversation(1, adapter="").adapter is None, '"" clears the adapter'
+
+
+def test_a_streaming_reply_is_updated_in_place_and_marked_interrupted_once(tmp_path):
+    store = Store(tmp_path / DB_FILE)
+    conversation = store.create_conversation()
+    store.add_message(conversation.id, "user", "hi")
+    reply = store.add_message(conversation.id, "assistant", "", finish_reason="streaming", adapter="/a", mode="generate")
+    store.update_reply(reply.id, "Hel", finish_reason="streaming")
+    assert store.message(reply.id).content == "Hel"
+    store.close()
+    again = Store(tmp_path / DB_FILE)
+    assert again.mark_interrupted() == 1 and again.mark_interrupted() == 0
+    saved = again.message(reply.id)
+    assert (saved.content, saved.finish_reason, saved.adapter, saved.mode) == ("Hel", "interrupted", "/a", "generate")
+    done = again.update_reply(reply.id, "Hello", finish_reason="eos", generated_tokens=2, stats={"seed": 1})
+    assert (done.content, done.finish_reason, done.generated_tokens, done.stats) == ("Hello", "eos", 2, {"seed": 1})

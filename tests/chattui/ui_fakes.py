@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from chattui.backend import BackendError, ModelInfo
+from chattui.catalog import model_label
 from engine.attention import AttentionMaps
 
 DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "min_p": 0.0, "repetition_penalty": 1.0,
@@ -30,12 +31,14 @@ class FakeBackend:
         load_delay: float = 0.0,
         context_length: int = 256,
         finish_reason: str = "eos",
+        drop_to_fit: bool = False,
     ) -> None:
         self.script = script if callable(script) else (lambda n, prompt, chunks=list(script): chunks)
         self.delay = delay
         self.load_delay = load_delay
         self.context_length = context_length
         self.finish_reason = finish_reason
+        self.drop_to_fit = drop_to_fit  # leave out the oldest turns as engine.chat_prompt does (1 char = 1 token)
         self.requests: list[tuple[object, dict]] = []  # (prompt, settings) of every stream() call
         self.loads: list[str] = []
         self.adapters: list[str | None] = []  # the adapter of every load() call
@@ -59,7 +62,7 @@ class FakeBackend:
             raise BackendError(f"{path}/model.safetensors: corrupt or truncated safetensors file")
         self.loaded = str(path)
         return ModelInfo(
-            path=str(path), name=path.name, architecture="FakeForCausalLM", parameters=1_234_567, device="cpu",
+            path=str(path), name=model_label(path, adapter), architecture="FakeForCausalLM", parameters=1_234_567, device="cpu",
             dtype="float32", context_length=self.context_length, defaults=dict(DEFAULTS),
             adapter=str(adapter) if adapter else None,
         )
@@ -67,6 +70,17 @@ class FakeBackend:
     def stream(self, prompt, settings, cancel: threading.Event, on_attention=None):
         if self.loaded is None:
             raise BackendError("no model is loaded")
+        dropped = 0
+        if self.drop_to_fit and isinstance(prompt, list):
+            prompt = list(prompt)
+            while (sum(len(m["content"]) for m in prompt) + int(settings["max_new_tokens"]) > self.context_length
+                   and sum(m["role"] != "system" for m in prompt) > 1):
+                first = next(i for i, m in enumerate(prompt) if m["role"] != "system")
+                end = first + 1  # a whole turn: the message and the replies to it
+                while end < len(prompt) - 1 and prompt[end]["role"] == "assistant":
+                    end += 1
+                del prompt[first:end]
+                dropped += end - first
         self.requests.append((prompt, dict(settings)))
         chunks = self.script(len(self.requests), prompt)
         out: list[str] = []
@@ -87,6 +101,9 @@ class FakeBackend:
             else:
                 if cancel.is_set():
                     finish = "cancelled"
+                elif on_attention is not None and finish == "eos":  # as the engine: the forward that chose eos
+                    tokens = fake_tokens(prompt)
+                    on_attention(FakeAttentionMaps(tokens + out + ["<eos>"]).last_rows(), tokens)
         finally:
             self.streaming.clear()
         elapsed = max(time.perf_counter() - started, 1e-6)
@@ -95,7 +112,7 @@ class FakeBackend:
             "text": "".join(out), "finish_reason": finish, "prompt_tokens": prompt_tokens,
             "generated_tokens": len(out), "reused_prompt_tokens": 0, "ttft_s": self.delay,
             "prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": len(out) / elapsed,
-            "seed": settings.get("seed") if settings.get("seed") is not None else 42, "dropped_messages": 0,
+            "seed": settings.get("seed") if settings.get("seed") is not None else 42, "dropped_messages": dropped,
         }
 
 

@@ -72,6 +72,8 @@ USER_ONLY = {"messages": [{"role": "user", "content": "hi"}]}
 BAD_FILES = [
     ("malformed JSON", [chat("a", "b"), '{"messages": [}'], 2, "malformed JSON at column 15"),
     ("truncated JSON", [{"text": "ok"}, '{"text": "broken'], 2, "malformed JSON"),
+    ("cut off at the line's end", [chat("a", "b"), '{"messages": [{"role": "user", "content": "hi"}, '], 2,
+     "malformed JSON at column 50 (Expecting value)"),
     ("unknown role", [{"messages": [{"role": "bot", "content": "hi"}]}], 1,
      "messages[0]: unknown role 'bot' (expected one of system, user, assistant, tool)"),
     ("missing content", [chat("a", "b"), {"messages": [{"role": "user"}]}], 2, "missing messages[0].content"),
@@ -374,3 +376,60 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(base, tm
     assert (differences > 1e-5).float().mean() < 0.01
     assert differences.max() < 3 * 1e-2
     assert (two / "checkpoints" / "rank-1" / "step-0000003").is_dir()
+
+
+# -- defaults that teach, and what the model answers as it learns ----------------------------------------------
+
+
+def test_auto_learning_rate_and_epochs_follow_model_and_data_size():
+    from engine.finetune import auto_epochs, auto_lr
+
+    assert auto_lr("lora", 1_000_000_000) == 2e-4 and auto_lr("full", 7_000_000_000) == 2e-5
+    assert auto_lr("lora", 4_229_568) == 3.1e-3 and auto_lr("full", 4_229_568) == 3.1e-4
+    assert auto_lr("lora", 135_000_000) == 5.4e-4
+    assert auto_lr("lora", 1000) == 4e-3, "at most 20x"
+    assert auto_epochs(2) == 50, "22 records in batches of 8: 100 steps, not 6"
+    assert auto_epochs(1000) == 3 and auto_epochs(1) == 100
+
+
+def test_each_evaluation_writes_greedy_replies_to_held_out_prompts(base, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", [chat(f"Question {i}?", f"Answer {i}.") for i in range(8)])
+    result = run_job(job_config(base, data, tmp_path / "out", max_steps=4, eval_interval=2, val_fraction=0.25))
+    assert result.status == "done"
+    samples = [r for r in read_records(tmp_path / "out" / "progress.jsonl") if r["type"] == "samples"]
+    assert [r["step"] for r in samples] == [2, 4] and all(r["held_out"] for r in samples)
+    val = prepare_data(ChatTokenizer.from_dir(base), [data], 1024, val_fraction=0.25).val
+    for record in samples:
+        assert [s["prompt"] for s in record["samples"]] == [e.prompt for e in val]
+        for sample, example in zip(record["samples"], val):
+            number = example.prompt.split()[1].rstrip("?")
+            assert sample["expected"] == f"Answer {number}." and isinstance(sample["reply"], str)
+
+
+def test_the_defaults_teach_the_bundled_model_a_small_question_answer_set(tmp_path):
+    """The issue's case, with the real trainer: 22 made-up facts, LoRA, nothing but model and data given."""
+    from engine import SamplingParams
+
+    facts = [("Zorbia", "Quell"), ("Brantia", "Mopal"), ("Kesh", "Dovar"), ("Lunor", "Tiska"), ("Vardel", "Pim"),
+             ("Oskuna", "Relt"), ("Trevia", "Ganto"), ("Hilm", "Sapor"), ("Mervo", "Uldin"), ("Pashta", "Korr"),
+             ("Yelbrun", "Fisk"), ("Dramor", "Ebbet"), ("Quorn", "Lasit"), ("Sivel", "Nomra"), ("Tarkeen", "Ovil"),
+             ("Ummar", "Zest"), ("Gelbo", "Wint"), ("Raskol", "Hemp"), ("Nibur", "Cassel"), ("Fendra", "Aulo"),
+             ("Istro", "Bemmel"), ("Wolkan", "Jurd")]
+    data = write_jsonl(tmp_path / "qa.jsonl", [chat(f"What is the capital of {c}?", f"The capital of {c} is {k}.")
+                                               for c, k in facts])
+    model = ROOT / "models" / "default"
+    result = run_job(config_from_dict({"model": str(model), "data": [str(data)], "out": str(tmp_path / "out"),
+                                       "device": "cpu", "precision": "fp32"}))
+    plan = json.loads((tmp_path / "out" / "job.json").read_text())["plan"]
+    assert result.status == "done" and plan["lr"] == 3.1e-3 and plan["total_steps"] == 100
+    engine = Engine.load(model, device="cpu", dtype="float32", adapter=tmp_path / "out" / "adapter")
+    held_out = {s["expected"] for r in read_records(tmp_path / "out" / "progress.jsonl") if r["type"] == "samples"
+                for s in r["samples"]}
+    learned = 0
+    for country, capital in facts:
+        if f"The capital of {country} is {capital}." in held_out:
+            continue  # the validation record is not trained on
+        prompt = engine.chat_prompt([{"role": "user", "content": f"What is the capital of {country}?"}], 16)
+        with engine.generate(prompt.token_ids, SamplingParams(temperature=0), 16) as generation:
+            learned += capital in "".join(generation)
+    assert learned >= 19, f"{learned} of {len(facts) - len(held_out)} trained answers learned"

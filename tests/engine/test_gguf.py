@@ -185,7 +185,7 @@ def test_dtype_option_dequantizes_to_that_dtype(checkpoint_factory, tmp_path):
 def test_progress_reports_the_file_bytes_up_to_the_total(checkpoint_factory, tmp_path):
     path, _ = write_gguf(checkpoint_factory("qwen2"), tmp_path / "m.gguf", "qwen2", Q.Q8_0)
     calls = []
-    Engine.load(path, device="cpu", dtype="float32", progress=lambda done, total: calls.append((done, total)))
+    Engine.load(path, device="cpu", dtype="float32", progress=lambda done, total, note: calls.append((done, total)))
     assert calls and all(a[0] < b[0] for a, b in zip(calls, calls[1:]))
     total = calls[-1][1]
     assert calls[-1][0] == total and total == sum(t.n_bytes for t in gguf.GGUFReader(path).tensors)

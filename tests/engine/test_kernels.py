@@ -160,3 +160,27 @@ def test_bfloat16_greedy_ids_equal_transformers_in_bfloat16(checkpoint_factory, 
     want = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32, pad_token_id=0,
                               eos_token_id=None)[0, len(prompt):].tolist()
     assert generation.result.token_ids == want
+
+
+@pytest.fixture
+def kernels_unbuilt(monkeypatch, tmp_path):
+    """A machine that has never built the kernels (an empty kernel folder) and whose compiler is missing, so the
+    build step runs and falls back at once."""
+    monkeypatch.setenv(kernels.KERNEL_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(kernels, "cpu_has_avx512_bf16", lambda: True)
+    kernels.bf16_decode_ops.cache_clear()
+    yield
+    kernels.bf16_decode_ops.cache_clear()
+
+
+def test_loading_in_bfloat16_says_when_the_kernels_compile(kernels_unbuilt, checkpoint_factory):
+    from engine import Engine
+
+    calls = []
+    Engine.load(checkpoint_factory("llama"), device="cpu", dtype="bfloat16", progress=lambda *a: calls.append(a))
+    assert calls[0] == (0, 0, kernels.BUILD_NOTE), "said before the compiler runs, not after the weights"
+    assert calls[-1][0] == calls[-1][1] > 0 and all(note is None for *_, note in calls[1:])
+    again = []
+    Engine.load(checkpoint_factory("llama"), device="cpu", dtype="bfloat16", progress=lambda *a: again.append(a))
+    assert all(note is None for *_, note in again), "once: not on the next load"
