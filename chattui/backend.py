@@ -195,22 +195,17 @@ def inspect_data(model_dir: str, files: list[str], max_seq_len: int = 0, job: di
     (engine.finetune.preview_plan: learning rate, steps, epochs, batch, held-out records). Slow (imports the engine):
     call it from a thread. max_seq_len 0 = what a job would use,
     min(1024, the model's context). Raises BackendError with a one-line message (file:line for bad records)."""
-    import json
     from pathlib import Path
 
     from engine import EngineError
+    from engine.checkpoint import read_model_config
     from engine.finetune import config_from_dict, preview_plan
     from engine.finetune_data import inspect_data as engine_inspect
     from engine.finetune_data import read_jsonl
 
-    if not max_seq_len:
-        try:
-            config = json.loads((Path(model_dir).expanduser() / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise BackendError(f"{model_dir}: cannot read config.json ({e})") from None
-        context = config.get("max_position_embeddings") or config.get("n_positions") or 1024
-        max_seq_len = min(1024, int(context))
     try:
+        if not max_seq_len:  # a folder's config.json or a GGUF's header
+            max_seq_len = min(1024, read_model_config(Path(model_dir).expanduser()).max_position_embeddings)
         report = engine_inspect(model_dir, files, max_seq_len).to_dict()
         _, records = read_jsonl(files[0])
         config = config_from_dict({**(job or {}), "model": model_dir, "data": list(files)}, "the form")

@@ -28,7 +28,7 @@ from textual.widgets.option_list import Option
 
 from chattui import jobs
 from chattui.backend import BackendError, inspect_data
-from chattui.catalog import display_name, human_count, model_label
+from chattui.catalog import display_name, human_count, is_gguf_file, model_label
 from chattui.notices import store_errors_as_notices
 from chattui.widgets.loss_chart import LossChart, histogram
 
@@ -95,12 +95,17 @@ def validate_form(values: dict[str, str]) -> tuple[dict[str, Any], dict[str, str
     config: dict[str, Any] = {}
     errors: dict[str, str] = {}
     model = values.get("model", "").strip()
+    model_path = Path(model).expanduser()
     if not model:
-        errors["model"] = "Base model: choose a model folder"
-    elif not (Path(model).expanduser() / "config.json").is_file():
-        errors["model"] = f"Base model: {model} has no config.json (not a model folder)"
+        errors["model"] = "Base model: choose a model folder or a .gguf file"
+    elif model_path.is_file() and is_gguf_file(model_path):
+        config["model"] = str(model_path)
+        if values.get("method", "lora") != "lora":
+            errors["model"] = "Base model: a GGUF base trains a LoRA adapter only (choose LoRA)"
+    elif not (model_path / "config.json").is_file():
+        errors["model"] = f"Base model: {model} has no config.json and is not a .gguf file"
     else:
-        config["model"] = str(Path(model).expanduser())
+        config["model"] = str(model_path)
     data = values.get("data", "").strip()
     if not data:
         errors["data"] = "Data file: give a JSONL file"

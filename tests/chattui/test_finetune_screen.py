@@ -119,6 +119,29 @@ def test_validate_form_defaults_and_full_method_ignore_lora_fields(tmp_path, dat
     assert (config["batch_size"], config["max_steps"], config["seed"]) == (8, 0, 0)
 
 
+def test_a_gguf_base_is_accepted_for_lora_and_refused_for_a_full_fine_tune(tmp_path, checkpoint_factory, data_file):
+    from gguf_files import Q, write_gguf
+
+    path, _ = write_gguf(checkpoint_factory("qwen2"), tmp_path / "base.gguf", "qwen2", Q.F32)
+    config, errors = validate_form({"model": str(path), "data": str(data_file), "method": "lora"})
+    assert errors == {} and config["model"] == str(path)
+    _, errors = validate_form({"model": str(path), "data": str(data_file), "method": "full"})
+    assert errors == {"model": "Base model: a GGUF base trains a LoRA adapter only (choose LoRA)"}
+    (tmp_path / "notes.txt").write_text("not a model")
+    _, errors = validate_form({"model": str(tmp_path / "notes.txt"), "data": str(data_file), "method": "lora"})
+    assert "has no config.json and is not a .gguf file" in errors["model"]
+
+
+def test_the_data_preview_reads_a_gguf_base(tmp_path, checkpoint_factory, data_file):
+    from gguf_files import Q, write_gguf
+
+    from chattui.backend import inspect_data
+
+    path, _ = write_gguf(checkpoint_factory("qwen2"), tmp_path / "base.gguf", "qwen2", Q.F32)
+    report = inspect_data(str(path), [str(data_file)])
+    assert report["train_examples"] > 0 and report["first_records"]
+
+
 def test_data_preview_shows_records_format_truncation_and_histogram(make_app, checkpoint_factory, data_file):
     app = make_app()
     model = checkpoint_factory("qwen2")
