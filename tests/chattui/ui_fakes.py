@@ -178,8 +178,9 @@ class FakeAttentionBackend(FakeBackend):
         return FakeAttentionMaps(fake_tokens(prompt), self.truncated)
 
 
-async def wait_until(pilot, predicate: Callable[[], object], timeout: float = 5.0, what: str = "condition"):
-    """Let the app run until predicate() is true; fail naming `what` after timeout seconds."""
+async def wait_until(pilot, predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition"):
+    """Let the app run until predicate() is true; fail naming `what` after timeout seconds (generous: a loaded
+    2-core machine can be slow, and a true predicate returns at once)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
