@@ -276,7 +276,7 @@ def test_live_view_shows_what_each_new_token_attended_to(make_app, fake_dir):
             shown = str(body.render())
             return live.count > seen + 3 and (f"Token {live.count} " in shown or live.chose_end and "end token" in shown)
 
-        await wait_until(pilot, following, timeout=5, what="the live view to follow new tokens")
+        await wait_until(pilot, following, what="the live view to follow new tokens")
         S = live.rows.shape[-1]
         assert S == len(fake_tokens(prompt)) + live.count
         assert "⟨gen 1⟩" in str(body.render())
