@@ -160,7 +160,8 @@ def test_the_app_stays_responsive_to_esc_and_reports_a_template_timeout(checkpoi
             if key:
                 started = time.monotonic()
                 await pilot.press(key)  # the template is still rendering in the worker thread
-                await wait_until(pilot, lambda: chat.reply is None, timeout=3, what="Esc to stop the reply (before the 5 s template limit)")
+                await wait_until(pilot, lambda: chat.reply is None, timeout=3,
+                                 what="Esc to stop the reply (before the 5 s template limit)")
                 assert time.monotonic() - started < 1
                 await pilot.pause(2.5)  # the abandoned render ends at its time limit, unseen
         await wait_until(pilot, lambda: any("took more than 2 s" in s for s in shown), timeout=10,
