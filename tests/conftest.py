@@ -98,3 +98,18 @@ def smollm2_gguf() -> Path:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason}; CI pulls smollm2-135m-instruct before the tests (chattui pull smollm2-135m-instruct)")
     pytest.skip(f"{reason}: run `chattui pull smollm2-135m-instruct` to run these tests")
+
+
+@pytest.fixture
+def no_hang():
+    """Fail instead of hanging if something blocks on a FIFO, reads /dev/zero forever or loops on bad bytes."""
+    import signal
+
+    def timeout(signum, frame):
+        raise AssertionError("timed out: the reader blocked or read without end")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

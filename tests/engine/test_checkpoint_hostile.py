@@ -9,7 +9,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import struct
 import time
 import tracemalloc
@@ -27,17 +26,7 @@ def folder(checkpoint_factory, tmp_path) -> Path:
     return shutil.copytree(checkpoint_factory("llama"), tmp_path / "model")
 
 
-@pytest.fixture(autouse=True)
-def no_hang():
-    """Fail instead of hanging if something blocks on a FIFO or reads /dev/zero forever."""
-    def timeout(signum, frame):
-        raise AssertionError("timed out: the loader blocked or read without end")
-
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+pytestmark = pytest.mark.usefixtures("no_hang")
 
 
 def edit_json(path: Path, **changes) -> None:

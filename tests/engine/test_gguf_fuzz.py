@@ -4,7 +4,6 @@ consistent summary), never another exception, a hang or unbounded memory."""
 from __future__ import annotations
 
 import random
-import signal
 import struct
 import time
 import tracemalloc
@@ -18,16 +17,7 @@ from engine.errors import CheckpointError
 from engine.gguf import summarize_gguf
 
 
-@pytest.fixture(autouse=True)
-def no_hang():
-    def timeout(signum, frame):
-        raise AssertionError("timed out: the GGUF reader blocked or looped")
-
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+pytestmark = pytest.mark.usefixtures("no_hang")
 
 
 def _valid_gguf(tmp_path: Path) -> bytes:
