@@ -22,6 +22,7 @@ from engine.checkpoint import (
     GenerationDefaults,
     ProgressCallback,
     check_model_path,
+    keeps_gguf_blocks,
     load_weights,
     read_defaults,
     read_model_config,
@@ -33,6 +34,7 @@ from engine.inference import prepare_for_inference
 from engine.kv_cache import KVCache
 from engine.lora import apply_adapter, read_adapter, set_lora_enabled
 from engine.params import SamplingParams
+from engine.quant import QuantizedEmbedding, QuantizedLinear
 from engine.text_stream import TextStream
 from engine.tokenizer import ChatTokenizer
 
@@ -127,7 +129,9 @@ class Engine:
         adapter: str | Path | None = None,
     ) -> Engine:
         """Load a checkpoint folder or a GGUF file; raises CheckpointError / TemplateError / EngineError with
-        one-line messages. A GGUF's weights are dequantized to the dtype (`auto`: the best dense dtype).
+        one-line messages. A GGUF with `dtype="auto"` on CPU keeps its quantized matrices in their blocks
+        (engine.quant; see checkpoint.keeps_gguf_blocks); an explicit dtype or another device dequantizes
+        them to that dtype.
 
         adapter: a LoRA adapter folder in PEFT's format (engine.lora), applied on top of the base weights
         without merging them (its layers run unfused; `generate(..., use_adapter=False)` answers as the base model).
@@ -139,7 +143,9 @@ class Engine:
         torch_dtype = resolve_dtype(dtype, torch_device)
         tokenizer = ChatTokenizer.load(model_dir)
         defaults = read_defaults(model_dir)
-        model = load_weights(model_dir, config, torch_device, torch_dtype, progress)
+        # LoRA layers wrap dense Linear layers: an adapter gets the dequantized base.
+        keep_blocks = lora is None and keeps_gguf_blocks(model_dir, dtype, torch_device)
+        model = load_weights(model_dir, config, torch_device, torch_dtype, progress, keep_blocks)
         if lora is not None:  # before preparing, so the adapted layers stay plain and unfused
             for layer in apply_adapter(model, lora).values():
                 layer.lora_A.to(dtype=torch_dtype)
@@ -166,7 +172,12 @@ class Engine:
 
     @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """Every weight, those kept in GGUF blocks included (a tied embedding and lm_head count once)."""
+        quantized = {
+            m.blocks.data_ptr(): m.blocks.shape[0] * (m.in_features if isinstance(m, QuantizedLinear) else m.embedding_dim)
+            for m in self.model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
+        }
+        return sum(p.numel() for p in self.model.parameters()) + sum(quantized.values())
 
     @property
     def dtype_name(self) -> str:
@@ -258,7 +269,7 @@ class Engine:
             raise EngineError(str(e)) from None
         if not prompt:
             raise EngineError("the prompt is empty")
-        vocab = self.model.lm_head.weight.shape[0]
+        vocab = self.model.config.vocab_size
         if not all(0 <= t < vocab for t in prompt):
             raise EngineError(f"prompt token ids must be in [0, {vocab})")
         if max_new_tokens < 1:
