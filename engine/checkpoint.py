@@ -326,8 +326,8 @@ class _GGUFWeights:
 
 def keeps_gguf_blocks(model_path: Path, dtype: str, device: torch.device) -> bool:
     """Whether loading keeps a GGUF's quantized matrices in their blocks (engine.quant's layers): with
-    `--dtype auto` on CPU where the kernels built. An explicit dtype dequantizes (the exact reference
-    path), and so do other devices (no kernels of ours there yet)."""
+    `--dtype auto` on CPU where the kernels built (Engine.load then computes in float32). An explicit
+    dtype dequantizes (the exact reference path), and so do other devices (no kernels of ours there yet)."""
     if dtype != "auto" or device.type != "cpu" or not is_gguf_path(model_path):
         return False
     if not quant_kernels_available():

@@ -145,6 +145,10 @@ class Engine:
         defaults = read_defaults(model_dir)
         # LoRA layers wrap dense Linear layers: an adapter gets the dequantized base.
         keep_blocks = lora is None and keeps_gguf_blocks(model_dir, dtype, torch_device)
+        if keep_blocks:
+            # float32 activations on the blocks: bfloat16 ones decode ~15% faster (SmolLM2 Q4_1) but add their
+            # rounding to the kernels' 8-bit one, perplexity +1.25% instead of +0.7% (README, GGUF files).
+            torch_dtype = torch.float32
         model = load_weights(model_dir, config, torch_device, torch_dtype, progress, keep_blocks)
         if lora is not None:  # before preparing, so the adapted layers stay plain and unfused
             for layer in apply_adapter(model, lora).values():
