@@ -139,7 +139,7 @@ def test_quantized_greedy_tokens_equal_the_dequantized_float32_path_on_most_prom
         same += _greedy(quantized_engine, prompt, 16)[0] == _greedy(engine, prompt, 16)[0]
     print(f"\nSmolLM2 Q4_1: {same} of {len(QUESTIONS)} prompts give the same 16 greedy tokens on the blocks "
           f"({quantized_engine.dtype_name} activations) as dequantized float32")
-    assert same >= 6
+    assert same > len(QUESTIONS) // 2  # most: 16 tokens are long enough for one near-tie to part the two
 
 
 def test_quantized_perplexity_is_within_one_percent_of_the_dequantized_float32_path(engine, quantized_engine):
