@@ -21,14 +21,16 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from gguf import GGMLQuantizationType
 
 from engine.errors import CheckpointError
 from engine.gguf.config import config_from_gguf
 from engine.gguf.header import cached_gguf, is_gguf_path, release_cached_gguf
-from engine.gguf.tensors import dequantize, model_tensors
+from engine.gguf.tensors import dequantize, model_tensors, read_blocks
 from engine.gguf.tokenizer import END_OF_GENERATION_TOKENS
 from engine.inference import prepare_for_inference
 from engine.params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from engine.quant import SUPPORTED_TYPES as KERNEL_TYPES, RawWeight, quant_kernels_available, replace_with_quantized
 from models.config import ConfigError, ModelConfig
 from models.registry import config_from_hf, family_of
 
@@ -351,24 +353,63 @@ class _SafetensorsWeights:
 
 
 class _GGUFWeights:
-    """A GGUF file's tensors as a weight source for load_model: mapped to our keys, dequantized one at a time."""
+    """A GGUF file's tensors as a weight source for load_model: mapped to our keys, read one at a time,
+    dequantized, or as raw blocks for the keys `keep_blocks` chose."""
 
     def __init__(self, path: Path, config: ModelConfig):
         self.where = path
         self.tensors = model_tensors(cached_gguf(path), config)
         self.shapes = {key: t.model_shape for key, t in self.tensors.items()}
         self.sizes = {key: t.nbytes for key, t in self.tensors.items()}
+        self.kept: dict[str, GGMLQuantizationType] = {}  # keys read as (rows, bytes per row) uint8 blocks
 
     def origin(self, key: str) -> str:
         return f"{self.where} (tensor {self.tensors[key].gguf_name})"
 
+    def keep_blocks(self, candidates: set[str]) -> None:
+        """Read those of `candidates` (weights of Linear/Embedding layers) whose type engine.quant computes
+        on as blocks instead of dequantizing them. GPT-2's transposed Conv1D weights are no candidates."""
+        self.kept = {key: self.tensors[key].tensor_type for key in candidates
+                     if key in self.tensors and self.tensors[key].tensor_type in KERNEL_TYPES}
+
     def read(self, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        for key, tensor in self.tensors.items():
-            try:
-                yield key, dequantize(tensor, dtype, device)
-            except CheckpointError as e:
-                raise CheckpointError(f"{self.where}: {e}") from None
+        try:
+            file = open(self.where, "rb")
+        except OSError as e:
+            raise CheckpointError(f"{self.where}: cannot read ({e.strerror or e})") from None
+        with file:
+            for key, tensor in self.tensors.items():
+                try:
+                    yield key, read_blocks(tensor, file) if key in self.kept else dequantize(tensor, dtype, device)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{self.where}: {e}") from None
         release_cached_gguf()  # the weights were the last part read: the parsed header need not stay in memory
+
+
+def keeps_gguf_blocks(model_path: Path, dtype: str, device: torch.device) -> bool:
+    """Whether loading keeps a GGUF's quantized matrices in their blocks (engine.quant's layers): with
+    `--dtype auto` on CPU where the kernels built (Engine.load then computes in float32). An explicit
+    dtype dequantizes (the exact reference path), and so do other devices (no kernels of ours there yet)."""
+    if dtype != "auto" or device.type != "cpu" or not is_gguf_path(model_path):
+        return False
+    if not quant_kernels_available():
+        log.warning("%s: no quantized-weight kernels here; dequantizing the GGUF weights (more memory, slower)",
+                    model_path)
+        return False
+    return True
+
+
+def _linear_and_embedding_weights(model: nn.Module) -> set[str]:
+    return {f"{name}.weight" for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)}
+
+
+def _with_tied_names(model: nn.Module, blocks: dict[str, RawWeight]) -> dict[str, RawWeight]:
+    """blocks under every name of their parameter too: a tied lm_head then shares the embedding's blocks."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    params = dict(model.named_parameters())
+    return {alias: raw for key, raw in blocks.items() for alias in names[id(params[key])]}
 
 
 def _weight_source(model_path: Path, expected: set[str], config: ModelConfig) -> _SafetensorsWeights | _GGUFWeights:
@@ -381,9 +422,11 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     progress: ProgressCallback | None = None,
+    keep_blocks: bool = False,
 ) -> nn.Module:
     """The checkpoint's model ready for decoding: load_weights, then engine.inference.prepare_for_inference."""
-    return prepare_for_inference(load_weights(model_path, config, device, dtype, progress), device, dtype)
+    model = load_weights(model_path, config, device, dtype, progress, keep_blocks)
+    return prepare_for_inference(model, device, dtype)
 
 
 def load_weights(
@@ -392,12 +435,16 @@ def load_weights(
     device: torch.device,
     dtype: torch.dtype,
     progress: ProgressCallback | None = None,
+    keep_blocks: bool = False,
 ) -> nn.Module:
     """Build the model for config and fill it from a checkpoint folder's safetensors or a GGUF file,
     checking every key and shape before reading any weight.
 
     The model is in Hugging Face's layout (plain layers, nothing fused), in train mode with every parameter
-    trainable: what fine-tuning trains, and what an adapter is applied to before prepare_for_inference."""
+    trainable: what fine-tuning trains, and what an adapter is applied to before prepare_for_inference.
+    keep_blocks (CPU, GGUF; see keeps_gguf_blocks): Linear and Embedding weights of a type engine.quant
+    has kernels for stay in their blocks as QuantizedLinear / QuantizedEmbedding layers, never dense; the
+    rest (norms, F32/F16/BF16 and other types) loads in dtype, which is then the activations' dtype."""
     family = family_of(config)
     with torch.device("meta"):
         model = family.build(config)
@@ -417,16 +464,26 @@ def load_weights(
                 f"the config expects {list(expected_shapes[key])}"
             )
 
+    kept: dict[str, GGMLQuantizationType] = {}  # keys read as GGUF blocks
+    if keep_blocks and isinstance(weights, _GGUFWeights):
+        weights.keep_blocks(_linear_and_embedding_weights(model))
+        kept = weights.kept
     total = sum(weights.sizes.values())
     done = 0
     state: dict[str, torch.Tensor] = {}
+    blocks: dict[str, RawWeight] = {}
     for key, tensor in weights.read(device, dtype):
-        state[key] = tensor
+        if key in kept:
+            blocks[key] = (kept[key], tensor)
+        else:
+            state[key] = tensor
         done += weights.sizes[key]
         if progress:
             progress(done, total)
     model.load_state_dict(state, strict=False, assign=True)
     del state  # the model owns the tensors now; fusing (prepare_for_inference) must be free to release them
     model.tie_weights()
+    if blocks:  # the layers still on `meta` become quantized layers on the blocks (biases were loaded above)
+        replace_with_quantized(model, _with_tied_names(model, blocks), embedding_dtype=dtype)
     model.init_buffers()
     return model

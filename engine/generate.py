@@ -52,7 +52,7 @@ def generate_tokens(
     before every forward, so cancellation returns within one step.
     """
     device = cache.k.device
-    vocab = model.lm_head.weight.shape[0]
+    vocab = model.config.vocab_size
     seen = torch.zeros(vocab, dtype=torch.bool, device=device)  # tokens in the sequence, for the penalty
     prompt_ids = torch.tensor(prompt, dtype=torch.long, device=device)
     seen[prompt_ids] = True

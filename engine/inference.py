@@ -9,6 +9,8 @@
   linear_bf16, which streams the weights about twice as fast as PyTorch's kernel, with the same
   rounding steps (float32 sums in another order: rare last-bit differences), and so does each
   single-position RMSNorm (rms_norm_bf16, one op instead of eight); prefill keeps PyTorch's kernels.
+- GGUF weights kept in their blocks (engine.quant's QuantizedLinear) fuse the same way where the parts
+  share one GGUF type (a Q4_K_M file's Q6_K v_proj stays separate); they keep their own kernels.
 - Layers that carry a LoRA adapter (engine.lora) are left as they are: no fusing, no oneDNN class.
 
 What fuses comes from the family's registry entry (models.registry.Family.fusions); kernels are swapped
@@ -23,6 +25,7 @@ import torch.nn as nn
 from engine.kernels import bf16_decode_ops
 from engine.layers import recast, swap_layers
 from engine.lora import is_lora_layer
+from engine.quant import QuantizedLinear, fuse_quantized_linears
 from models.gpt2 import Conv1D
 from models.llama import RMSNorm
 from models.registry import Fusion, family_of
@@ -106,19 +109,28 @@ def _store_for_onednn(weight_out_in: torch.Tensor) -> torch.Tensor:
     return weight_out_in.t().contiguous().t()
 
 
+def _fused(parts: list[nn.Module]) -> nn.Module | None:
+    """The parts as one layer: plain Linear layers, or QuantizedLinear layers of one GGUF type; None for
+    anything else (LoRA-wrapped layers, mixed types)."""
+    if all(type(p) is nn.Linear for p in parts):
+        return fuse_linears(parts)
+    if all(type(p) is QuantizedLinear for p in parts):
+        return fuse_quantized_linears(parts)
+    return None
+
+
 def _fuse(model: nn.Module, fusions: tuple[Fusion, ...]) -> list[tuple[nn.Module, Fusion]]:
-    """Apply the family's fusion plan wherever all parts are plain Linear layers (LoRA-wrapped ones stay
-    unfused); returns the (module, fusion) pairs done."""
+    """Apply the family's fusion plan wherever _fused can; returns the (module, fusion) pairs done."""
     done = []
     for module in model.modules():
         for fusion in fusions:
             if not hasattr(type(module), fusion.into):
                 continue
-            parts = [getattr(module, name) for name in fusion.parts]
-            if any(type(p) is not nn.Linear for p in parts):
+            fused = _fused([getattr(module, name) for name in fusion.parts])
+            if fused is None:
                 continue
             # object.__setattr__ keeps the fused layer out of _modules, so state_dict() stays HF's keys.
-            object.__setattr__(module, fusion.into, fuse_linears(parts))
+            object.__setattr__(module, fusion.into, fused)
             done.append((module, fusion))
     return done
 

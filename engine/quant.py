@@ -163,11 +163,13 @@ def fuse_quantized_linears(parts: list[QuantizedLinear]) -> QuantizedLinear | No
 RawWeight = tuple[GGMLQuantizationType, np.ndarray | torch.Tensor]  # (GGUF type, its raw block bytes)
 
 
-def replace_with_quantized(module: nn.Module, weights: dict[str, RawWeight], prefix: str = "") -> None:
+def replace_with_quantized(module: nn.Module, weights: dict[str, RawWeight], prefix: str = "",
+                           embedding_dtype: torch.dtype | None = None) -> None:
     """Swap each nn.Linear / nn.Embedding whose weight name (e.g. "model.layers.0.mlp.up_proj.weight")
     is in `weights` for a QuantizedLinear / QuantizedEmbedding on those blocks, in place. A Linear's
     bias, if any, is kept (float32). The blocks are used in place, never copied: two names given the
-    same raw array (a tied embedding and output) share it."""
+    same raw array (a tied embedding and output) share it. Embeddings return embedding_dtype (default:
+    the replaced weight's dtype)."""
     for name, child in module.named_children():
         key = f"{prefix}{name}.weight"
         if key in weights and isinstance(child, (nn.Linear, nn.Embedding)):
@@ -178,7 +180,8 @@ def replace_with_quantized(module: nn.Module, weights: dict[str, RawWeight], pre
                 swapped = QuantizedLinear(*shape[::-1], qtype, as_block_rows(raw, qtype, shape, key), child.bias)
             else:
                 shape = (child.num_embeddings, child.embedding_dim)
-                swapped = QuantizedEmbedding(*shape, qtype, as_block_rows(raw, qtype, shape, key), child.weight.dtype)
+                swapped = QuantizedEmbedding(*shape, qtype, as_block_rows(raw, qtype, shape, key),
+                                             embedding_dtype or child.weight.dtype)
             setattr(module, name, swapped)
         else:
-            replace_with_quantized(child, weights, f"{prefix}{name}.")
+            replace_with_quantized(child, weights, f"{prefix}{name}.", embedding_dtype)

@@ -80,7 +80,7 @@ class Gemma3ForCausalLM(nn.Module):
 
     def init_buffers(self) -> None:
         """(Re)compute the RoPE inverse frequencies on the weights' device (after building on `meta`)."""
-        c, device = self.config, self.lm_head.weight.device
+        c, device = self.config, self.model.norm.weight.device  # lm_head may hold GGUF blocks
         self.inv_freq_global = rope_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, device)
         self.inv_freq_local = rope_inverse_frequencies(c.head_dim, c.rope_local_theta, RopeScaling("default"), device)
 

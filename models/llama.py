@@ -186,7 +186,7 @@ class LlamaForCausalLM(nn.Module):
 
     def init_buffers(self) -> None:
         """Recompute non-persistent buffers on the weights' device (after building on `meta`)."""
-        self.inv_freq = self._inverse_frequencies(self.lm_head.weight.device)
+        self.inv_freq = self._inverse_frequencies(self.model.norm.weight.device)  # lm_head may hold GGUF blocks
 
     def _inverse_frequencies(self, device: torch.device | None) -> torch.Tensor:
         c = self.config

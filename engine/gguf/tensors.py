@@ -10,13 +10,15 @@ Two layout changes undo what llama.cpp's converter did:
 `model_tensors` describes every tensor with its raw, memory-mapped blocks (nothing is read), so a
 loader that keeps quantized weights can take the blocks as they are: rows are whole blocks, so the
 row permutation applies to raw blocks too. `dequantize` turns one tensor into a torch tensor of
-the requested dtype in our layout.
+the requested dtype in our layout; `read_blocks` reads a quantized matrix's blocks as they are, for
+engine.quant's layers.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import gguf
 import numpy as np
@@ -76,6 +78,7 @@ class GGUFTensor:
     key: str  # our module's state-dict key, e.g. "model.layers.0.self_attn.q_proj.weight"
     tensor_type: GGMLQuantizationType
     raw: np.ndarray  # the stored data, memory-mapped: floats for F32/F16, uint8 blocks (rows, bytes) otherwise
+    data_offset: int  # where `raw` starts in the file (read_blocks reads it without the memory map)
     shape: tuple[int, ...]  # element shape as stored, numpy order (GGUF's ne reversed): (out, in) for a Linear
     unpermute_heads: int | None  # llama Q/K: heads whose rows llama.cpp interleaved for its RoPE
     transpose: bool  # gpt2 Conv1D: stored (out, in), our module holds (in, out)
@@ -130,6 +133,7 @@ def model_tensors(gguf_file: GGUFFile, config: ModelConfig) -> dict[str, GGUFTen
             key=key,
             tensor_type=t.tensor_type,
             raw=t.data,
+            data_offset=int(t.data_offset),
             shape=tuple(int(d) for d in reversed(t.shape.tolist())),
             unpermute_heads=heads,
             transpose=isinstance(config, GPT2Config) and base in _GPT2_CONV1D and key.endswith(".weight"),
@@ -144,6 +148,19 @@ def unpermute_rows(w: torch.Tensor | np.ndarray, n_heads: int) -> torch.Tensor |
     of values and on a numpy array of raw quantized rows alike (a row is whole blocks)."""
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_blocks(tensor: GGUFTensor, file: BinaryIO) -> torch.Tensor:
+    """A quantized matrix's blocks as (rows, bytes per row) uint8 in our row order, read from the open file
+    into memory of its own: the memory map is not touched, so its pages never count towards the process's
+    resident memory beside this copy. Llama Q/K rows are un-permuted as whole rows of blocks."""
+    blocks = torch.empty(tensor.raw.shape, dtype=torch.uint8)  # (rows, bytes per row)
+    file.seek(tensor.data_offset)
+    if file.readinto(memoryview(blocks.numpy()).cast("B")) != tensor.nbytes:
+        raise CheckpointError(f"truncated GGUF file while reading {tensor.gguf_name}")
+    if tensor.unpermute_heads is not None:
+        blocks = unpermute_rows(blocks, tensor.unpermute_heads).contiguous()
+    return blocks
 
 
 _STAGING_ELEMENTS = 4 << 20  # float32 values dequantized per step of a large tensor (16 MiB)

@@ -104,9 +104,10 @@ def _load(library: Library, what: str):
 BUILD_NOTE = "compiling CPU kernels, once (about 10 s)"  # what loaders show while the compiler runs
 
 
-def needs_build() -> bool:
-    """Whether the first bf16_decode_ops() call on this machine will run the compiler (seconds)."""
-    return bf16_decode_ops.cache_info().currsize == 0 and cpu_has_avx512_bf16() and not _library_path().exists()
+def needs_build(library: Library = BF16) -> bool:
+    """Whether the first bf16_decode_ops() / quant_ops() call on this machine will run the compiler (seconds)."""
+    ops, runs_here = (bf16_decode_ops, cpu_has_avx512_bf16()) if library is BF16 else (quant_ops, AVX2_FLAGS <= cpu_flags())
+    return ops.cache_info().currsize == 0 and runs_here and not _library_path(library).exists()
 
 
 @functools.cache

@@ -6,6 +6,7 @@ file. Without it the tests skip, except under CI=true, where they fail.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,77 @@ def test_float32_greedy_ids_equal_transformers_on_the_same_file(engine, smollm2_
     # Ours stops at <|im_end|>; transformers was told not to, so compare what both produced.
     assert ids == expected.tolist()[: len(ids)]
     assert len(ids) >= 5
+
+
+# -- GGUF blocks kept (`--dtype auto` on CPU) against the dequantized float32 path of the same file ----------
+
+# ~300 tokens of plain prose, written for this test (so no model has seen it): perplexity is measured on it.
+HELD_OUT_TEXT = (
+    "The village stood at the edge of a wide valley, where the river slowed and spread into a chain of shallow "
+    "pools. Every spring the water rose over the lower fields, and every summer it fell back, leaving behind a "
+    "layer of dark soil that made the farms there the richest in the region. The people who lived in the village "
+    "had learned to plant late, after the floods had passed, and to harvest early, before the autumn rains began. "
+    "Most families kept a small orchard beside the house, with apple and pear trees that were older than anyone "
+    "could remember. In the evenings, when the work was done, the older men gathered on the bench outside the "
+    "bakery and talked about the weather, the price of grain and the news from the town across the hills. The "
+    "children ran along the river bank, looking for frogs and flat stones to skip across the water. Once a year, "
+    "at the end of the harvest, the whole village came together for a long dinner in the square. Tables were "
+    "carried out of every house and set end to end, and each family brought a dish to share. There was bread "
+    "still warm from the oven, cheese from the farm on the hill, roasted vegetables, and pies filled with the "
+    "last fruit of the season. When the sun went down, someone would bring out a violin, and the dancing would "
+    "go on until the candles burned low. The visitors who passed through the valley often said that it seemed "
+    "a place outside of time, untouched by the hurry of the cities. The villagers smiled at this, because they "
+    "knew how hard the work was, and how much the river could take away in a bad year."
+)
+QUESTIONS = [
+    "What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?",
+    "Write a haiku about the sea.", "What is 12 times 12?", "Give me a synonym for happy.",
+    "Why is the sky blue?", "Translate 'good morning' into Spanish.",
+]
+
+
+@pytest.fixture(scope="module")
+def quantized_engine(smollm2_path) -> Engine:
+    return Engine.load(smollm2_path, device="cpu", dtype="auto")
+
+
+def _perplexity(engine: Engine, ids: list[int]) -> float:
+    """exp(mean negative log-likelihood) of ids[1:], fed one token at a time (the decode path)."""
+    from engine.generate import decode_one_token
+    from engine.kv_cache import KVCache
+
+    tokens = torch.tensor(ids)
+    cache = KVCache.for_model(engine.config, len(ids), engine.dtype, engine.device)
+    with torch.inference_mode():
+        logits = torch.stack([decode_one_token(engine.model, tokens[i : i + 1], i, cache).float()
+                              for i in range(len(ids) - 1)])  # (T - 1, V)
+    nll = torch.nn.functional.cross_entropy(logits, tokens[1:])
+    return math.exp(nll.item())
+
+
+def test_quantized_layers_hold_about_the_files_bytes(quantized_engine, smollm2_path):
+    from engine.quant import QuantizedEmbedding, QuantizedLinear
+
+    model = quantized_engine.model
+    assert type(model.model.embed_tokens) is QuantizedEmbedding and type(model.lm_head) is QuantizedLinear
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
+    assert sum(storages.values()) <= smollm2_path.stat().st_size  # no dense copy beside the blocks
+
+
+def test_quantized_greedy_tokens_equal_the_dequantized_float32_path_on_most_prompts(engine, quantized_engine):
+    same = 0
+    for question in QUESTIONS:
+        prompt = engine.chat_prompt([{"role": "user", "content": question}], max_new_tokens=16).token_ids
+        same += _greedy(quantized_engine, prompt, 16)[0] == _greedy(engine, prompt, 16)[0]
+    print(f"\nSmolLM2 Q4_1: {same} of {len(QUESTIONS)} prompts give the same 16 greedy tokens on the blocks "
+          f"({quantized_engine.dtype_name} activations) as dequantized float32")
+    assert same > len(QUESTIONS) // 2  # most: 16 tokens are long enough for one near-tie to part the two
+
+
+def test_quantized_perplexity_is_within_one_percent_of_the_dequantized_float32_path(engine, quantized_engine):
+    ids = engine.tokenizer.encode(HELD_OUT_TEXT)
+    assert 250 <= len(ids) <= 400
+    dense, quantized = _perplexity(engine, ids), _perplexity(quantized_engine, ids)
+    print(f"\nSmolLM2 Q4_1 perplexity on {len(ids)} held-out tokens: dequantized float32 {dense:.4f}, "
+          f"blocks with {quantized_engine.dtype_name} activations {quantized:.4f} ({quantized / dense - 1:+.2%})")
+    assert abs(quantized / dense - 1) <= 0.01
