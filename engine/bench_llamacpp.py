@@ -46,8 +46,8 @@ class LlamaCppRunner:
         llama_cpp.llama_log_set(self._silence, ctypes.c_void_p())
         llama_cpp.llama_backend_init()
         # llama.cpp's AMX weight layout (chosen when it is built with native flags on a CPU with AMX)
-        # segfaults in its multi-row matmuls in 0.3.36 (any prompt of 2+ tokens; oneDNN's AMX works on
-        # the same CPU), so on such CPUs the extra layouts (AMX and CPU repack) are turned off.
+        # segfaults in ggml_backend_amx_mul_mat on batches of 2+ tokens in 0.3.36 (llama.cpp#20824;
+        # oneDNN's AMX works on the same CPU), so on such CPUs the extra layouts (AMX and CPU repack) are off.
         self.extra_layouts = b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info()
         model_params = llama_cpp.llama_model_default_params()
         model_params.use_extra_bufts = self.extra_layouts
