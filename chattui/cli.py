@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", choices=sorted(PRESETS), help="random weights of a known shape (default: smollm-135m)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     b.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (default: auto)")
-    b.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    b.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and llama.cpp (default: torch's choice)")
     b.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length (default: 128)")
     b.add_argument("--new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default: 64)")
     b.add_argument("--repeat", type=int, default=5, metavar="N", help="measured runs after one warm-up (default: 5)")
