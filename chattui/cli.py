@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="measure time to first token, prefill and decode speed",
-        description="Benchmark prefill and decode on a checkpoint or on random weights of a preset shape; "
-        "--compare-hf runs transformers' generate on the same weights, interleaved, and prints ratios.",
+        description="Benchmark prefill and decode on a checkpoint or on random weights of a preset shape, with "
+        "weight GB/s against the memory bandwidth measured in the same run; --compare-hf runs transformers' "
+        "generate and --compare-llamacpp llama.cpp on the same weights and prompt ids, interleaved, and prints ratios.",
     )
     from engine.presets import PRESETS
 
@@ -119,11 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", choices=sorted(PRESETS), help="random weights of a known shape (default: smollm-135m)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     b.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (default: auto)")
-    b.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    b.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and llama.cpp (default: torch's choice)")
     b.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length (default: 128)")
     b.add_argument("--new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default: 64)")
     b.add_argument("--repeat", type=int, default=5, metavar="N", help="measured runs after one warm-up (default: 5)")
     b.add_argument("--compare-hf", action="store_true", help="also run transformers' generate and print ratios")
+    b.add_argument("--compare-llamacpp", action="store_true",
+                   help="also run llama.cpp (llama-cpp-python, the bench extra) on the GGUF file and print ratios")
+    b.add_argument("--llamacpp-model", metavar="FILE.gguf",
+                   help="the GGUF of --model's weights for llama.cpp (e.g. an F32 or BF16 "
+                   "GGUF of a safetensors folder; implies --compare-llamacpp; default: --model itself when it is a GGUF)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     b.set_defaults(run=cmd_bench)
 
@@ -305,6 +311,8 @@ def cmd_bench(args) -> int:
         new_tokens=args.new_tokens,
         repeat=args.repeat,
         compare_hf=args.compare_hf,
+        compare_llamacpp=args.compare_llamacpp or args.llamacpp_model is not None,
+        llamacpp_model=args.llamacpp_model,
     )
     report = run_bench(options, progress=None if args.json else _stderr_console())
     if args.json:

@@ -334,8 +334,17 @@ def test_bench_compare_hf_reports_ratios(cli, qwen2):
     assert code == 0, err
     report = one_json(out)
     assert report["transformers"]["decode_tokens_per_s"] > 0
+    assert report["transformers"]["weight_bytes_per_token"] == report["chattui"]["weight_bytes_per_token"]
     for key in ("decode_speedup", "prefill_speedup", "ttft_ratio"):
-        assert report["ratios"][key] > 0
+        assert report["ratios"]["transformers"][key] > 0
+
+
+def test_bench_compare_llamacpp_without_llama_cpp_is_a_one_line_error(cli, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + bytes(20))  # the check comes before the file is read
+    assert_one_line_error(*cli("bench", "--model", path, "--compare-llamacpp", "--json"),
+                          "--compare-llamacpp needs llama-cpp-python", "[bench]")
 
 
 def test_bench_prompt_longer_than_context_is_a_one_line_error(cli, qwen2):
