@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from engine.bench_llamacpp import LlamaCppRunner, gguf_bytes_per_token, import_llama_cpp
-from engine.checkpoint import load_model, read_model_config
+from engine.checkpoint import BLOCKS_COMPUTE_DTYPE, keeps_gguf_blocks, load_model, read_model_config
 from engine.device import dtype_name, resolve_device, resolve_dtype
 from engine.errors import EngineError
 from engine.generate import generate_tokens
@@ -213,7 +213,11 @@ def run_bench(options: BenchOptions, progress=None) -> dict[str, Any]:
     dtype = resolve_dtype(options.dtype, device)
     if options.model_dir is not None:
         hf_config = None  # only presets need it
-        model = load_model(options.model_dir, read_model_config(options.model_dir), device, dtype)
+        keep_blocks = keeps_gguf_blocks(options.model_dir, options.dtype, device)  # as Engine.load decides
+        if keep_blocks:
+            dtype = BLOCKS_COMPUTE_DTYPE
+        model = load_model(options.model_dir, read_model_config(options.model_dir), device, dtype,
+                           keep_blocks=keep_blocks)
         source = str(options.model_dir)
     else:
         preset = options.preset or "smollm-135m"

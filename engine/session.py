@@ -20,6 +20,7 @@ import torch
 from engine.attention import AttentionMaps, AttentionWatcher
 from engine import kernels
 from engine.checkpoint import (
+    BLOCKS_COMPUTE_DTYPE,
     GenerationDefaults,
     ProgressCallback,
     check_model_path,
@@ -159,9 +160,7 @@ class Engine:
             kernels.quant_ops() if wants_blocks else kernels.bf16_decode_ops()
         keep_blocks = wants_blocks and keeps_gguf_blocks(model_dir, dtype, torch_device)
         if keep_blocks:
-            # float32 activations on the blocks: bfloat16 ones decode ~15% faster (SmolLM2 Q4_1) but add their
-            # rounding to the kernels' 8-bit one, perplexity +1.25% instead of +0.7% (README, GGUF files).
-            torch_dtype = torch.float32
+            torch_dtype = BLOCKS_COMPUTE_DTYPE
         elif torch_device.type == "cpu" and torch_dtype == torch.bfloat16:
             kernels.bf16_decode_ops()  # built before the weights load (see above); cached
         model = load_weights(model_dir, config, torch_device, torch_dtype,
