@@ -75,6 +75,12 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: missing required metadata key {key!r}")
         return field
 
+    def _contents(self, key: str, field) -> Any:
+        try:
+            return field.contents()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.path}: metadata key {key!r} holds text that is not valid UTF-8") from None
+
     def value(self, key: str, kind: type, default: Any = _REQUIRED) -> Any:
         """A scalar metadata value of the kind int, float, bool or str; CheckpointError names the key otherwise."""
         field = self._field(key, default)
@@ -83,7 +89,7 @@ class GGUFFile:
         allowed, described = _KINDS[kind]
         if len(field.types) != 1 or field.types[0] not in allowed:
             raise CheckpointError(f"{self.path}: metadata key {key!r} must be {described}, found {_type_name(field)}")
-        return kind(field.contents())
+        return kind(self._contents(key, field))
 
     def array(self, key: str, kind: type, default: Any = _REQUIRED) -> list:
         """An array metadata value whose items are of the kind int, float, bool or str."""
@@ -98,7 +104,8 @@ class GGUFFile:
                 f"{self.path}: metadata key {key!r} must be an array of {described.split(' ', 1)[1]}s, "
                 f"found {_type_name(field)}"
             )
-        return field.contents() if kind is str else [kind(v) for v in field.contents()]
+        contents = self._contents(key, field)
+        return contents if kind is str else [kind(v) for v in contents]
 
     def arch_value(self, suffix: str, kind: type, default: Any = _REQUIRED) -> Any:
         """`{architecture}.{suffix}`, e.g. arch_value("block_count", int) reads llama.block_count."""
@@ -152,7 +159,8 @@ def open_gguf(path: str | Path) -> GGUFFile:
         raise CheckpointError(
             f"{path}: truncated GGUF file (needs bytes up to {e.end}, the file has {size})"
         ) from None
-    except (ValueError, KeyError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+    except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        # the gguf package trusts the file: bad counts, types and shapes surface as any of these
         raise CheckpointError(f"{path}: corrupt GGUF file ({_one_line(e)})") from None
     return GGUFFile(path, reader)
 
