@@ -30,7 +30,7 @@ from engine.kernels.bench_quant import measured_bandwidth
 from engine.kv_cache import KVCache
 from engine.params import SamplingParams
 from engine.presets import PRESETS
-from engine.quant import QuantizedEmbedding
+from engine.quant import QuantizedEmbedding, QuantizedLinear
 from models.registry import config_from_hf, family_of
 
 
@@ -82,9 +82,9 @@ def _weight_bytes_per_token(model: torch.nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, (torch.nn.Embedding, QuantizedEmbedding)):
             continue
-        persistent = [b for name, b in module.named_buffers(recurse=False)
-                      if b is not None and name not in module._non_persistent_buffers_set]
-        for t in [*module.parameters(recurse=False), *persistent]:
+        weights = [b for name, b in module.named_buffers(recurse=False)  # a quantized layer's blocks, too
+                   if b is not None and (name not in module._non_persistent_buffers_set or isinstance(module, QuantizedLinear))]
+        for t in [*module.parameters(recurse=False), *weights]:
             read[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(read.values())
 

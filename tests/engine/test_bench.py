@@ -26,7 +26,8 @@ def tiny_gguf(checkpoint_factory, tmp_path_factory):
 
 
 def _options(path, **overrides) -> BenchOptions:
-    return BenchOptions(model_dir=path, dtype="float32", prompt_tokens=6, new_tokens=3, repeat=1, **overrides)
+    return BenchOptions(**{"model_dir": path, "dtype": "float32", "prompt_tokens": 6, "new_tokens": 3, "repeat": 1,
+                           **overrides})
 
 
 def _read_tensors(path) -> list:
@@ -54,6 +55,17 @@ def test_report_of_a_gguf_has_speeds_bandwidth_and_weight_bytes(tiny_gguf):
     assert math.isclose(ours["bandwidth_fraction"], ours["weight_bandwidth_gb_s"] / report["memory_read_gb_s"])
     assert "ratios" not in report and "llama.cpp" not in report
     assert "chattui" in _rendered(report) and "memory read" in _rendered(report)
+
+
+def test_with_the_blocks_kept_a_decode_step_reads_the_files_quantized_bytes(tiny_gguf):
+    report = run_bench(_options(tiny_gguf, dtype="auto"))
+    ours = report["chattui"]
+    quantized = [t for t in _read_tensors(tiny_gguf) if t.tensor_type == gguf.GGMLQuantizationType.Q8_0]
+    dense = [t for t in _read_tensors(tiny_gguf) if t.tensor_type != gguf.GGMLQuantizationType.Q8_0]
+    assert quantized, "the tiny file has Q8_0 matrices"
+    # the blocks as stored (their bytes), the dense rest (norms) in float32
+    expected = sum(int(t.n_bytes) for t in quantized) + 4 * sum(int(t.n_elements) for t in dense)
+    assert ours["weight_bytes_per_token"] == expected
 
 
 class _Blocks(torch.nn.Module):
