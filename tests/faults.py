@@ -31,3 +31,33 @@ def hold_exclusive_lock(path: Path) -> sqlite3.Connection:
     other = sqlite3.connect(str(path), isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
     return other
+
+
+def fuzz_reader(path: Path, inputs, read, check_accepted, seconds: float) -> tuple[dict[str, int], int]:
+    """Write each input to path and read it: a refusal must be a one-line CheckpointError, an acceptance
+    passes check_accepted(result, data). Bounded to `seconds` whatever the machine's speed.
+    Returns ({"ok": n, "refused": n}, peak traced memory in bytes)."""
+    import time
+    import tracemalloc
+
+    from engine.errors import CheckpointError
+
+    outcomes = {"ok": 0, "refused": 0}
+    tracemalloc.start()
+    deadline = time.monotonic() + seconds
+    try:
+        for data in inputs:
+            if time.monotonic() > deadline:
+                break
+            path.write_bytes(data)
+            try:
+                result = read(path)
+            except CheckpointError as e:
+                assert "\n" not in str(e) and len(str(e)) < 600, str(e)
+                outcomes["refused"] += 1
+            else:
+                check_accepted(result, data)
+                outcomes["ok"] += 1
+        return outcomes, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

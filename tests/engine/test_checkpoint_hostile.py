@@ -15,6 +15,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from faults import fuzz_reader
 
 from engine import Engine
 from engine.checkpoint import _read_header
@@ -189,28 +190,14 @@ def _mutations(valid: bytes, rng: random.Random, count: int):
 def test_fuzzed_safetensors_headers_raise_only_checkpoint_errors(tmp_path):
     rng = random.Random(1234)
     valid = _valid_safetensors(tmp_path)
-    path = tmp_path / "fuzz.safetensors"
-    outcomes = {"ok": 0, "refused": 0}
-    tracemalloc.start()
-    deadline = time.monotonic() + 3.0  # bounded runtime whatever the machine's speed
-    try:
-        for data in _mutations(valid, rng, 3000):
-            if time.monotonic() > deadline:
-                break
-            path.write_bytes(data)
-            try:
-                tensors = _read_header(path)
-            except CheckpointError as e:
-                assert "\n" not in str(e) and len(str(e)) < 600
-                outcomes["refused"] += 1
-            else:  # what is accepted is consistent: every tensor inside the file, no overlaps
-                spans = sorted((t.begin, t.begin + t.nbytes) for t in tensors.values())
-                assert all(end <= len(data) for _, end in spans)
-                assert all(a_end <= b_begin for (_, a_end), (b_begin, _) in zip(spans, spans[1:]))
-                outcomes["ok"] += 1
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+
+    def consistent(tensors, data):  # every tensor inside the file, no overlaps
+        spans = sorted((t.begin, t.begin + t.nbytes) for t in tensors.values())
+        assert all(end <= len(data) for _, end in spans)
+        assert all(a_end <= b_begin for (_, a_end), (b_begin, _) in zip(spans, spans[1:]))
+
+    outcomes, peak = fuzz_reader(tmp_path / "fuzz.safetensors", _mutations(valid, rng, 3000), _read_header,
+                                 consistent, seconds=3.0)
     assert outcomes["refused"] > 100 and outcomes["ok"] > 0, outcomes
     assert peak < 16 << 20, f"{peak / 2**20:.1f} MiB"
 

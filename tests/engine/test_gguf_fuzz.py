@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import random
 import struct
-import time
-import tracemalloc
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
+from faults import fuzz_reader
 
-from engine.errors import CheckpointError
 from engine.gguf import summarize_gguf
 
 
@@ -62,25 +60,11 @@ def test_fuzzed_gguf_headers_raise_only_checkpoint_errors(tmp_path):
     rng = random.Random(2026)
     valid = _valid_gguf(tmp_path)
     assert summarize_gguf(tmp_path / "valid.gguf").parameters == 24 + 8
-    path = tmp_path / "fuzz.gguf"
-    outcomes = {"ok": 0, "refused": 0}
-    tracemalloc.start()
-    deadline = time.monotonic() + 4.0  # bounded runtime whatever the machine's speed
-    try:
-        for data in _mutations(valid, rng, 3000):
-            if time.monotonic() > deadline:
-                break
-            path.write_bytes(data)
-            try:
-                summary = summarize_gguf(path)
-            except CheckpointError as e:
-                assert "\n" not in str(e) and len(str(e)) < 600, str(e)
-                outcomes["refused"] += 1
-            else:  # what is accepted describes a file that fits in its bytes
-                assert 0 <= summary.parameters and summary.size_bytes == len(data)
-                outcomes["ok"] += 1
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+
+    def fits(summary, data):  # what is accepted describes a file that fits in its bytes
+        assert 0 <= summary.parameters and summary.size_bytes == len(data)
+
+    outcomes, peak = fuzz_reader(tmp_path / "fuzz.gguf", _mutations(valid, rng, 3000), summarize_gguf, fits,
+                                 seconds=4.0)
     assert outcomes["refused"] > 50 and outcomes["ok"] > 0, outcomes
     assert peak < 64 << 20, f"{peak / 2**20:.1f} MiB"
