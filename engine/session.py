@@ -152,17 +152,14 @@ class Engine:
         defaults = read_defaults(model_dir)
         # LoRA layers wrap dense Linear layers: an adapter gets the dequantized base.
         wants_blocks = lora is None and dtype == "auto" and torch_device.type == "cpu" and is_gguf_path(model_dir)
-        if progress and (
-            wants_blocks and kernels.needs_build(kernels.QUANT)
-            or torch_device.type == "cpu" and torch_dtype == torch.bfloat16 and kernels.needs_build(kernels.BF16)
-        ):  # compile now, while the note shows, rather than silently after the weights reach 100%
-            progress(0, 0, kernels.BUILD_NOTE)
-            kernels.quant_ops() if wants_blocks else kernels.bf16_decode_ops()
+        cpu_bf16 = torch_device.type == "cpu" and torch_dtype == torch.bfloat16
+        build = kernels.quant_ops if wants_blocks else kernels.bf16_decode_ops if cpu_bf16 else None
+        if progress and build and kernels.needs_build(kernels.QUANT if wants_blocks else kernels.BF16):
+            progress(0, 0, kernels.BUILD_NOTE)  # compile now, while the note shows, not after the weights at 100%
+            build()
         keep_blocks = wants_blocks and keeps_gguf_blocks(model_dir, dtype, torch_device)
         if keep_blocks:
             torch_dtype = BLOCKS_COMPUTE_DTYPE
-        elif torch_device.type == "cpu" and torch_dtype == torch.bfloat16:
-            kernels.bf16_decode_ops()  # built before the weights load (see above); cached
         model = load_weights(model_dir, config, torch_device, torch_dtype,
                              (lambda done, total: progress(done, total, None)) if progress else None, keep_blocks)
         if lora is not None:  # before preparing, so the adapted layers stay plain and unfused
