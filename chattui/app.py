@@ -26,6 +26,7 @@ from textual.worker import get_current_worker
 from chattui.backend import Backend, BackendError, ModelInfo
 from chattui.catalog import Stores, display_name, human_count
 from chattui.config import Config
+from chattui.context import ScreenContext
 from chattui.paths import bundled_model_dir
 from chattui.screens.chat import ChatScreen
 from chattui.screens.models import ModelPickerScreen
@@ -108,15 +109,22 @@ class ChattuiApp(App):
         self.initial_model = str(model_dir) if model_dir else None
         self.initial_adapter = str(adapter) if adapter else None  # --adapter: applied to the start-up model
         self.notices = list(notices)
-        self.export_dir = Path(export_dir or config.export_dir or Path.cwd()).expanduser()
         self.bundled_dir = bundled_dir or bundled_model_dir()
         self.stores = stores or Stores.default()  # where the model picker looks
-        self.model: ModelInfo | None = None  # the model replies come from
-        self.loading: str | None = None  # the folder being loaded
         self.last_load_error: str | None = None
-        self.last_export: Path | None = None
+        self.context = ScreenContext(  # what the screens are given; the app keeps its model state current
+            store=store, backend=backend,
+            export_dir=Path(export_dir or config.export_dir or Path.cwd()).expanduser(), jobs_dir=jobs_dir,
+            load_model=self.load_model, open_new_chat=self.open_new_chat,
+        )
         self.chat = ChatScreen(store, backend)
-        self.jobs_dir = jobs_dir  # where fine-tune jobs are created; None = chattui.jobs.jobs_root()
+
+    # The app's model state lives in the screens' context.
+    model = property(lambda self: self.context.model)
+    loading = property(lambda self: self.context.loading)
+    last_export = property(lambda self: self.context.last_export)
+    export_dir = property(lambda self: self.context.export_dir)
+    jobs_dir = property(lambda self: self.context.jobs_dir)
 
     def notify(self, message: str, **kwargs) -> None:
         """Every notice is shown through displayable: errors can quote what a model or its template wrote."""
@@ -178,7 +186,7 @@ class ChattuiApp(App):
 
     def load_model(self, path: str, adapter: str | None = None) -> None:
         """Load a model in the background; replies keep using the current one until it is ready."""
-        self.loading = path
+        self.context.loading = path
         self.chat.status.show_loading(display_name(path))
         self._load(path, self.device, self.dtype, adapter)
 
@@ -218,9 +226,9 @@ class ChattuiApp(App):
 
     async def on_chattui_app_model_loaded(self, message: ModelLoaded) -> None:
         info = message.info
-        self.model = info
+        self.context.model = info
         if self.loading is not None and Path(self.loading).expanduser().resolve() == Path(info.path).resolve():
-            self.loading = None
+            self.context.loading = None
             self.chat.status.show_loading(None)
         try:
             self.store.touch_model(info.path)
@@ -237,7 +245,7 @@ class ChattuiApp(App):
 
     def on_chattui_app_model_load_failed(self, message: ModelLoadFailed) -> None:
         if message.path == self.loading:
-            self.loading = None
+            self.context.loading = None
             self.chat.status.show_loading(None)
         self.last_load_error = message.error
         still = (
@@ -271,6 +279,12 @@ class ChattuiApp(App):
             ),
             chosen,
         )
+
+    async def open_new_chat(self) -> None:
+        """Back to the chat screen (closing the screens above it), in a new conversation."""
+        while self.screen is not self.chat and len(self.screen_stack) > 1:
+            self.pop_screen()
+        await self.chat.action_new_chat()
 
     def action_finetune(self) -> None:
         from chattui.screens.finetune import FinetuneScreen

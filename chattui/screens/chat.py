@@ -632,7 +632,7 @@ class ChatScreen(Screen):
         except OSError as e:
             self.notify(f"Export failed: {e}", severity="error", markup=False)
             return
-        self.app.last_export = path
+        self.app.context.last_export = path
         self.notify(f"Exported to {path}", title="Export", timeout=15, markup=False)
 
     def action_attention(self) -> None:
