@@ -406,30 +406,52 @@ def test_each_evaluation_writes_greedy_replies_to_held_out_prompts(base, tmp_pat
             assert sample["expected"] == f"Answer {number}." and isinstance(sample["reply"], str)
 
 
-def test_the_defaults_teach_the_bundled_model_a_small_question_answer_set(tmp_path):
-    """The issue's case, with the real trainer: 22 made-up facts, LoRA, nothing but model and data given."""
+# The issue's case: 22 made-up facts no model knows (country, capital).
+FACTS = [("Zorbia", "Quell"), ("Brantia", "Mopal"), ("Kesh", "Dovar"), ("Lunor", "Tiska"), ("Vardel", "Pim"),
+         ("Oskuna", "Relt"), ("Trevia", "Ganto"), ("Hilm", "Sapor"), ("Mervo", "Uldin"), ("Pashta", "Korr"),
+         ("Yelbrun", "Fisk"), ("Dramor", "Ebbet"), ("Quorn", "Lasit"), ("Sivel", "Nomra"), ("Tarkeen", "Ovil"),
+         ("Ummar", "Zest"), ("Gelbo", "Wint"), ("Raskol", "Hemp"), ("Nibur", "Cassel"), ("Fendra", "Aulo"),
+         ("Istro", "Bemmel"), ("Wolkan", "Jurd")]
+
+
+def learned_facts(model: Path, out: Path) -> tuple[int, int]:
+    """(answers learned, facts trained on) after a finished job: greedy replies of base + adapter."""
     from engine import SamplingParams
 
-    facts = [("Zorbia", "Quell"), ("Brantia", "Mopal"), ("Kesh", "Dovar"), ("Lunor", "Tiska"), ("Vardel", "Pim"),
-             ("Oskuna", "Relt"), ("Trevia", "Ganto"), ("Hilm", "Sapor"), ("Mervo", "Uldin"), ("Pashta", "Korr"),
-             ("Yelbrun", "Fisk"), ("Dramor", "Ebbet"), ("Quorn", "Lasit"), ("Sivel", "Nomra"), ("Tarkeen", "Ovil"),
-             ("Ummar", "Zest"), ("Gelbo", "Wint"), ("Raskol", "Hemp"), ("Nibur", "Cassel"), ("Fendra", "Aulo"),
-             ("Istro", "Bemmel"), ("Wolkan", "Jurd")]
-    data = write_jsonl(tmp_path / "qa.jsonl", [chat(f"What is the capital of {c}?", f"The capital of {c} is {k}.")
-                                               for c, k in facts])
-    model = ROOT / "models" / "default"
-    result = run_job(config_from_dict({"model": str(model), "data": [str(data)], "out": str(tmp_path / "out"),
-                                       "device": "cpu", "precision": "fp32"}))
-    plan = json.loads((tmp_path / "out" / "job.json").read_text())["plan"]
-    assert result.status == "done" and plan["lr"] == 3.1e-3 and plan["total_steps"] == 100
-    engine = Engine.load(model, device="cpu", dtype="float32", adapter=tmp_path / "out" / "adapter")
-    held_out = {s["expected"] for r in read_records(tmp_path / "out" / "progress.jsonl") if r["type"] == "samples"
+    engine = Engine.load(model, device="cpu", dtype="float32", adapter=out / "adapter")
+    held_out = {s["expected"] for r in read_records(out / "progress.jsonl") if r["type"] == "samples"
                 for s in r["samples"]}
+    trained = [(c, k) for c, k in FACTS if f"The capital of {c} is {k}." not in held_out]  # validation: untrained
     learned = 0
-    for country, capital in facts:
-        if f"The capital of {country} is {capital}." in held_out:
-            continue  # the validation record is not trained on
+    for country, capital in trained:
         prompt = engine.chat_prompt([{"role": "user", "content": f"What is the capital of {country}?"}], 16)
         with engine.generate(prompt.token_ids, SamplingParams(temperature=0), 16) as generation:
             learned += capital in "".join(generation)
-    assert learned >= 19, f"{learned} of {len(facts) - len(held_out)} trained answers learned"
+    return learned, len(trained)
+
+
+def run_default_job(model: Path, tmp_path: Path, **settings) -> dict:
+    """A LoRA job given nothing but the model and the facts (and `settings`); returns its plan."""
+    data = write_jsonl(tmp_path / "qa.jsonl", [chat(f"What is the capital of {c}?", f"The capital of {c} is {k}.")
+                                               for c, k in FACTS])
+    result = run_job(config_from_dict({"model": str(model), "data": [str(data)], "out": str(tmp_path / "out"),
+                                       "device": "cpu", **settings}))
+    assert result.status == "done"
+    return json.loads((tmp_path / "out" / "job.json").read_text())["plan"]
+
+
+def test_the_defaults_teach_the_bundled_model_a_small_question_answer_set(tmp_path):
+    model = ROOT / "models" / "default"
+    plan = run_default_job(model, tmp_path, precision="fp32")
+    assert plan["lr"] == 3.1e-3 and plan["total_steps"] == 100
+    learned, trained = learned_facts(model, tmp_path / "out")
+    assert learned >= 19, f"{learned} of {trained} trained answers learned"
+
+
+def test_the_defaults_teach_a_135m_gguf_model_a_small_question_answer_set(tmp_path, smollm2_gguf):
+    """SmolLM2-135M-Instruct from its Q4_1 GGUF: LoRA on the dequantized base, bfloat16 autocast as a user's job
+    runs on CPU. It knows none of the answers before (measured: 0 of 22); the automatic plan teaches it."""
+    plan = run_default_job(smollm2_gguf, tmp_path)
+    assert plan["lr"] == 5.5e-4 and plan["total_steps"] == 100
+    learned, trained = learned_facts(smollm2_gguf, tmp_path / "out")
+    assert learned >= 19, f"{learned} of {trained} trained answers learned"
