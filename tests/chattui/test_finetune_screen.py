@@ -21,7 +21,9 @@ from chattui.backend import EngineBackend
 from chattui.catalog import Stores
 from chattui.config import Config
 from chattui.screens.chat import ChatScreen
-from chattui.screens.finetune import CompareScreen, FinetuneScreen, validate_form
+from chattui.screens.finetune import FinetuneScreen
+from chattui.screens.finetune.compare import CompareScreen
+from chattui.screens.finetune.form import FinetuneForm, validate_form
 from chattui.store import Store
 from chattui.widgets.loss_chart import LossChart, line_chart
 
@@ -150,8 +152,9 @@ def test_data_preview_shows_records_format_truncation_and_histogram(make_app, ch
         screen = await open_screen(pilot)
         fill(screen, model=str(model), data=str(data_file), max_seq_len="64")
         screen.query_one("#ft-preview-button", Button).press()
-        await wait_until(pilot, lambda: screen.preview is not None, timeout=30, what="the data preview")
-        report = screen.preview
+        form = screen.query_one(FinetuneForm)
+        await wait_until(pilot, lambda: form.preview is not None, timeout=30, what="the data preview")
+        report = form.preview
         assert report["files"][0]["records"] == 24 and report["files"][0]["format"] == "chat"
         assert report["truncated"] == 4 and report["max_seq_len"] == 64
         assert sum(count for _, _, count in report["length_histogram"]) == 24

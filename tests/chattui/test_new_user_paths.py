@@ -19,6 +19,7 @@ from chattui.app import ChattuiApp
 from chattui.catalog import Stores
 from chattui.config import Config
 from chattui.screens.finetune import FinetuneScreen
+from chattui.screens.finetune.form import FinetuneForm
 from chattui.store import Store
 
 SIZES = [(160, 48), (80, 24)]
@@ -523,7 +524,7 @@ def test_a_failed_job_has_a_still_progress_bar(make_app, tmp_path, size):
 def test_compare_renders_markdown_like_the_chat(make_app, tmp_path, size):
     from textual.widgets import Markdown
 
-    from chattui.screens.finetune import CompareScreen
+    from chattui.screens.finetune.compare import CompareScreen
 
     make_adapter_job(tmp_path / "jobs", "j1", tmp_path / "fake-model")
     app = make_app(FakeBackend(["Some ", "**bold**", " text"]))
@@ -574,7 +575,8 @@ def test_preview_shows_the_first_records_and_a_rejected_file_blocks_start(make_a
         screen.query_one("#ft-data", Input).value = str(good)
         await wait_until(pilot, lambda: not start.disabled, what="Start enabled for another file")
         screen.query_one("#ft-preview-button", Button).press()
-        await wait_until(pilot, lambda: screen.preview is not None, timeout=30, what="the preview")
+        form = screen.query_one(FinetuneForm)
+        await wait_until(pilot, lambda: form.preview is not None, timeout=30, what="the preview")
         await pilot.pause()
         preview = str(screen.query_one("#ft-preview", Static).render())
         for i in range(3):
