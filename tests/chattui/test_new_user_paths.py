@@ -637,8 +637,8 @@ def test_compare_says_when_the_model_with_the_adapter_does_not_load(make_app, tm
         compare.query_one("#cmp-prompt", Input).value = "hi"
         compare.query_one("#cmp-run", Button).press()
         status = compare.query_one("#cmp-status", Static)
-        await wait_until(pilot, lambda: not compare.running, what="Compare to give up")
-        assert "did not load" in str(status.render())
+        await wait_until(pilot, lambda: "did not load" in str(status.render()), what="Compare to give up")
+        assert not compare.running
         assert backend.loads[-1] == str(broken) and backend.requests == [], "nothing generated on the old model"
         assert app.model.path == str(tmp_path / "fake-model"), "the model loaded before stays"
 

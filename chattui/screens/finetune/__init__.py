@@ -91,7 +91,7 @@ class FinetuneScreen(Screen):
     def on_job_list_chosen(self, message: JobList.Chosen) -> None:
         self.show_job(message.job_id)
 
-    def on_job_list_new_job_requested(self) -> None:
+    def on_job_list_new_job_requested(self, message: JobList.NewJobRequested) -> None:
         self.action_new_job()
 
     def action_new_job(self) -> None:

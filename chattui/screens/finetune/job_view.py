@@ -273,7 +273,7 @@ class JobView(VerticalScroll):
         self.query_one("#job-compare", Button).disabled = target is None or target[1] is None
         if self.screen.focused is None:  # the focused button was just disabled (Cancel, Resume): stay in the view
             enabled = [b for b in self.query(Button).results(Button) if not b.disabled]
-            (enabled[0] if enabled else self).focus()
+            self.screen.set_focus(enabled[0] if enabled else self)  # now, not after a refresh as focus() would
 
     @on(Button.Pressed, "#job-cancel")
     def _cancel(self, event: Button.Pressed) -> None:
