@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -115,7 +115,7 @@ class ChattuiApp(App):
         self.context = ScreenContext(  # what the screens are given; the app keeps its model state current
             store=store, backend=backend,
             export_dir=Path(export_dir or config.export_dir or Path.cwd()).expanduser(), jobs_dir=jobs_dir,
-            load_model=self.load_model, open_new_chat=self.open_new_chat,
+            load_model=self.load_model, open_new_chat=self.open_new_chat, choose_model=self.choose_model,
         )
         self.chat = ChatScreen(store, backend)
 
@@ -268,6 +268,12 @@ class ChattuiApp(App):
                     self.load_model(path)
 
         current = (self.model.adapter or self.model.path) if self.model else None
+        self.choose_model(current, chosen, trained=True)
+
+    def choose_model(self, current: str | None, chosen: Callable[[str | None], None], *, trained: bool = False
+                     ) -> None:
+        """The model picker (bundled, recent, config folders, the stores; with `trained`, the fine-tuned models
+        too), calling `chosen` with the path picked or None."""
         self.push_screen(
             ModelPickerScreen(
                 recent=self.store.recent_models(),
@@ -275,7 +281,7 @@ class ChattuiApp(App):
                 stores=self.stores,
                 current=current,
                 bundled=self.bundled_dir,
-                trained=partial(trained_models, self.jobs_dir),
+                trained=partial(trained_models, self.jobs_dir) if trained else None,
             ),
             chosen,
         )
@@ -290,7 +296,7 @@ class ChattuiApp(App):
         from chattui.screens.finetune import FinetuneScreen
 
         if not isinstance(self.screen, FinetuneScreen):
-            self.push_screen(FinetuneScreen(self.jobs_dir))
+            self.push_screen(FinetuneScreen(self.context))
 
     def _on_notify(self, event) -> None:
         super()._on_notify(event)

@@ -1,6 +1,6 @@
-"""What the app hands its screens: the store, the backend, where files go, the model state and the two
-things a screen may ask of the app (load a model, open a new chat). Screens take it in their constructor
-instead of reaching into `self.app`, so a screen can be built and tested with any context.
+"""What the app hands its screens: the store, the backend, where files go, the model state and the three
+things a screen may ask of the app (load a model, open a new chat, pick a model's path). Screens take it in
+their constructor instead of reaching into `self.app`, so a screen can be built and tested with any context.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ async def _no_chat() -> None:
     raise RuntimeError("this context has no chat screen")
 
 
+def _no_model_picker(current: str | None, chosen: Callable[[str | None], None]) -> None:
+    raise RuntimeError("this context has no model picker")
+
+
 @dataclass
 class ScreenContext:
     store: Store
@@ -34,6 +38,8 @@ class ScreenContext:
     load_model: Callable[..., None] = field(default=_no_model_loading)
     # Back to the chat screen, in a new conversation.
     open_new_chat: Callable[[], Awaitable[None]] = field(default=_no_chat)
+    # Open the model picker at `current`; it calls `chosen` with the path picked (None: closed without one).
+    choose_model: Callable[[str | None, Callable[[str | None], None]], None] = field(default=_no_model_picker)
 
     def is_loaded(self, model: str, adapter: str | None) -> bool:
         """Whether `model` with `adapter` (None: no adapter) is the model replies come from now."""

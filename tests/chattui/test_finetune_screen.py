@@ -21,7 +21,9 @@ from chattui.backend import EngineBackend
 from chattui.catalog import Stores
 from chattui.config import Config
 from chattui.screens.chat import ChatScreen
-from chattui.screens.finetune import CompareScreen, FinetuneScreen, validate_form
+from chattui.screens.finetune import FinetuneScreen
+from chattui.screens.finetune.compare import CompareScreen
+from chattui.screens.finetune.form import FinetuneForm, validate_form
 from chattui.store import Store
 from chattui.widgets.loss_chart import LossChart, line_chart
 
@@ -107,6 +109,31 @@ def test_form_validation_lists_each_bad_field_and_starts_nothing(make_app, tmp_p
     run(app, scenario)
 
 
+def test_choose_fills_the_base_model_from_the_picker_and_new_job_returns_to_the_form(make_app, tmp_path):
+    from chattui.screens.models import ModelPickerScreen
+
+    app = make_app()
+    picked = tmp_path / "picked-model"
+
+    async def scenario(pilot):
+        screen = await open_screen(pilot)
+        assert screen.query_one("#ft-model", Input).value == app.model.path, "the loaded model to start with"
+        screen.query_one("#ft-choose", Button).press()
+        picker = await wait_until(pilot, lambda: isinstance(app.screen, ModelPickerScreen) and app.screen,
+                                  what="the model picker")
+        assert picker.trained is None, "a base model to train on: fine-tuned adapters are not offered"
+        picker.dismiss(str(picked))
+        await wait_until(pilot, lambda: app.screen is screen, what="the fine-tune screen again")
+        await wait_until(pilot, lambda: screen.query_one("#ft-model", Input).value == str(picked),
+                         what="the picked model in the form")
+        screen.query_one("#ft-main").current = "ft-job"
+        screen.query_one("#ft-new", Button).press()
+        await wait_until(pilot, lambda: screen.query_one("#ft-main").current == "ft-form", what="the form")
+        await wait_until(pilot, lambda: app.focused is screen.query_one("#ft-model", Input), what="focus on the model")
+
+    run(app, scenario)
+
+
 def test_validate_form_defaults_and_full_method_ignore_lora_fields(tmp_path, data_file):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
@@ -150,8 +177,9 @@ def test_data_preview_shows_records_format_truncation_and_histogram(make_app, ch
         screen = await open_screen(pilot)
         fill(screen, model=str(model), data=str(data_file), max_seq_len="64")
         screen.query_one("#ft-preview-button", Button).press()
-        await wait_until(pilot, lambda: screen.preview is not None, timeout=30, what="the data preview")
-        report = screen.preview
+        form = screen.query_one(FinetuneForm)
+        await wait_until(pilot, lambda: form.preview is not None, timeout=30, what="the data preview")
+        report = form.preview
         assert report["files"][0]["records"] == 24 and report["files"][0]["format"] == "chat"
         assert report["truncated"] == 4 and report["max_seq_len"] == 64
         assert sum(count for _, _, count in report["length_histogram"]) == 24

@@ -19,6 +19,7 @@ from chattui.app import ChattuiApp
 from chattui.catalog import Stores
 from chattui.config import Config
 from chattui.screens.finetune import FinetuneScreen
+from chattui.screens.finetune.form import FinetuneForm
 from chattui.store import Store
 
 SIZES = [(160, 48), (80, 24)]
@@ -463,6 +464,28 @@ def test_chat_with_this_opens_a_new_conversation(make_app, tmp_path, size):
     run(app, size, scenario)
 
 
+def test_chat_with_this_opens_a_new_conversation_when_there_is_none_yet(make_app, tmp_path):
+    adapter = make_adapter_job(tmp_path / "jobs", "job-8", tmp_path / "fake-model")
+    app = make_app()
+
+    async def scenario(pilot):
+        chat = app.chat
+        assert chat.conversation is None and app.store.conversations() == []
+        chat.query_one("#conversations").focus()  # a new chat focuses the message input, wherever focus was
+        screen = await open_finetune(pilot)
+        screen.show_job("job-8")
+        await pilot.pause()
+        screen.query_one("#job-chat", Button).press()
+        await wait_until(pilot, lambda: app.screen is chat and app.model.adapter == str(adapter), what="the chat")
+        assert chat.conversation is None and not chat.messages and app.focused is chat.prompt
+        await send(pilot, "hello")
+        [conversation] = app.store.conversations()
+        assert (conversation.model, conversation.adapter) == (str(tmp_path / "fake-model"), str(adapter))
+        assert [m.content for m in app.store.messages(conversation.id)][0] == "hello"
+
+    run(app, SIZES[1], scenario)
+
+
 # -- 4: the first load says that the CPU kernels compile -------------------------------------------------------
 
 
@@ -523,7 +546,7 @@ def test_a_failed_job_has_a_still_progress_bar(make_app, tmp_path, size):
 def test_compare_renders_markdown_like_the_chat(make_app, tmp_path, size):
     from textual.widgets import Markdown
 
-    from chattui.screens.finetune import CompareScreen
+    from chattui.screens.finetune.compare import CompareScreen
 
     make_adapter_job(tmp_path / "jobs", "j1", tmp_path / "fake-model")
     app = make_app(FakeBackend(["Some ", "**bold**", " text"]))
@@ -546,6 +569,80 @@ def test_compare_renders_markdown_like_the_chat(make_app, tmp_path, size):
             assert "bold" in rendered and "**" not in rendered
 
     run(app, size, scenario)
+
+
+async def open_compare(pilot, screen: FinetuneScreen, job_id: str):
+    from chattui.screens.finetune.compare import CompareScreen
+
+    screen.show_job(job_id)
+    await pilot.pause()
+    screen.query_one("#job-compare", Button).press()
+    compare = await wait_until(pilot, lambda: isinstance(pilot.app.screen, CompareScreen) and pilot.app.screen,
+                               what="Compare")
+    await pilot.pause()
+    return compare
+
+
+def test_compare_streams_each_chunk_into_its_pane_without_rendering_the_earlier_blocks_again(make_app, tmp_path):
+    from textual.widgets import Markdown
+    from textual.widgets.markdown import MarkdownBlock
+
+    make_adapter_job(tmp_path / "jobs", "j1", tmp_path / "fake-model")
+    chunks = ["# Heading\n\n", "First ", "paragraph.\n\n", "Second paragraph."]
+    backend = FakeBackend(chunks, stepped=True)
+    app = make_app(backend)
+
+    def shown(markdown: Markdown) -> str:
+        return " ".join(str(block.render()) for block in markdown.query(MarkdownBlock))
+
+    async def scenario(pilot):
+        compare = await open_compare(pilot, await open_finetune(pilot), "j1")
+        base, tuned = compare.query_one("#cmp-base", Markdown), compare.query_one("#cmp-tuned", Markdown)
+        compare.query_one("#cmp-prompt", Input).value = "hi"
+        compare.query_one("#cmp-run", Button).press()
+        backend.steps.release()
+        await wait_until(pilot, lambda: "Heading" in shown(base), what="the first chunk in the base pane")
+        assert compare.running and len(backend.requests) == 1, "shown while the base reply is still being written"
+        backend.steps.release(2)
+        await wait_until(pilot, lambda: "First paragraph." in shown(base), what="the next chunks in the base pane")
+        earlier = list(base.children)  # the heading and the first paragraph
+        backend.steps.release()
+        await wait_until(pilot, lambda: "Second paragraph." in shown(base), what="the base reply's last chunk")
+        assert all(a is b for a, b in zip(earlier, base.children, strict=False)) and len(base.children) == 3, (
+            "a chunk re-parses from the last block on; the blocks before it are not rendered again")
+        assert compare.texts["tuned"] == "" and compare.running
+        backend.steps.release(2)
+        await wait_until(pilot, lambda: "First" in shown(tuned), what="the tuned reply streaming")
+        assert compare.running and "Second" not in shown(tuned)
+        backend.steps.release(2)
+        await wait_until(pilot, lambda: not compare.running, what="both replies")
+        for pane in (base, tuned):  # rendered in full once at the end
+            assert pane.source == "".join(chunks)
+            assert "Heading" in shown(pane) and "Second paragraph." in shown(pane) and "#" not in shown(pane)
+
+    run(app, SIZES[0], scenario)
+
+
+def test_compare_says_when_the_model_with_the_adapter_does_not_load(make_app, tmp_path):
+    from textual.widgets import Static
+
+    broken = tmp_path / "broken-model"  # the fake backend fails to load it
+    broken.mkdir()
+    make_adapter_job(tmp_path / "jobs", "j1", broken)
+    backend = FakeBackend()
+    app = make_app(backend)
+
+    async def scenario(pilot):
+        compare = await open_compare(pilot, await open_finetune(pilot), "j1")
+        compare.query_one("#cmp-prompt", Input).value = "hi"
+        compare.query_one("#cmp-run", Button).press()
+        status = compare.query_one("#cmp-status", Static)
+        await wait_until(pilot, lambda: "did not load" in str(status.render()), what="Compare to give up")
+        assert not compare.running
+        assert backend.loads[-1] == str(broken) and backend.requests == [], "nothing generated on the old model"
+        assert app.model.path == str(tmp_path / "fake-model"), "the model loaded before stays"
+
+    run(app, SIZES[0], scenario)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -574,7 +671,8 @@ def test_preview_shows_the_first_records_and_a_rejected_file_blocks_start(make_a
         screen.query_one("#ft-data", Input).value = str(good)
         await wait_until(pilot, lambda: not start.disabled, what="Start enabled for another file")
         screen.query_one("#ft-preview-button", Button).press()
-        await wait_until(pilot, lambda: screen.preview is not None, timeout=30, what="the preview")
+        form = screen.query_one(FinetuneForm)
+        await wait_until(pilot, lambda: form.preview is not None, timeout=30, what="the preview")
         await pilot.pause()
         preview = str(screen.query_one("#ft-preview", Static).render())
         for i in range(3):

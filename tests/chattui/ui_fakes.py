@@ -21,7 +21,8 @@ DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "min_p": 0.0, "repeti
 class FakeBackend:
     """Replies with `script(n, prompt)` (n = 1, 2, ... per request), one chunk every `delay` seconds.
 
-    A folder whose name starts with "broken" fails to load; loading takes `load_delay` seconds.
+    A folder whose name starts with "broken" fails to load; loading takes `load_delay` seconds. With `stepped`,
+    each chunk waits until the test calls `steps.release()` (once per chunk), so a test can look in between.
     """
 
     def __init__(
@@ -32,6 +33,7 @@ class FakeBackend:
         context_length: int = 256,
         finish_reason: str = "eos",
         drop_to_fit: bool = False,
+        stepped: bool = False,
     ) -> None:
         self.script = script if callable(script) else (lambda n, prompt, chunks=list(script): chunks)
         self.delay = delay
@@ -45,6 +47,7 @@ class FakeBackend:
         self.loaded: str | None = None
         self.release_load = threading.Event()  # set it to finish a load that waits (load_delay < 0)
         self.streaming = threading.Event()  # set while a reply is being streamed
+        self.steps = threading.Semaphore(0) if stepped else None  # a chunk per release(), with `stepped`
 
     def load(self, model_dir, device="auto", dtype="auto", progress=None, adapter=None) -> ModelInfo:
         self.loads.append(str(model_dir))
@@ -89,6 +92,8 @@ class FakeBackend:
         self.streaming.set()
         try:
             for chunk in chunks:
+                if self.steps is not None:
+                    self._wait_for_step(cancel)
                 if cancel.is_set():
                     finish = "cancelled"
                     break
@@ -114,6 +119,14 @@ class FakeBackend:
             "prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": len(out) / elapsed,
             "seed": settings.get("seed") if settings.get("seed") is not None else 42, "dropped_messages": dropped,
         }
+
+    def _wait_for_step(self, cancel: threading.Event, timeout: float = 20.0) -> None:
+        """Until the test releases the next chunk, the reply is cancelled, or `timeout` seconds (a test that
+        forgot to release fails on what it waits for, without hanging)."""
+        deadline = time.monotonic() + timeout
+        while not self.steps.acquire(timeout=0.05):
+            if cancel.is_set() or time.monotonic() > deadline:
+                return
 
 
 def fake_tokens(prompt) -> list[str]:
