@@ -61,6 +61,7 @@ class ChattuiApp(App):
     CSS_PATH = "chattui.tcss"
     TITLE = "chattui"
     BINDINGS = [
+        Binding("f1", "toggle_keys", "Keys"),  # the chat screen lists it first
         Binding("ctrl+o", "pick_model", "Model"),
         Binding("ctrl+t", "change_theme", "Theme", show=False),
         Binding("f4", "finetune", "Fine-tune"),
@@ -297,6 +298,13 @@ class ChattuiApp(App):
 
         if not isinstance(self.screen, FinetuneScreen):
             self.push_screen(FinetuneScreen(self.context))
+
+    def action_toggle_keys(self) -> None:
+        """f1: every key of the screen and what it does, in a side panel (the footer shows what fits)."""
+        if self.screen.query("HelpPanel"):
+            self.action_hide_help_panel()
+        else:
+            self.action_show_help_panel()
 
     def _on_notify(self, event) -> None:
         super()._on_notify(event)

@@ -106,6 +106,7 @@ class ActiveReply:
 
 class ChatScreen(Screen):
     BINDINGS = [
+        Binding("f1", "app.toggle_keys", "Keys"),  # first: at 80 columns the footer shows the first few keys
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+r", "regenerate", "Regenerate"),
         Binding("ctrl+n", "new_chat", "New chat"),
@@ -153,7 +154,7 @@ class ChatScreen(Screen):
                 yield VerticalScroll(id="messages")
                 yield PromptInput(id="prompt")
         yield StatusBar(id="status")
-        yield Footer()
+        yield Footer(compact=True)
 
     async def on_mount(self) -> None:
         interrupted = self.store.mark_interrupted()

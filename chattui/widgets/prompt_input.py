@@ -15,8 +15,9 @@ NEWLINE_KEYS = ("ctrl+j", "shift+enter", "alt+enter")
 
 class PromptInput(TextArea):
     BINDINGS = [
-        Binding("enter", "submit", "Send"),
-        Binding("ctrl+j", "newline", "New line"),
+        # Not in the footer (the placeholder says them): it leaves the room to the screen's keys at 80 columns.
+        Binding("enter", "submit", "Send", show=False),
+        Binding("ctrl+j", "newline", "New line", show=False),
     ]
 
     @dataclass

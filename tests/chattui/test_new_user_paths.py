@@ -785,3 +785,43 @@ def test_job_view_shows_sample_replies_and_an_unsettled_loss(make_app, tmp_path,
         assert not screen.query_one("#job-samples").display
 
     run(app, size, scenario)
+
+
+# -- the footer at 80 columns: f1 comes first and lists every key ------------------------------------------
+
+
+def visible_footer_keys(screen, width: int) -> list[str]:
+    from textual.widgets._footer import FooterKey
+
+    return [key.key for key in screen.query(FooterKey) if key.region.width and key.region.right <= width]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_f1_is_in_the_footer_and_opens_every_key_of_the_screen(make_app, size):
+    import io
+
+    from rich.console import Console
+    from textual.widgets import HelpPanel
+    from textual.widgets._key_panel import BindingsTable
+
+    app = make_app()
+
+    async def scenario(pilot):
+        chat = app.chat
+        await wait_until(pilot, lambda: visible_footer_keys(chat, size[0]), what="the footer")
+        shown = visible_footer_keys(chat, size[0])
+        assert shown[0] == "f1"
+        if size[0] >= 160:  # a wide terminal shows every key of the chat screen and the app
+            assert {"escape", "ctrl+r", "ctrl+n", "ctrl+s", "ctrl+l", "ctrl+g", "ctrl+b", "f2", "f3", "ctrl+o",
+                    "f4", "ctrl+q"} <= set(shown)
+        await pilot.press("f1")
+        await wait_until(pilot, lambda: chat.query(HelpPanel), what="the keys panel")
+        console = Console(width=60, record=True, file=io.StringIO())
+        console.print(chat.query_one(BindingsTable).render_bindings_table())
+        listed = console.export_text()
+        for description in ("Sidebar", "Attention", "Live attn", "Model", "Fine-tune", "Quit", "Raw/chat", "Stop"):
+            assert description in listed
+        await pilot.press("f1")
+        await wait_until(pilot, lambda: not chat.query(HelpPanel), what="the keys panel to close")
+
+    run(app, size, scenario)
