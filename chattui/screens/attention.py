@@ -2,7 +2,8 @@
 one message.
 
 The capture and every matrix shown are computed in thread workers that post results as messages (a
-1,024-token layer takes a moment on CPU); the screen only ever holds numpy arrays. Views:
+1,024-token layer takes a moment on CPU, and waits while a reply is being generated on the model); the
+screen only ever holds the backend's AttentionView and numpy arrays. Views:
 heatmap (query x key), text (the conversation coloured by one query token's attention), heads (a
 layers x heads table of entropy, mean distance and most-attended token) and live (what each new
 token of the reply being written attended to, fed by the chat screen's LiveAttention).
@@ -14,7 +15,6 @@ import csv
 import io
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer, Label, Static
 
-from chattui.backend import Backend, BackendError, Prompt
+from chattui.backend import AttentionView, Backend, BackendError, Prompt
 from chattui.paths import write_text_atomic
 from chattui.widgets.heatmap import Heatmap, attended_text, legend, token_label
 
@@ -42,7 +42,7 @@ LIVE_REFRESH_S = 0.25  # the live view redraws at most this often, however fast 
 LIVE_HISTORY = 12  # generated tokens listed in the live view
 
 
-def aggregate(maps, layer: int, head: int, aggregation: str) -> np.ndarray:
+def aggregate(maps: AttentionView, layer: int, head: int, aggregation: str) -> np.ndarray:
     """The (T, T) matrix shown for a layer/head/aggregation choice."""
     if aggregation == "head":
         return maps.head(layer, head)
@@ -113,7 +113,7 @@ class AttentionScreen(Screen):
 
     @dataclass
     class Captured(Message):
-        maps: object
+        maps: AttentionView
 
     @dataclass
     class CaptureFailed(Message):
@@ -147,7 +147,6 @@ class AttentionScreen(Screen):
         self.export_dir = export_dir
         self.error: str | None = None
         self.busy = False  # a capture or matrix is being computed
-        self._maps_lock = threading.Lock()  # AttentionMaps caches layers: one thread at a time
         self._live_seen: tuple[int, bool] | None = None  # (rows, chose_end) last drawn
 
     def compose(self):
@@ -208,10 +207,9 @@ class AttentionScreen(Screen):
             self.post_message(self.Captured(maps))
 
     @work(thread=True, exclusive=True, group="attention-matrix")
-    def _compute(self, maps, key: tuple[int, int, str]) -> None:
+    def _compute(self, maps: AttentionView, key: tuple[int, int, str]) -> None:
         try:
-            with self._maps_lock:
-                matrix = np.asarray(aggregate(maps, *key), dtype=np.float32)
+            matrix = np.asarray(aggregate(maps, *key), dtype=np.float32)
         except Exception as e:
             log.exception("attention matrix failed")
             self.post_message(self.CaptureFailed(f"{type(e).__name__}: {e}"))
@@ -219,12 +217,9 @@ class AttentionScreen(Screen):
         self.post_message(self.MatrixReady(key, matrix))
 
     @work(thread=True, exclusive=True, group="attention-summaries")
-    def _summarise(self, maps) -> None:
+    def _summarise(self, maps: AttentionView) -> None:
         try:
-            summaries = []
-            for layer in range(maps.num_layers):
-                with self._maps_lock:
-                    summaries.append(maps.head_summaries(layer))
+            summaries = [maps.head_summaries(layer) for layer in range(maps.num_layers)]
         except Exception as e:
             log.exception("head summaries failed")
             self.post_message(self.CaptureFailed(f"{type(e).__name__}: {e}"))

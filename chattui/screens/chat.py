@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from textual import on, work
 from textual.binding import Binding
@@ -24,7 +23,7 @@ from textual.widget import Widget
 from textual.widgets import Button, Footer, Label, OptionList, Static
 from textual.worker import get_current_worker
 
-from chattui.backend import Backend, BackendError
+from chattui.backend import Backend, BackendError, ReplyResult
 from chattui.catalog import model_label
 from chattui.export import write_export
 from chattui.notices import store_errors_as_notices, store_errors_noticed_by
@@ -38,6 +37,7 @@ from chattui.widgets.conversation_list import ConversationList
 from chattui.widgets.message_box import MessageBox, reply_meta
 from chattui.widgets.prompt_input import PromptInput
 from chattui.widgets.status_bar import StatusBar
+from engine.params import GenerationSettings
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class ActiveReply:
     conversation_id: int
     box: MessageBox
     cancel: threading.Event  # set to stop the engine between two tokens
-    settings: dict[str, Any]  # the sampling settings it uses
+    settings: GenerationSettings  # what it is generated with
     model: str  # folder of the model writing it
     adapter: str | None  # the LoRA adapter on top of it, if any
     mode: str  # "chat" or "generate"
@@ -125,7 +125,7 @@ class ChatScreen(Screen):
     @dataclass
     class ReplyFinished(Message):
         reply_id: int
-        result: dict
+        result: ReplyResult
 
     @dataclass
     class ReplyFailed(Message):
@@ -426,7 +426,7 @@ class ChatScreen(Screen):
         box.start_stream()
         started = time.time()
         record = self.store.add_message(  # on disk from the start: a crash keeps the text so far
-            conversation.id, "assistant", "", created_at=started, finish_reason="streaming", settings=settings,
+            conversation.id, "assistant", "", created_at=started, finish_reason="streaming", settings=settings.to_dict(),
             model=model.path, adapter=model.adapter, mode=self.mode,
         )
         reply = ActiveReply(
@@ -443,22 +443,19 @@ class ChatScreen(Screen):
         self.call_after_refresh(self._generate, self.backend, reply.id, prompt, settings, reply.cancel)
 
     @work(thread=True, exclusive=True, group="reply")
-    def _generate(self, backend: Backend, reply_id: int, prompt, settings: dict, cancel: threading.Event) -> None:
+    def _generate(self, backend: Backend, reply_id: int, prompt, settings: GenerationSettings,
+                  cancel: threading.Event) -> None:
         """Runs in a thread: iterate the backend, post text at most every `chunk_interval` seconds."""
         worker = get_current_worker()
         pending: list[str] = []
         last_post = 0.0
-        result: dict = {}
         live = self.live_attention
-        extra = {"on_attention": live.start(reply_id)} if live is not None else {}
         try:
-            for item in backend.stream(prompt, settings, cancel, **extra):
+            reply = backend.stream(prompt, settings, cancel, on_attention=live.start(reply_id) if live else None)
+            for delta in reply:
                 if worker.is_cancelled:
                     cancel.set()
-                if isinstance(item, dict):
-                    result = item
-                    continue
-                pending.append(item)
+                pending.append(delta)
                 now = time.monotonic()
                 if now - last_post >= self.chunk_interval:
                     self.post_message(self.ReplyChunk(reply_id, "".join(pending)))
@@ -466,7 +463,7 @@ class ChatScreen(Screen):
                     last_post = now
             if pending:
                 self.post_message(self.ReplyChunk(reply_id, "".join(pending)))
-            self.post_message(self.ReplyFinished(reply_id, result))
+            self.post_message(self.ReplyFinished(reply_id, reply.result))
         except BackendError as e:
             self.post_message(self.ReplyFailed(reply_id, str(e)))
         except Exception as e:  # a bug or a device error must not take the UI down
@@ -499,19 +496,20 @@ class ChatScreen(Screen):
     async def on_chat_screen_reply_finished(self, message: ReplyFinished) -> None:
         reply = self.reply
         if reply is not None and reply.id == message.reply_id:
-            await self._finish(reply, message.result.get("finish_reason", "eos"), message.result)
+            await self._finish(reply, message.result.finish_reason, message.result)
 
     async def on_chat_screen_reply_failed(self, message: ReplyFailed) -> None:
         reply = self.reply
         if reply is not None and reply.id == message.reply_id:
-            await self._finish(reply, "error", {}, error=message.error)
+            await self._finish(reply, "error", None, error=message.error)
 
     @store_errors_as_notices
-    async def _finish(self, reply: ActiveReply, finish_reason: str, result: dict, error: str | None = None) -> None:
-        """Commit the reply (text so far, stats) and render it once in full."""
+    async def _finish(self, reply: ActiveReply, finish_reason: str, result: ReplyResult | None,
+                      error: str | None = None) -> None:
+        """Commit the reply (text so far; stats when it ran to its end) and render it once in full."""
         self.reply = None
-        if self.live_attention is not None:
-            self.live_attention.finish(reply.id, result.get("generated_tokens"))
+        if self.live_attention is not None and result is not None:
+            self.live_attention.finish(reply.id, result.generated_tokens)
         self.refresh_bindings()
         text = "".join(reply.chunks)
         if not text and finish_reason in ("cancelled", "error"):
@@ -521,26 +519,25 @@ class ChatScreen(Screen):
             if finish_reason == "cancelled":
                 self.notify("Stopped before the first token")
         else:
-            stats = {k: result[k] for k in STAT_KEYS if result.get(k) is not None}
+            stats = {k: getattr(result, k) for k in STAT_KEYS} if result is not None else {}
             if error:
                 stats["error"] = error
             record = self.store.update_reply(
                 reply.record_id, text, finished_at=time.time(), finish_reason=finish_reason,
-                prompt_tokens=result.get("prompt_tokens"), generated_tokens=result.get("generated_tokens"), stats=stats,
+                prompt_tokens=result.prompt_tokens if result else None,
+                generated_tokens=result.generated_tokens if result else None, stats=stats,
             )
             if self.conversation is not None and self.conversation.id == reply.conversation_id:
                 self.messages.append(record)
             await reply.box.finish(text, record, reply_meta(record), warning=finish_reason in ("cancelled", "error"))
         if error:
             self.notify(error, title="Generation failed", severity="error", timeout=15, markup=False)
-        if result.get("ttft_s") is not None:
-            self.status.show_speed(result["ttft_s"], result.get("decode_tokens_per_s"))
-        if result.get("prompt_tokens") is not None:
+        if result is not None:
             model = self.app.model
-            self.status.show_context(
-                result["prompt_tokens"] + (result.get("generated_tokens") or 0), model.context_length if model else None
-            )
-            self.status.show_dropped(result.get("dropped_messages") or 0)
+            self.status.show_speed(result.ttft_s, result.decode_tokens_per_s)
+            self.status.show_context(result.prompt_tokens + result.generated_tokens,
+                                     model.context_length if model else None)
+            self.status.show_dropped(result.dropped_messages)
         self._refresh_sidebar()
 
     # -- stop, regenerate, edit, copy, export ------------------------------------------------------
@@ -567,7 +564,7 @@ class ChatScreen(Screen):
         if reply is None:
             return
         reply.cancel.set()
-        await self._finish(reply, "cancelled", {})
+        await self._finish(reply, "cancelled", None)
 
     @store_errors_as_notices
     async def action_regenerate(self) -> None:
@@ -685,7 +682,7 @@ class ChatScreen(Screen):
             SettingsScreen(
                 conversation.settings if conversation else {},
                 self.mode,
-                effective({}, model.defaults if model else None),
+                effective({}, model.defaults if model else None).to_dict(),
                 model.context_length if model else None,
                 self.context_used() if conversation else 0,
             ),

@@ -631,7 +631,7 @@ class FinetuneScreen(Screen):
 
 class CompareScreen(ModalScreen[None]):
     """The same prompt and seed on the base model and on base + adapter, side by side; one engine in memory,
-    the adapter switched off for the base reply (settings["adapter_enabled"])."""
+    the adapter switched off for the base reply (stream's use_adapter=False)."""
 
     BINDINGS = [Binding("escape", "close", "Close")]
     LOAD_TIMEOUT_S = 600.0
@@ -710,15 +710,13 @@ class CompareScreen(ModalScreen[None]):
                 self.post_message(self.Done("the model with the adapter did not load (see the notifications)"))
                 return
             time.sleep(0.05)
-        settings = dict(self.app.model.defaults)
-        settings["seed"] = seed
+        settings = self.app.model.defaults.updated({"seed": seed})
         try:
             for pane, enabled in (("base", False), ("tuned", True)):
                 for piece in self.app.backend.stream(
-                    [{"role": "user", "content": prompt}], {**settings, "adapter_enabled": enabled}, self.cancel
+                    [{"role": "user", "content": prompt}], settings, self.cancel, use_adapter=enabled
                 ):
-                    if isinstance(piece, str):
-                        self.post_message(self.Chunk(pane, piece))
+                    self.post_message(self.Chunk(pane, piece))
         except BackendError as e:
             self.post_message(self.Done(str(e)))
             return
