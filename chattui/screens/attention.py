@@ -29,6 +29,7 @@ from textual.screen import Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer, Label, Static
 
 from chattui.backend import AttentionView, Backend, BackendError, Prompt
+from chattui.context import ScreenContext
 from chattui.paths import write_text_atomic
 from chattui.widgets.heatmap import Heatmap, attended_text, legend, token_label
 
@@ -128,10 +129,10 @@ class AttentionScreen(Screen):
     class SummariesReady(Message):
         summaries: list  # per layer: list of HeadSummary
 
-    def __init__(self, backend: Backend, prompt: Prompt, title: str = "", *, view: str = "heatmap",
-                 live: LiveAttention | None = None, export_dir: Path | None = None) -> None:
+    def __init__(self, context: ScreenContext, prompt: Prompt, title: str = "", *, view: str = "heatmap",
+                 live: LiveAttention | None = None) -> None:
         super().__init__()
-        self.backend = backend
+        self.context = context  # the backend computes the maps; exports go to its export_dir
         self.prompt = prompt
         self.subject = title
         self.maps = None
@@ -144,7 +145,6 @@ class AttentionScreen(Screen):
         self.shown: tuple[int, int, str] | None = None  # its (layer, head, aggregation)
         self.summaries: list | None = None
         self.live = live
-        self.export_dir = export_dir
         self.error: str | None = None
         self.busy = False  # a capture or matrix is being computed
         self._live_seen: tuple[int, bool] | None = None  # (rows, chose_end) last drawn
@@ -169,7 +169,7 @@ class AttentionScreen(Screen):
         self.switch_view(self.view)
         self._show_state("computing attention…")
         self._set_busy(True)
-        self._capture(self.backend, self.prompt)
+        self._capture(self.context.backend, self.prompt)
         self.set_interval(LIVE_REFRESH_S, self._refresh_live)
         self._refresh_live()
 
@@ -359,9 +359,6 @@ class AttentionScreen(Screen):
 
     # -- export ----------------------------------------------------------------------------------
 
-    def _export_dir(self) -> Path:
-        return Path(self.export_dir or getattr(self.app, "export_dir", None) or Path.cwd())
-
     def _stem(self) -> str:
         layer, head, aggregation = self.shown
         what = {"head": f"L{layer}-H{head}", "rollout": f"rollout-L{layer}"}.get(aggregation, f"L{layer}-{aggregation}")
@@ -387,24 +384,24 @@ class AttentionScreen(Screen):
                 "dims": ["query", "key"], "attention": self.matrix.tolist(),
             }, ensure_ascii=False)
         try:
-            path = self._export_dir() / f"{self._stem()}.{fmt}"
+            path = self.context.export_dir / f"{self._stem()}.{fmt}"
             write_text_atomic(path, data)
         except OSError as e:
             self.notify(f"Export failed: {e}", title="Attention", severity="error", markup=False)
             return
-        self.last_export = path
+        self.context.last_export = path
         self.notify(f"Exported the shown matrix to {path}", title="Attention", timeout=15, markup=False)
 
     def action_screenshot(self) -> None:
         try:
-            folder = self._export_dir()
+            folder = self.context.export_dir
             folder.mkdir(parents=True, exist_ok=True)
             stem = self._stem() if self.shown else f"attention-{time.strftime('%Y%m%d-%H%M%S')}"
             path = Path(self.app.save_screenshot(filename=f"{stem}.svg", path=str(folder)))
         except OSError as e:
             self.notify(f"Screenshot failed: {e}", title="Attention", severity="error", markup=False)
             return
-        self.last_export = path
+        self.context.last_export = path
         self.notify(f"Screenshot saved to {path}", title="Attention", timeout=15, markup=False)
 
     # -- live ------------------------------------------------------------------------------------

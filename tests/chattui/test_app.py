@@ -656,8 +656,41 @@ def test_app_modules_never_import_torch_nor_the_engine_runtime():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_chat_view_tells_the_screen_each_reply_with_its_stored_record_and_typed_result(make_app, monkeypatch):
+    from chattui.backend import ReplyResult
+    from chattui.widgets.chat_view import ChatView
+
+    seen: list[ChatView.ReplyFinished | ChatView.ReplyFailed] = []
+    for name in ("on_chat_view_reply_finished", "on_chat_view_reply_failed"):
+        handler = getattr(ChatScreen, name)
+        monkeypatch.setattr(ChatScreen, name, lambda self, message, handler=handler: (seen.append(message),
+                                                                                     handler(self, message)))
+    backend = FakeBackend(lambda n, prompt: ["a", "b"] if n == 1 else [])
+    app = make_app(backend)
+
+    async def scenario(pilot):
+        chat = await ready(pilot)
+        await send(pilot, "hello")
+        await reply_done(pilot, 1)
+        await wait_until(pilot, lambda: seen, what="ReplyFinished")
+        finished = seen[0]
+        assert isinstance(finished, ChatView.ReplyFinished) and finished.record == chat.messages[-1]
+        assert isinstance(finished.result, ReplyResult) and finished.result.text == "ab" == finished.record.content
+        assert finished.result.seed == finished.record.stats["seed"]
+        def broken(*args, **options):
+            raise RuntimeError("a bug in the backend")
+
+        backend.stream = broken
+        await send(pilot, "again")
+        await wait_until(pilot, lambda: len(seen) == 2, what="ReplyFailed")
+        assert isinstance(seen[1], ChatView.ReplyFailed) and seen[1].record is None, "no text: nothing kept"
+        assert seen[1].error == "RuntimeError: a bug in the backend"
+
+    run(app, scenario)
+
+
 def test_long_conversations_mount_recent_messages_and_show_earlier_on_request(make_app, tmp_path):
-    from chattui.screens.chat import MOUNT_LIMIT
+    from chattui.widgets.chat_view import MOUNT_LIMIT
 
     store = Store(tmp_path / "long.db")
     c = store.create_conversation(title="long")

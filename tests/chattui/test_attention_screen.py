@@ -202,20 +202,20 @@ def test_export_csv_and_json_hold_the_shown_matrix_and_svg_is_written(make_app, 
         await pilot.press("full_stop", "a")
         matrix = await shown(pilot, screen, (0, 1, "mean"))
         await pilot.press("c")
-        csv_path = screen.last_export
+        csv_path = app.last_export
         assert csv_path.suffix == ".csv" and csv_path.parent == tmp_path / "exports"
         rows = list(csv.reader(csv_path.open(encoding="utf-8")))
         assert rows[0] == ["query\\key", *screen.maps.tokens]
         assert [r[0] for r in rows[1:]] == screen.maps.tokens
         np.testing.assert_array_equal(np.array([[float(x) for x in r[1:]] for r in rows[1:]], dtype=np.float32), matrix)
         await pilot.press("j")
-        json_path = screen.last_export
+        json_path = app.last_export
         data = json.loads(json_path.read_text(encoding="utf-8"))
         assert (data["layer"], data["head"], data["aggregation"]) == (0, None, "mean")
         assert data["tokens"] == screen.maps.tokens
         np.testing.assert_array_equal(np.array(data["attention"], dtype=np.float32), matrix)
         await pilot.press("s")
-        svg = screen.last_export
+        svg = app.last_export
         assert svg.suffix == ".svg" and svg.read_text(encoding="utf-8").lstrip().startswith("<svg")
         assert any(str(csv_path) in n for n in shown_notes) and any(str(svg) in n for n in shown_notes)
         assert not list((tmp_path / "exports").glob("*.part")), "no half-written files left"
