@@ -15,12 +15,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Protocol
 
 from chattui.catalog import model_label
 from engine.params import Generation, GenerationResult, GenerationSettings
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ProgressCallback = Callable[..., None]  # (bytes done, bytes total[, note]): engine.session.LoadProgress
 Prompt = list[dict] | str  # chat messages [{"role", "content"}], or raw text to continue
@@ -120,9 +121,9 @@ class Backend(Protocol):
         """The reply to `prompt`, generated as it is iterated. Stops soon after `cancel` is set (finish_reason
         "cancelled") or at a `stop` string (not included). use_adapter=False answers as the base model when an
         adapter is loaded. Errors (no model, bad settings, a prompt that fills the context) raise BackendError
-        while iterating. on_attention, if given, is called from the streaming thread after every forward with the weights
-        of the position that chose the next token, (layers, heads, positions so far) float32 numpy, and
-        the prompt's token strings."""
+        while iterating. on_attention, if given, is called from the streaming thread after every forward with
+        the weights of the position that chose the next token, (layers, heads, positions so far) float32 numpy,
+        and the prompt's token strings."""
         ...
 
     def attention(self, prompt: Prompt) -> AttentionView:
