@@ -118,7 +118,7 @@ class ChattuiApp(App):
             export_dir=Path(export_dir or config.export_dir or Path.cwd()).expanduser(), jobs_dir=jobs_dir,
             load_model=self.load_model, open_new_chat=self.open_new_chat, choose_model=self.choose_model,
         )
-        self.chat = ChatScreen(store, backend)
+        self.chat = ChatScreen(self.context)
 
     # The app's model state lives in the screens' context.
     model = property(lambda self: self.context.model)

@@ -4,19 +4,24 @@
 a fake that yields scripted chunks. The engine (and torch) is imported on first use, inside the
 loading thread, so the app's window opens before torch has finished importing.
 
-`stream()` yields text deltas (str) and then exactly one result dict:
-    text, finish_reason ("eos", "stop", "length", "cancelled"), prompt_tokens, generated_tokens,
-    reused_prompt_tokens, ttft_s, prefill_tokens_per_s, decode_tokens_per_s, seed, dropped_messages
+`stream()` returns a `Reply`: iterating it yields the text deltas (str); once it is exhausted,
+`reply.result` holds a `ReplyResult` (the engine's GenerationResult and the chat messages left out to fit).
+A request's settings are an `engine.params.GenerationSettings` (sampling plus max_new_tokens); whether a
+loaded LoRA adapter answers is chosen per request (`use_adapter`).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from chattui.catalog import model_label
+from engine.params import Generation, GenerationResult, GenerationSettings
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ProgressCallback = Callable[..., None]  # (bytes done, bytes total[, note]): engine.session.LoadProgress
 Prompt = list[dict] | str  # chat messages [{"role", "content"}], or raw text to continue
@@ -36,11 +41,71 @@ class ModelInfo:
     device: str  # "cpu", "cuda:0", ...
     dtype: str  # "float32", "bfloat16", ...
     context_length: int
-    defaults: dict[str, Any] = field(default_factory=dict)  # sampling defaults from generation_config.json
+    defaults: GenerationSettings = field(default_factory=GenerationSettings)  # from generation_config.json
     adapter: str | None = None  # the LoRA adapter folder applied on top (unmerged), if any
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+@dataclass
+class ReplyResult(GenerationResult):
+    dropped_messages: int = 0  # oldest chat messages left out so that the prompt fits the context window
+
+
+@dataclass
+class RenderedPrompt:
+    text: str  # exactly what the model is given: the chat template's output, or the raw text
+    tokens: int  # its length in tokens
+
+
+class Reply(Generation[ReplyResult]):
+    """A reply being generated: iterate it for text deltas; afterwards `.result` holds its ReplyResult
+    (None if the iteration was abandoned). close() (or `with`) frees the model at once when abandoning it."""
+
+
+class AttentionView:
+    """Attention weights of one token sequence (engine.attention.AttentionMaps), as numpy arrays and plain values.
+
+    A layer's (heads, T, T) weights are computed when first asked for (the engine keeps the two most recent),
+    under the backend's request lock: never while a reply is being generated on the same model, so a call may
+    wait for one to end. Call the methods from a worker thread, not the UI's.
+    """
+
+    def __init__(self, maps, lock: threading.Lock):
+        self._maps = maps  # the engine's; it holds the model's queries and keys
+        self._lock = lock
+        self.tokens: list[str] = list(maps.tokens)
+        self.token_ids: list[int] = list(maps.token_ids)
+        self.truncated: int = maps.truncated  # leading tokens left out beyond the capture limit
+        self.num_layers: int = maps.num_layers
+        self.num_heads: int = maps.num_heads
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def _locked(self, compute: Callable[..., Any], *args) -> Any:
+        with self._lock:
+            return compute(*args)
+
+    def layer(self, layer: int) -> np.ndarray:
+        """(heads, T, T) float32: row q holds query token q's weights over key tokens 0..T-1."""
+        return self._locked(self._maps.layer, layer)
+
+    def head(self, layer: int, head: int) -> np.ndarray:
+        """(T, T) weights of one head."""
+        return self._locked(self._maps.head, layer, head)
+
+    def mean_over_heads(self, layer: int) -> np.ndarray:
+        return self._locked(self._maps.mean_over_heads, layer)
+
+    def max_over_heads(self, layer: int) -> np.ndarray:
+        return self._locked(self._maps.max_over_heads, layer)
+
+    def rollout(self, up_to_layer: int | None = None) -> np.ndarray:
+        """(T, T) attention rollout through layers 0..up_to_layer (engine.attention.AttentionMaps.rollout)."""
+        return self._locked(self._maps.rollout, up_to_layer)
+
+    def head_summaries(self, layer: int) -> list:
+        """Per head: entropy, mean distance and most attended key (engine.attention.HeadSummary, plain values)."""
+        return self._locked(self._maps.head_summaries, layer)
 
 
 class Backend(Protocol):
@@ -50,20 +115,20 @@ class Backend(Protocol):
         BackendError and keep the previous one."""
         ...
 
-    def stream(self, prompt: Prompt, settings: dict[str, Any], cancel: threading.Event,
-               on_attention: AttentionCallback | None = None) -> Iterator[str | dict]:
-        """Text deltas, then one result dict. Stops soon after `cancel` is set (finish_reason "cancelled").
-        settings["adapter_enabled"] = False answers as the base model when an adapter is loaded.
-        on_attention, if given, is called from the streaming thread after every forward with the weights
-        of the position that chose the next token, (layers, heads, positions so far) float32 numpy, and
-        the prompt's token strings."""
+    def stream(self, prompt: Prompt, settings: GenerationSettings, cancel: threading.Event, *,
+               use_adapter: bool = True, stop: Sequence[str] = (),
+               on_attention: AttentionCallback | None = None) -> Reply:
+        """The reply to `prompt`, generated as it is iterated. Stops soon after `cancel` is set (finish_reason
+        "cancelled") or at a `stop` string (not included). use_adapter=False answers as the base model when an
+        adapter is loaded. Errors (no model, bad settings, a prompt that fills the context) raise BackendError
+        while iterating. on_attention, if given, is called from the streaming thread after every forward with
+        the weights of the position that chose the next token, (layers, heads, positions so far) float32 numpy,
+        and the prompt's token strings."""
         ...
 
-    def attention(self, prompt: Prompt) -> Any:
+    def attention(self, prompt: Prompt) -> AttentionView:
         """Attention weights of the prompt's tokens (chat messages rendered with the template, the last
-        one included; or raw text) as an object with numpy methods, like engine.AttentionMaps: tokens,
-        token_ids, truncated, num_layers, num_heads, layer(l), head(l, h), mean_over_heads(l),
-        max_over_heads(l), rollout(l), head_summaries(l). Raises BackendError."""
+        one included; or raw text). Slow (runs the model): call it from a worker thread. Raises BackendError."""
         ...
 
 
@@ -95,7 +160,6 @@ class EngineBackend:
 
     def info(self) -> ModelInfo:
         engine = self._engine
-        d = engine.defaults
         return ModelInfo(
             path=str(engine.model_dir),
             name=model_label(engine.model_dir, engine.adapter_dir),
@@ -104,18 +168,11 @@ class EngineBackend:
             device=str(engine.device),
             dtype=engine.dtype_name,
             context_length=engine.context_length,
-            defaults={
-                "temperature": d.temperature,
-                "top_k": d.top_k,
-                "top_p": d.top_p,
-                "min_p": d.min_p,
-                "repetition_penalty": d.repetition_penalty,
-                "max_new_tokens": d.max_new_tokens,
-            },
+            defaults=engine.default_settings(),
             adapter=str(engine.adapter_dir) if engine.adapter_dir else None,
         )
 
-    def attention(self, prompt: Prompt) -> Any:
+    def attention(self, prompt: Prompt) -> AttentionView:
         from engine import EngineError
 
         engine = self._engine
@@ -134,28 +191,41 @@ class EngineBackend:
                 maps.layer(maps.num_layers - 1)  # every layer's forward runs now; other layers are plain math
             except (EngineError, ValueError, IndexError) as e:
                 raise BackendError(str(e)) from None
-        return maps
+        return AttentionView(maps, self._busy)
 
-    def stream(self, prompt: Prompt, settings: dict[str, Any], cancel: threading.Event,
-               on_attention: AttentionCallback | None = None) -> Iterator[str | dict]:
-        from engine import EngineError, SamplingParams
+    def render_prompt(self, prompt: Prompt, max_new_tokens: int) -> RenderedPrompt:
+        """What stream() would give the model for `prompt` (chat messages: the oldest turns left out so that
+        max_new_tokens fit, as stream() does). Raises BackendError."""
+        from engine import EngineError
 
         engine = self._engine
         if engine is None:
             raise BackendError("no model is loaded")
-        params = SamplingParams(
-            temperature=float(settings["temperature"]),
-            top_k=int(settings["top_k"]),
-            top_p=float(settings["top_p"]),
-            min_p=float(settings["min_p"]),
-            repetition_penalty=float(settings["repetition_penalty"]),
-            seed=settings.get("seed"),
-        )
-        max_new = int(settings["max_new_tokens"])
         with self._busy:
-            use_adapter = engine.adapter_dir is None or settings.get("adapter_enabled") is not False
             try:
-                params.validate()
+                if isinstance(prompt, str):
+                    return RenderedPrompt(prompt, len(engine.raw_prompt(prompt)))
+                chat = engine.chat_prompt(prompt, max_new_tokens)
+                return RenderedPrompt(chat.text, len(chat.token_ids))
+            except (EngineError, ValueError) as e:
+                raise BackendError(str(e)) from None
+
+    def stream(self, prompt: Prompt, settings: GenerationSettings, cancel: threading.Event, *,
+               use_adapter: bool = True, stop: Sequence[str] = (),
+               on_attention: AttentionCallback | None = None) -> Reply:
+        return Reply(lambda reply: self._generate(reply, prompt, settings, cancel, use_adapter, stop, on_attention))
+
+    def _generate(self, reply: Reply, prompt: Prompt, settings: GenerationSettings, cancel: threading.Event,
+                  use_adapter: bool, stop: Sequence[str], on_attention: AttentionCallback | None) -> Iterator[str]:
+        from engine import EngineError
+
+        engine = self._engine
+        if engine is None:
+            raise BackendError("no model is loaded")
+        max_new = settings.max_new_tokens
+        with self._busy:
+            try:
+                settings.sampling.validate()
                 dropped = 0
                 if isinstance(prompt, str):
                     ids = engine.raw_prompt(prompt)
@@ -172,15 +242,13 @@ class EngineBackend:
                         tokens += engine.tokenizer.token_strings(sequence[len(tokens):])  # only the new ones
                         on_attention(rows, tokens[: len(sequence)])
                 with engine.generate(
-                    ids, params, max_new, cancel=cancel, on_attention=watch, use_adapter=use_adapter
+                    ids, settings.sampling, max_new, stop=list(stop), cancel=cancel, on_attention=watch,
+                    use_adapter=use_adapter or engine.adapter_dir is None,  # without an adapter, it is the base
                 ) as generation:
                     yield from generation  # closing early (the app quit) frees the engine at once
             except (EngineError, ValueError) as e:
                 raise BackendError(str(e)) from None
-            result = generation.result.to_dict()
-        result.pop("token_ids", None)
-        result["dropped_messages"] = dropped
-        yield result
+            reply.result = ReplyResult(**vars(generation.result), dropped_messages=dropped)
 
 
 PREVIEW_RECORDS = 3  # records the data preview shows

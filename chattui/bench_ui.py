@@ -22,11 +22,14 @@ import threading
 import time
 from pathlib import Path
 
+from engine.params import GenerationSettings
+
 PROMPT = "Once upon a time, in a land far away,"
 BUDGET = 0.10  # the most of the engine's decode speed the UI may cost
 
 
 def sampling(new_tokens: int, seed: int) -> dict:
+    """The conversation settings of every run, as the store keeps them."""
     # Sampling over the full vocabulary: random-weight models rarely hit eos, so runs are long.
     return {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
             "max_new_tokens": new_tokens, "seed": seed}
@@ -39,10 +42,10 @@ def engine_alone(backend, settings: dict) -> dict:
 
     def run() -> None:
         started = time.perf_counter()
-        for item in backend.stream(PROMPT, settings, threading.Event()):
-            if isinstance(item, dict):
-                result.update(item)
-        result["wall_s"] = time.perf_counter() - started
+        reply = backend.stream(PROMPT, GenerationSettings().updated(settings), threading.Event())
+        for _ in reply:
+            pass
+        result.update(vars(reply.result), wall_s=time.perf_counter() - started)
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -60,8 +63,8 @@ class _Preloaded:
     def load(self, model_dir, device="auto", dtype="auto", progress=None):
         return self._info
 
-    def stream(self, prompt, settings, cancel):
-        return self._backend.stream(prompt, settings, cancel)
+    def stream(self, prompt, settings, cancel, **options):
+        return self._backend.stream(prompt, settings, cancel, **options)
 
 
 def compare(backend, info, settings: dict, rounds: int) -> tuple[list[dict], list[dict]]:

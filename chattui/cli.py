@@ -187,19 +187,27 @@ def sampling_from_args(args, defaults: SamplingParams) -> SamplingParams:
 
 
 def load_engine(args):
-    """Load the model with a progress bar on stderr (when it is a terminal)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
-
+    """Load the model of --model/--device/--dtype/--adapter, with load_with_progress."""
     from engine import Engine
 
-    model_dir = args.model or default_model_dir()
     adapter = getattr(args, "adapter", None)
+    return load_with_progress(
+        args, lambda model_dir, progress: Engine.load(model_dir, args.device, args.dtype, progress, adapter)
+    )
+
+
+def load_with_progress(args, load):
+    """load(model folder or file, progress callback) with a progress bar on stderr when it is a terminal, else
+    only the notes of slow steps (compiling kernels) as lines."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    model_dir = args.model or default_model_dir()
     if not sys.stderr.isatty():
         def note_only(done: int, total: int, note: str | None) -> None:
             if note:
                 print(f"chattui: {note}", file=sys.stderr, flush=True)
 
-        return Engine.load(model_dir, device=args.device, dtype=args.dtype, adapter=adapter, progress=note_only)
+        return load(model_dir, note_only)
     with Progress(
         TextColumn("loading {task.description}"), BarColumn(), DownloadColumn(),
         transient=True, console=_stderr_console(),
@@ -212,7 +220,7 @@ def load_engine(args):
             else:
                 bar.update(task, description=str(model_dir), completed=done, total=total)
 
-        return Engine.load(model_dir, device=args.device, dtype=args.dtype, adapter=adapter, progress=show)
+        return load(model_dir, show)
 
 
 def _stderr_console():
@@ -229,25 +237,32 @@ def cmd_generate(args) -> int:
     text = read_prompt(args.prompt)
     system = text_argument(args.system, "--system") if args.system is not None else None
     stop = [text_argument(s, "--stop") for s in args.stop]
-    engine = load_engine(args)
-    params = sampling_from_args(args, engine.default_sampling())
-    max_new = args.max_new_tokens or engine.defaults.max_new_tokens
+    from chattui.backend import EngineBackend
+    from engine.params import GenerationSettings
+
+    backend = EngineBackend()  # the app's way to the engine
+    adapter = str(args.adapter) if args.adapter is not None else None
+    info = load_with_progress(
+        args, lambda model_dir, progress: backend.load(str(model_dir), args.device, args.dtype, progress, adapter)
+    )
+    settings = GenerationSettings(
+        sampling_from_args(args, info.defaults.sampling), args.max_new_tokens or info.defaults.max_new_tokens
+    )
     if args.raw:
-        prompt_text, prompt_ids = text, engine.raw_prompt(text)
+        prompt = text
     else:
-        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        prompt = ([{"role": "system", "content": system}] if system is not None else []) + [
             {"role": "user", "content": text}
         ]
-        chat = engine.chat_prompt(messages, max_new)
-        prompt_text, prompt_ids, max_new = chat.text, chat.token_ids, chat.max_new_tokens
 
     if args.show_prompt:
+        rendered = backend.render_prompt(prompt, settings.max_new_tokens)
         if args.json:
-            print_json({"prompt": prompt_text, "prompt_tokens": len(prompt_ids)})
+            print_json({"prompt": rendered.text, "prompt_tokens": rendered.tokens})
         else:
-            sys.stdout.write(for_stream(prompt_text, sys.stdout))
+            sys.stdout.write(for_stream(rendered.text, sys.stdout))
             sys.stdout.flush()
-            print(f"{len(prompt_ids)} tokens", file=sys.stderr)
+            print(f"{rendered.tokens} tokens", file=sys.stderr)
         return 0
 
     cancel = threading.Event()
@@ -259,14 +274,14 @@ def cmd_generate(args) -> int:
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        generation = engine.generate(prompt_ids, params, max_new, stop=stop, cancel=cancel)
-        for delta in generation:
+        reply = backend.stream(prompt, settings, cancel, stop=stop)
+        for delta in reply:
             if not args.json:
                 sys.stdout.write(for_stream(delta, sys.stdout))  # a terminal never gets the model's escapes
                 sys.stdout.flush()
     finally:
         signal.signal(signal.SIGINT, previous)
-    result = generation.result
+    result = reply.result
     if args.json:
         out = {
             "text": result.text,
@@ -278,9 +293,9 @@ def cmd_generate(args) -> int:
             "prefill_tokens_per_s": result.prefill_tokens_per_s,
             "decode_tokens_per_s": result.decode_tokens_per_s,
             "seed": result.seed,
-            "device": str(engine.device),
-            "dtype": engine.dtype_name,
-            "model": str(engine.model_dir),
+            "device": info.device,
+            "dtype": info.dtype,
+            "model": info.path,
         }
         print_json(out)
     else:
@@ -383,12 +398,13 @@ def _dispatch(argv: list[str]) -> int:
         except CommandError as e:
             _say(f"error: {e}")
             return 1
+    from chattui.backend import BackendError
     from engine import EngineError
 
     try:
         resolve_model_args(args)
         return args.run(args)
-    except (CommandError, EngineError) as e:
+    except (CommandError, BackendError, EngineError) as e:
         _say(f"error: {e}")
         return 1
 

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from engine.params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from engine.params import GenerationSettings
 
 MAX_SEED = 2**63 - 1  # below the engine's 2**64: conversations keep the seed in SQLite, whose integers are signed 64-bit
-
-# used until a model is loaded: the engine's own defaults
-FALLBACK_DEFAULTS: dict[str, Any] = {**asdict(SamplingParams()), "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
 
 
 class SettingError(ValueError):
@@ -26,7 +23,7 @@ class SettingError(ValueError):
 
 @dataclass(frozen=True)
 class SettingField:
-    key: str  # the key in settings dicts and SamplingParams
+    key: str  # the key in settings dicts (GenerationSettings.to_dict())
     label: str  # what the user sees
     kind: type  # int or float
     allowed: str  # what is allowed, in words, for error messages and hints
@@ -94,12 +91,10 @@ def parse_overrides(
     return overrides, errors
 
 
-def effective(overrides: dict[str, Any], defaults: dict[str, Any] | None) -> dict[str, Any]:
-    """The sampling settings a reply uses: model defaults with the conversation's overrides on top."""
-    values = dict(FALLBACK_DEFAULTS)
-    values.update({k: v for k, v in (defaults or {}).items() if k in FALLBACK_DEFAULTS})
-    values.update({k: v for k, v in overrides.items() if k in FALLBACK_DEFAULTS})
-    return values
+def effective(overrides: dict[str, Any], defaults: GenerationSettings | None) -> GenerationSettings:
+    """The settings a reply uses: the model's defaults (before a model is loaded, the engine's own) with the
+    conversation's overrides, as the store keeps them, on top."""
+    return (defaults or GenerationSettings()).updated(overrides)
 
 
 def format_value(value: Any) -> str:

@@ -15,8 +15,9 @@ _EXPORTS = {
     "CheckpointError": "engine.errors",
     "Engine": "engine.session",
     "EngineError": "engine.errors",
-    "Generation": "engine.session",
-    "GenerationResult": "engine.session",
+    "Generation": "engine.params",
+    "GenerationResult": "engine.params",
+    "GenerationSettings": "engine.params",
     "PromptTooLongError": "engine.errors",
     "SamplingParams": "engine.params",
     "TemplateError": "engine.errors",
@@ -25,8 +26,8 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from engine.errors import CheckpointError, EngineError, PromptTooLongError, TemplateError
-    from engine.params import SamplingParams
-    from engine.session import ChatPrompt, Engine, Generation, GenerationResult
+    from engine.params import Generation, GenerationResult, GenerationSettings, SamplingParams
+    from engine.session import ChatPrompt, Engine
 
 
 def __getattr__(name: str):

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from engine.gguf.header import is_gguf_path
 from engine.inference import prepare_for_inference
 from engine.kv_cache import KVCache
 from engine.lora import apply_adapter, read_adapter, set_lora_enabled
-from engine.params import SamplingParams
+from engine.params import Generation, GenerationResult, GenerationSettings, SamplingParams
 from engine.quant import QuantizedEmbedding, QuantizedLinear
 from engine.text_stream import TextStream
 from engine.tokenizer import ChatTokenizer
@@ -48,23 +48,6 @@ CACHE_GRANULE = 256  # KV cache capacity grows in multiples of this many positio
 # Engine.load's progress: (bytes of weights read, bytes in all, note). The note names a slow step that is not
 # reading weights (kernels.BUILD_NOTE while the bfloat16 kernels compile, with 0, 0), else it is None.
 LoadProgress = Callable[[int, int, str | None], None]
-
-
-@dataclass
-class GenerationResult:
-    text: str  # the reply as streamed (a stop string and what follows it are not included)
-    token_ids: list[int]  # generated ids, without the final eos
-    finish_reason: str  # "eos", "stop", "length" or "cancelled"
-    prompt_tokens: int
-    generated_tokens: int  # len(token_ids)
-    reused_prompt_tokens: int  # prompt positions served from the KV cache instead of prefilled
-    ttft_s: float  # time to first token: request start to first sampled token
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float  # tokens after the first, over the time after the first
-    seed: int  # the sampling seed used (reuse it to reproduce the reply)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -85,29 +68,6 @@ def _oldest_turn(messages: list[dict]) -> slice | None:
     while end < len(messages) - 1 and messages[end]["role"] not in ("user", "system"):
         end += 1
     return slice(first, end)
-
-
-class Generation:
-    """Iterate for text deltas; afterwards `.result` holds the GenerationResult.
-
-    Abandoning the iteration early? Call close() (or use `with`) so the engine is free at once.
-    """
-
-    def __init__(self, run: Callable[[Generation], Iterator[str]]):
-        self.result: GenerationResult | None = None  # set by run when the stream ends
-        self._deltas = run(self)
-
-    def __iter__(self) -> Iterator[str]:
-        return self._deltas
-
-    def close(self) -> None:
-        self._deltas.close()
-
-    def __enter__(self) -> Generation:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 @dataclass
@@ -203,6 +163,10 @@ class Engine:
         d = self.defaults
         return SamplingParams(d.temperature, d.top_k, d.top_p, d.min_p, d.repetition_penalty)
 
+    def default_settings(self) -> GenerationSettings:
+        """What a request uses when nobody says otherwise: generation_config.json's values, else ours."""
+        return GenerationSettings(self.default_sampling(), self.defaults.max_new_tokens)
+
     # -- prompts -----------------------------------------------------------------------------
 
     def raw_prompt(self, text: str) -> list[int]:
@@ -272,7 +236,7 @@ class Engine:
         cancel: threading.Event | Callable[[], bool] | None = None,
         on_attention: Callable[[np.ndarray, list[int]], None] | None = None,
         use_adapter: bool = True,
-    ) -> Generation:
+    ) -> Generation[GenerationResult]:
         """Stream a continuation of prompt ids. One request at a time per engine.
 
         use_adapter=False answers as the base model when an adapter is loaded (e.g. to compare).

@@ -2,7 +2,8 @@
 one message.
 
 The capture and every matrix shown are computed in thread workers that post results as messages (a
-1,024-token layer takes a moment on CPU); the screen only ever holds numpy arrays. Views:
+1,024-token layer takes a moment on CPU, and waits while a reply is being generated on the model); the
+screen only ever holds the backend's AttentionView and numpy arrays. Views:
 heatmap (query x key), text (the conversation coloured by one query token's attention), heads (a
 layers x heads table of entropy, mean distance and most-attended token) and live (what each new
 token of the reply being written attended to, fed by the chat screen's LiveAttention).
@@ -14,7 +15,6 @@ import csv
 import io
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,8 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer, Label, Static
 
-from chattui.backend import Backend, BackendError, Prompt
+from chattui.backend import AttentionView, Backend, BackendError, Prompt
+from chattui.context import ScreenContext
 from chattui.paths import write_text_atomic
 from chattui.widgets.heatmap import Heatmap, attended_text, legend, token_label
 
@@ -42,7 +43,7 @@ LIVE_REFRESH_S = 0.25  # the live view redraws at most this often, however fast 
 LIVE_HISTORY = 12  # generated tokens listed in the live view
 
 
-def aggregate(maps, layer: int, head: int, aggregation: str) -> np.ndarray:
+def aggregate(maps: AttentionView, layer: int, head: int, aggregation: str) -> np.ndarray:
     """The (T, T) matrix shown for a layer/head/aggregation choice."""
     if aggregation == "head":
         return maps.head(layer, head)
@@ -113,7 +114,7 @@ class AttentionScreen(Screen):
 
     @dataclass
     class Captured(Message):
-        maps: object
+        maps: AttentionView
 
     @dataclass
     class CaptureFailed(Message):
@@ -128,10 +129,10 @@ class AttentionScreen(Screen):
     class SummariesReady(Message):
         summaries: list  # per layer: list of HeadSummary
 
-    def __init__(self, backend: Backend, prompt: Prompt, title: str = "", *, view: str = "heatmap",
-                 live: LiveAttention | None = None, export_dir: Path | None = None) -> None:
+    def __init__(self, context: ScreenContext, prompt: Prompt, title: str = "", *, view: str = "heatmap",
+                 live: LiveAttention | None = None) -> None:
         super().__init__()
-        self.backend = backend
+        self.context = context  # the backend computes the maps; exports go to its export_dir
         self.prompt = prompt
         self.subject = title
         self.maps = None
@@ -144,10 +145,8 @@ class AttentionScreen(Screen):
         self.shown: tuple[int, int, str] | None = None  # its (layer, head, aggregation)
         self.summaries: list | None = None
         self.live = live
-        self.export_dir = export_dir
         self.error: str | None = None
         self.busy = False  # a capture or matrix is being computed
-        self._maps_lock = threading.Lock()  # AttentionMaps caches layers: one thread at a time
         self._live_seen: tuple[int, bool] | None = None  # (rows, chose_end) last drawn
 
     def compose(self):
@@ -170,7 +169,7 @@ class AttentionScreen(Screen):
         self.switch_view(self.view)
         self._show_state("computing attention…")
         self._set_busy(True)
-        self._capture(self.backend, self.prompt)
+        self._capture(self.context.backend, self.prompt)
         self.set_interval(LIVE_REFRESH_S, self._refresh_live)
         self._refresh_live()
 
@@ -208,10 +207,9 @@ class AttentionScreen(Screen):
             self.post_message(self.Captured(maps))
 
     @work(thread=True, exclusive=True, group="attention-matrix")
-    def _compute(self, maps, key: tuple[int, int, str]) -> None:
+    def _compute(self, maps: AttentionView, key: tuple[int, int, str]) -> None:
         try:
-            with self._maps_lock:
-                matrix = np.asarray(aggregate(maps, *key), dtype=np.float32)
+            matrix = np.asarray(aggregate(maps, *key), dtype=np.float32)
         except Exception as e:
             log.exception("attention matrix failed")
             self.post_message(self.CaptureFailed(f"{type(e).__name__}: {e}"))
@@ -219,12 +217,9 @@ class AttentionScreen(Screen):
         self.post_message(self.MatrixReady(key, matrix))
 
     @work(thread=True, exclusive=True, group="attention-summaries")
-    def _summarise(self, maps) -> None:
+    def _summarise(self, maps: AttentionView) -> None:
         try:
-            summaries = []
-            for layer in range(maps.num_layers):
-                with self._maps_lock:
-                    summaries.append(maps.head_summaries(layer))
+            summaries = [maps.head_summaries(layer) for layer in range(maps.num_layers)]
         except Exception as e:
             log.exception("head summaries failed")
             self.post_message(self.CaptureFailed(f"{type(e).__name__}: {e}"))
@@ -364,9 +359,6 @@ class AttentionScreen(Screen):
 
     # -- export ----------------------------------------------------------------------------------
 
-    def _export_dir(self) -> Path:
-        return Path(self.export_dir or getattr(self.app, "export_dir", None) or Path.cwd())
-
     def _stem(self) -> str:
         layer, head, aggregation = self.shown
         what = {"head": f"L{layer}-H{head}", "rollout": f"rollout-L{layer}"}.get(aggregation, f"L{layer}-{aggregation}")
@@ -392,24 +384,24 @@ class AttentionScreen(Screen):
                 "dims": ["query", "key"], "attention": self.matrix.tolist(),
             }, ensure_ascii=False)
         try:
-            path = self._export_dir() / f"{self._stem()}.{fmt}"
+            path = self.context.export_dir / f"{self._stem()}.{fmt}"
             write_text_atomic(path, data)
         except OSError as e:
             self.notify(f"Export failed: {e}", title="Attention", severity="error", markup=False)
             return
-        self.last_export = path
+        self.context.last_export = path
         self.notify(f"Exported the shown matrix to {path}", title="Attention", timeout=15, markup=False)
 
     def action_screenshot(self) -> None:
         try:
-            folder = self._export_dir()
+            folder = self.context.export_dir
             folder.mkdir(parents=True, exist_ok=True)
             stem = self._stem() if self.shown else f"attention-{time.strftime('%Y%m%d-%H%M%S')}"
             path = Path(self.app.save_screenshot(filename=f"{stem}.svg", path=str(folder)))
         except OSError as e:
             self.notify(f"Screenshot failed: {e}", title="Attention", severity="error", markup=False)
             return
-        self.last_export = path
+        self.context.last_export = path
         self.notify(f"Screenshot saved to {path}", title="Attention", timeout=15, markup=False)
 
     # -- live ------------------------------------------------------------------------------------

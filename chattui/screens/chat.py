@@ -1,65 +1,37 @@
-"""The chat screen: conversation list, messages, the input, the status bar.
+"""The chat screen: conversation list, the conversation (a ChatView), the input, the status bar.
 
-Replies are generated in a thread worker that iterates the backend and posts `ReplyChunk`s (never
-touching a widget); the screen streams them into the reply's Markdown and, when the reply ends,
-renders it once more in full and commits it to the store. A message typed before a model is ready
-is saved and shown as queued, then sent when the model has loaded.
+The ChatView shows the messages and writes replies (streaming, saving, stopping); the screen decides what
+is sent and when, and reacts to `ChatView.ReplyFinished` / `ReplyFailed` (status bar, sidebar, notices). A
+message typed before a model is ready is saved and shown as queued, then sent when the model has loaded.
+The screen takes the store, the backend and the model state from its ScreenContext.
 """
 
 from __future__ import annotations
 
-import itertools
-import logging
-import threading
-import time
-from dataclasses import dataclass, field
-from typing import Any
-
-from textual import on, work
+from textual import on
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.message import Message
+from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widget import Widget
-from textual.widgets import Button, Footer, Label, OptionList, Static
-from textual.worker import get_current_worker
+from textual.widgets import Footer, Label, OptionList
 
-from chattui.backend import Backend, BackendError
-from chattui.catalog import model_label
+from chattui.context import ScreenContext
 from chattui.export import write_export
 from chattui.notices import store_errors_as_notices, store_errors_noticed_by
 from chattui.screens.attention import AttentionScreen, LiveAttention
 from chattui.screens.dialogs import ConfirmDialog, TextDialog
 from chattui.screens.settings import SettingsScreen
 from chattui.settings import effective
-from chattui.store import Conversation, Store, StoreError
+from chattui.store import Conversation, StoreError
 from chattui.store import Message as StoredMessage
+from chattui.widgets.chat_view import ActiveReply, ChatView
 from chattui.widgets.conversation_list import ConversationList
-from chattui.widgets.message_box import MessageBox, reply_meta
+from chattui.widgets.message_box import MessageBox
 from chattui.widgets.prompt_input import PromptInput
 from chattui.widgets.status_bar import StatusBar
 
-log = logging.getLogger(__name__)
-
-MOUNT_LIMIT = 12  # messages on screen; earlier ones wait behind a button (every widget adds to each re-layout)
-
-# The worker posts text at most every `chunk_interval` seconds (tokens in between are joined). Each
-# update re-lays out and repaints the screen, and while the UI thread works it holds the GIL the
-# engine needs between tensor ops; so the interval adapts to keep the UI's share of a core near
-# UI_BUSY_TARGET: 20 updates a second on a light screen, fewer on a long conversation or slow machine.
-SAVE_INTERVAL_S = 1.0  # a streaming reply's text is written to the store at least this often (crash safety)
-MIN_CHUNK_INTERVAL_S = 1 / 20
-MAX_CHUNK_INTERVAL_S = 1 / 4
-UI_BUSY_TARGET = 0.05
-STAT_KEYS = ("ttft_s", "decode_tokens_per_s", "prefill_tokens_per_s", "seed", "reused_prompt_tokens",
-             "dropped_messages")
 QUEUED_NOTE = "⏳ queued: sent once the model is loaded"
 NO_REPLY_NOTE = "no reply yet · ctrl+r writes one"
-EMPTY_HINT = (
-    "Type a message and press Enter to send it (ctrl+j adds a new line; ctrl+l comes back here).\n"
-    "ctrl+o chooses a model · ctrl+s sets the system prompt and sampling · ctrl+g switches to raw "
-    "generate mode · ctrl+p lists every command."
-)
 
 
 def build_prompt(
@@ -86,24 +58,6 @@ def title_from(text: str) -> str:
     return line[:48] + ("…" if len(line) > 48 else "")
 
 
-@dataclass
-class ActiveReply:
-    id: int
-    record_id: int  # the stored message, saved as it streams (finish_reason "streaming")
-    conversation_id: int
-    box: MessageBox
-    cancel: threading.Event  # set to stop the engine between two tokens
-    settings: dict[str, Any]  # the sampling settings it uses
-    model: str  # folder of the model writing it
-    adapter: str | None  # the LoRA adapter on top of it, if any
-    mode: str  # "chat" or "generate"
-    started_at: float
-    chunks: list[str] = field(default_factory=list)  # the text so far, as received
-    stopping: bool = False
-    last_chunk_at: tuple[float, float] | None = None  # (wall clock, UI thread CPU time) at the last chunk
-    saved_at: float = 0.0  # time.monotonic() of the last save of the text so far
-
-
 class ChatScreen(Screen):
     BINDINGS = [
         Binding("f1", "app.toggle_keys", "Keys"),  # first: at 80 columns the footer shows the first few keys
@@ -118,32 +72,13 @@ class ChatScreen(Screen):
         Binding("f3", "toggle_live_attention", "Live attn"),
     ]
 
-    @dataclass
-    class ReplyChunk(Message):
-        reply_id: int
-        text: str
-
-    @dataclass
-    class ReplyFinished(Message):
-        reply_id: int
-        result: dict
-
-    @dataclass
-    class ReplyFailed(Message):
-        reply_id: int
-        error: str
-
-    def __init__(self, store: Store, backend: Backend) -> None:
+    def __init__(self, context: ScreenContext) -> None:
         super().__init__()
-        self.store = store
-        self.backend = backend
+        self.context = context
+        self.store = context.store
         self.conversation: Conversation | None = None
-        self.messages: list[StoredMessage] = []
-        self.reply: ActiveReply | None = None
         self.waiting: int | None = None  # conversation whose last message waits for a model
-        self.chunk_interval = 1 / 15  # read by the reply worker; adapted by _pace()
-        self._reply_ids = itertools.count(1)
-        self.live_attention: LiveAttention | None = None  # set: replies record what each new token attended to
+        self.view = ChatView(context, id="messages")
 
     def compose(self):
         with Horizontal(id="main"):
@@ -151,7 +86,7 @@ class ChatScreen(Screen):
                 yield Label("Conversations", id="sidebar-title")
                 yield ConversationList(id="conversations")
             with Vertical(id="chat"):
-                yield VerticalScroll(id="messages")
+                yield self.view
                 yield PromptInput(id="prompt")
         yield StatusBar(id="status")
         yield Footer(compact=True)
@@ -176,19 +111,31 @@ class ChatScreen(Screen):
         return self.query_one("#status", StatusBar)
 
     @property
-    def view(self) -> VerticalScroll:
-        return self.query_one("#messages", VerticalScroll)
-
-    @property
     def mode(self) -> str:
         return self.conversation.mode if self.conversation else "chat"
 
+    @property
+    def messages(self) -> list[StoredMessage]:
+        """The open conversation's stored messages (the view's)."""
+        return self.view.messages
+
+    @property
+    def reply(self) -> ActiveReply | None:
+        """The reply being written, if any."""
+        return self.view.reply
+
+    @property
+    def live_attention(self) -> LiveAttention | None:
+        """Set: replies record what each new token attended to (the attention screen's live view)."""
+        return self.view.live_attention
+
     def boxes(self) -> list[MessageBox]:
-        return list(self.view.query(MessageBox))
+        return self.view.boxes()
 
     def _ensure_conversation(self) -> Conversation:
         if self.conversation is None:
             self.conversation = self.store.create_conversation()
+            self.view.conversation_id = self.conversation.id
             self._refresh_sidebar()
         return self.conversation
 
@@ -196,62 +143,6 @@ class ChatScreen(Screen):
         self.query_one("#conversations", ConversationList).show(
             self.store.conversations(), self.conversation.id if self.conversation else None
         )
-
-    def _header(self, role: str, mode: str, model: str | None = None, adapter: str | None = None) -> str:
-        """"You" / the model (+ adapter) in chat mode, "Prompt" / "Completion" in raw mode; a message of the
-        other mode than the conversation's says that it is not part of this mode's prompts."""
-        if mode == "generate":
-            header = "Prompt" if role == "user" else "Completion"
-        else:
-            header = "You" if role == "user" else (model_label(model, adapter) if model else "Assistant")
-        if mode != self.mode:
-            header += " · raw mode, not in chat prompts" if mode == "generate" else " · chat, not in raw prompts"
-        return header
-
-    def _box_for(self, msg: StoredMessage) -> MessageBox:
-        meta = reply_meta(msg) if msg.role == "assistant" else ""
-        header = self._header(msg.role, msg.mode, msg.model, msg.adapter)
-        return MessageBox(msg.role, msg.content, header=header, meta=meta, record=msg)
-
-    async def _mount_box(self, box: MessageBox) -> None:
-        for hint in self.view.query("#empty-hint"):
-            await hint.remove()
-        await self.view.mount(box)
-        boxes = self.boxes()
-        if len(boxes) > MOUNT_LIMIT + 4:
-            await self.view.remove_children(boxes[: len(boxes) - MOUNT_LIMIT])
-            await self._update_earlier_button()
-        self.view.scroll_end(animate=False)
-        self.view.anchor()
-
-    def _hidden_count(self) -> int:
-        """How many messages of the conversation are not mounted (the earliest ones)."""
-        boxes = self.boxes()
-        if not boxes or boxes[0].record is None:
-            return 0
-        first_id = boxes[0].record.id
-        return next((i for i, m in enumerate(self.messages) if m.id == first_id), 0)
-
-    async def _update_earlier_button(self) -> None:
-        hidden = self._hidden_count()
-        buttons = self.view.query("#earlier")
-        if not hidden:
-            await buttons.remove()
-            return
-        label = f"↑ show {min(hidden, MOUNT_LIMIT)} earlier message(s) ({hidden} not shown)"
-        if buttons:
-            buttons.first(Button).label = label
-        else:
-            await self.view.mount(Button(label, id="earlier", compact=True), before=0)
-
-    @on(Button.Pressed, "#earlier")
-    async def show_earlier(self) -> None:
-        hidden = self._hidden_count()
-        if not hidden:
-            return
-        earlier = self.messages[max(0, hidden - MOUNT_LIMIT): hidden]
-        await self.view.mount_all([self._box_for(m) for m in earlier], before=self.boxes()[0])
-        await self._update_earlier_button()
 
     def _last_measured_reply(self) -> StoredMessage | None:
         """The newest reply with token counts: what the conversation takes of the context."""
@@ -263,7 +154,7 @@ class ChatScreen(Screen):
         return last.prompt_tokens + (last.generated_tokens or 0) if last else 0
 
     def _show_context_from_history(self) -> None:
-        model = self.app.model
+        model = self.context.model
         self.status.show_context(self.context_used(), model.context_length if model else None)
         last = self._last_measured_reply()
         self.status.show_dropped(last.stats.get("dropped_messages", 0) if last else 0)
@@ -282,19 +173,12 @@ class ChatScreen(Screen):
         """Show a conversation (None: a new, empty one). A reply in progress is stopped and kept."""
         await self.stop_reply()
         self.conversation = self.store.conversation(conversation_id) if conversation_id is not None else None
-        self.messages = self.store.messages(conversation_id) if conversation_id is not None else []
-        await self.view.remove_children()
-        if self.messages:
-            await self.view.mount_all([self._box_for(m) for m in self.messages[-MOUNT_LIMIT:]])
-            await self._update_earlier_button()
-        else:
-            await self.view.mount(Static(EMPTY_HINT, id="empty-hint", markup=False))
+        messages = self.store.messages(conversation_id) if conversation_id is not None else []
+        await self.view.show(conversation_id, messages, self.mode)
         boxes = self.boxes()
         if boxes and self.messages[-1].role == "user":
             waiting = self.waiting is not None and self.waiting == conversation_id
             boxes[-1].set_meta(QUEUED_NOTE if waiting else NO_REPLY_NOTE)
-        self.view.scroll_end(animate=False)
-        self.view.anchor()
         self._refresh_sidebar()
         self._update_placeholder()
         self._show_context_from_history()
@@ -390,8 +274,7 @@ class ChatScreen(Screen):
             return
         self.prompt.clear()
         if text.strip():
-            self.messages.append(msg)
-            await self._mount_box(self._box_for(msg))
+            await self.view.add(msg)
             self._refresh_sidebar()
         await self.request_reply()
 
@@ -401,11 +284,11 @@ class ChatScreen(Screen):
         conversation = self.conversation
         if conversation is None or not self.messages:
             return
-        model = self.app.model
+        model = self.context.model
         if model is None:
             self.waiting = conversation.id
             self.boxes()[-1].set_meta(QUEUED_NOTE)
-            if self.app.loading is None:
+            if self.context.loading is None:
                 self.notify(
                     "No model is loaded. Press ctrl+o to choose one; your message is sent once it loads.",
                     severity="warning", timeout=10,
@@ -421,127 +304,28 @@ class ChatScreen(Screen):
         for box in self.boxes():
             if box.meta in (QUEUED_NOTE, NO_REPLY_NOTE):
                 box.set_meta("")
-        settings = effective(conversation.settings, model.defaults)
-        box = MessageBox("assistant", header=self._header("assistant", self.mode, model.path, model.adapter), meta="…")
-        await self._mount_box(box)
-        box.start_stream()
-        started = time.time()
-        record = self.store.add_message(  # on disk from the start: a crash keeps the text so far
-            conversation.id, "assistant", "", created_at=started, finish_reason="streaming", settings=settings,
-            model=model.path, adapter=model.adapter, mode=self.mode,
-        )
-        reply = ActiveReply(
-            id=next(self._reply_ids), record_id=record.id, conversation_id=conversation.id, box=box,
-            cancel=threading.Event(), settings=settings, model=model.path, adapter=model.adapter, mode=self.mode,
-            started_at=started, saved_at=time.monotonic(),
-        )
-        self.reply = reply
+        await self.view.start_reply(conversation.id, prompt, effective(conversation.settings, model.defaults), model)
         if conversation.model != model.path or conversation.adapter != model.adapter:
             self.conversation = self.store.update_conversation(conversation.id, model=model.path,
                                                                adapter=model.adapter or "")
         self.refresh_bindings()
-        # Start once the new box and footer are on screen, so that work does not compete with decoding.
-        self.call_after_refresh(self._generate, self.backend, reply.id, prompt, settings, reply.cancel)
 
-    @work(thread=True, exclusive=True, group="reply")
-    def _generate(self, backend: Backend, reply_id: int, prompt, settings: dict, cancel: threading.Event) -> None:
-        """Runs in a thread: iterate the backend, post text at most every `chunk_interval` seconds."""
-        worker = get_current_worker()
-        pending: list[str] = []
-        last_post = 0.0
-        result: dict = {}
-        live = self.live_attention
-        extra = {"on_attention": live.start(reply_id)} if live is not None else {}
-        try:
-            for item in backend.stream(prompt, settings, cancel, **extra):
-                if worker.is_cancelled:
-                    cancel.set()
-                if isinstance(item, dict):
-                    result = item
-                    continue
-                pending.append(item)
-                now = time.monotonic()
-                if now - last_post >= self.chunk_interval:
-                    self.post_message(self.ReplyChunk(reply_id, "".join(pending)))
-                    pending.clear()
-                    last_post = now
-            if pending:
-                self.post_message(self.ReplyChunk(reply_id, "".join(pending)))
-            self.post_message(self.ReplyFinished(reply_id, result))
-        except BackendError as e:
-            self.post_message(self.ReplyFailed(reply_id, str(e)))
-        except Exception as e:  # a bug or a device error must not take the UI down
-            log.exception("generation failed")
-            self.post_message(self.ReplyFailed(reply_id, f"{type(e).__name__}: {e}"))
+    def on_chat_view_reply_finished(self, message: ChatView.ReplyFinished) -> None:
+        result = message.result
+        if result is not None:
+            model = self.context.model
+            self.status.show_speed(result.ttft_s, result.decode_tokens_per_s)
+            self.status.show_context(result.prompt_tokens + result.generated_tokens,
+                                     model.context_length if model else None)
+            self.status.show_dropped(result.dropped_messages)
+        self._reply_ended()
 
-    async def on_chat_screen_reply_chunk(self, message: ReplyChunk) -> None:
-        reply = self.reply
-        if reply is None or reply.id != message.reply_id:
-            return  # a reply that was already ended (stopped by a switch, quit, ...)
-        reply.chunks.append(message.text)
-        self._pace(reply)
-        await reply.box.write(message.text)
-        if time.monotonic() - reply.saved_at >= SAVE_INTERVAL_S:
-            reply.saved_at = time.monotonic()
-            self.store.update_reply(reply.record_id, "".join(reply.chunks), finish_reason="streaming")
+    def on_chat_view_reply_failed(self, message: ChatView.ReplyFailed) -> None:
+        self.notify(message.error, title="Generation failed", severity="error", timeout=15, markup=False)
+        self._reply_ended()
 
-    def _pace(self, reply: ActiveReply) -> None:
-        """Adapt chunk_interval to the UI thread's CPU share since the last chunk."""
-        now = (time.perf_counter(), time.thread_time())
-        if reply.last_chunk_at is not None:
-            wall = now[0] - reply.last_chunk_at[0]
-            busy = (now[1] - reply.last_chunk_at[1]) / wall if wall > 0 else 0.0
-            if busy > UI_BUSY_TARGET:
-                self.chunk_interval = min(MAX_CHUNK_INTERVAL_S, self.chunk_interval * 1.5)
-            elif busy < UI_BUSY_TARGET / 2:
-                self.chunk_interval = max(MIN_CHUNK_INTERVAL_S, self.chunk_interval / 1.25)
-        reply.last_chunk_at = now
-
-    async def on_chat_screen_reply_finished(self, message: ReplyFinished) -> None:
-        reply = self.reply
-        if reply is not None and reply.id == message.reply_id:
-            await self._finish(reply, message.result.get("finish_reason", "eos"), message.result)
-
-    async def on_chat_screen_reply_failed(self, message: ReplyFailed) -> None:
-        reply = self.reply
-        if reply is not None and reply.id == message.reply_id:
-            await self._finish(reply, "error", {}, error=message.error)
-
-    @store_errors_as_notices
-    async def _finish(self, reply: ActiveReply, finish_reason: str, result: dict, error: str | None = None) -> None:
-        """Commit the reply (text so far, stats) and render it once in full."""
-        self.reply = None
-        if self.live_attention is not None:
-            self.live_attention.finish(reply.id, result.get("generated_tokens"))
+    def _reply_ended(self) -> None:
         self.refresh_bindings()
-        text = "".join(reply.chunks)
-        if not text and finish_reason in ("cancelled", "error"):
-            self.store.delete_message(reply.record_id)
-            await reply.box.finish("", None, "")
-            await reply.box.remove()
-            if finish_reason == "cancelled":
-                self.notify("Stopped before the first token")
-        else:
-            stats = {k: result[k] for k in STAT_KEYS if result.get(k) is not None}
-            if error:
-                stats["error"] = error
-            record = self.store.update_reply(
-                reply.record_id, text, finished_at=time.time(), finish_reason=finish_reason,
-                prompt_tokens=result.get("prompt_tokens"), generated_tokens=result.get("generated_tokens"), stats=stats,
-            )
-            if self.conversation is not None and self.conversation.id == reply.conversation_id:
-                self.messages.append(record)
-            await reply.box.finish(text, record, reply_meta(record), warning=finish_reason in ("cancelled", "error"))
-        if error:
-            self.notify(error, title="Generation failed", severity="error", timeout=15, markup=False)
-        if result.get("ttft_s") is not None:
-            self.status.show_speed(result["ttft_s"], result.get("decode_tokens_per_s"))
-        if result.get("prompt_tokens") is not None:
-            model = self.app.model
-            self.status.show_context(
-                result["prompt_tokens"] + (result.get("generated_tokens") or 0), model.context_length if model else None
-            )
-            self.status.show_dropped(result.get("dropped_messages") or 0)
         self._refresh_sidebar()
 
     # -- stop, regenerate, edit, copy, export ------------------------------------------------------
@@ -555,20 +339,11 @@ class ChatScreen(Screen):
 
     def action_stop(self) -> None:
         """Esc: ask the engine to stop after the current token; the text so far is kept, marked stopped."""
-        reply = self.reply
-        if reply is None or reply.stopping:
-            return
-        reply.stopping = True
-        reply.cancel.set()
-        reply.box.set_meta("stopping…")
+        self.view.stop()
 
     async def stop_reply(self) -> None:
         """End a reply at once (switching conversation, quitting): keep the text so far, marked stopped."""
-        reply = self.reply
-        if reply is None:
-            return
-        reply.cancel.set()
-        await self._finish(reply, "cancelled", {})
+        await self.view.end_reply()
 
     @store_errors_as_notices
     async def action_regenerate(self) -> None:
@@ -579,10 +354,7 @@ class ChatScreen(Screen):
         last = self.messages[-1]
         if last.role == "assistant":
             self.store.delete_message(last.id)
-            self.messages.pop()
-            boxes = self.boxes()
-            if boxes and boxes[-1].record is not None and boxes[-1].record.id == last.id:
-                await boxes[-1].remove()
+            await self.view.remove_last()
         await self.request_reply()
 
     async def on_message_box_edit_requested(self, event: MessageBox.EditRequested) -> None:
@@ -629,11 +401,11 @@ class ChatScreen(Screen):
             self.notify("Nothing to export yet", severity="warning")
             return
         try:
-            path = write_export(self.app.export_dir, self.conversation, self.messages, fmt)
+            path = write_export(self.context.export_dir, self.conversation, self.messages, fmt)
         except OSError as e:
             self.notify(f"Export failed: {e}", severity="error", markup=False)
             return
-        self.app.context.last_export = path
+        self.context.last_export = path
         self.notify(f"Exported to {path}", title="Export", timeout=15, markup=False)
 
     def action_attention(self) -> None:
@@ -642,7 +414,7 @@ class ChatScreen(Screen):
         if self.conversation is None or not self.messages:
             self.notify("Nothing to look at yet: send a message first", severity="warning")
             return
-        if self.app.model is None:
+        if self.context.model is None:
             self.notify("No model is loaded: press ctrl+o to choose one", severity="warning")
             return
         focused = self.focused
@@ -652,23 +424,23 @@ class ChatScreen(Screen):
         upto = next((i for i, m in enumerate(self.messages) if m.id == record.id), len(self.messages) - 1)
         who = "your message" if record.role == "user" else "the reply"
         self.app.push_screen(AttentionScreen(
-            self.backend, build_prompt(self.conversation, self.messages[: upto + 1], record.mode),
+            self.context, build_prompt(self.conversation, self.messages[: upto + 1], record.mode),
             f"{self.conversation.title or 'New chat'} · up to {who} #{upto + 1}",
             view="live" if self.reply is not None and self.live_attention is not None else "heatmap",
             live=self.live_attention,
         ))
 
     def action_toggle_live_attention(self) -> None:
-        if self.live_attention is None:
-            self.live_attention = LiveAttention()
+        if self.view.live_attention is None:
+            self.view.live_attention = LiveAttention()
             self.notify("Live attention on: the next replies record what each new token attends to (f2, live view). "
                         "Decoding is a little slower.")
         else:
-            self.live_attention = None
+            self.view.live_attention = None
             self.notify("Live attention off")
 
     def action_settings(self) -> None:
-        model = self.app.model
+        model = self.context.model
         conversation = self.conversation
 
         @store_errors_noticed_by(self)
@@ -686,7 +458,7 @@ class ChatScreen(Screen):
             SettingsScreen(
                 conversation.settings if conversation else {},
                 self.mode,
-                effective({}, model.defaults if model else None),
+                effective({}, model.defaults if model else None).to_dict(),
                 model.context_length if model else None,
                 self.context_used() if conversation else 0,
             ),

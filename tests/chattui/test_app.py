@@ -26,6 +26,7 @@ from chattui.screens.dialogs import TextDialog
 from chattui.screens.models import ModelPickerScreen
 from chattui.screens.settings import SettingsScreen
 from chattui.store import Store
+from engine.params import GenerationSettings, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = (120, 40)
@@ -290,8 +291,10 @@ def test_settings_reject_bad_values_saying_what_is_allowed_then_apply_good_ones(
         await reply_done(pilot, 1)
         prompt, settings = backend.requests[-1]
         assert prompt[0] == {"role": "system", "content": "You are terse."}
-        assert settings == {"temperature": 0.25, "top_k": 5, "top_p": 0.9, "min_p": 0.0, "repetition_penalty": 1.0,
-                            "max_new_tokens": 32, "seed": 7}
+        assert settings == GenerationSettings(
+            SamplingParams(temperature=0.25, top_k=5, top_p=0.9, min_p=0.0, repetition_penalty=1.0, seed=7),
+            max_new_tokens=32,
+        )
 
     run(app, scenario)
 
@@ -556,7 +559,7 @@ def test_new_chat_and_switching_conversations(make_app):
 def test_a_failing_request_shows_the_error_and_keeps_the_message(make_app):
     backend = FakeBackend(["never"])
 
-    def failing_stream(prompt, settings, cancel):
+    def failing_stream(prompt, settings, cancel, **options):
         from chattui.backend import BackendError
 
         raise BackendError("the last message alone is 300 tokens; the model's context window is 256")
@@ -642,7 +645,8 @@ def test_store_notice_is_shown_at_start(make_app):
 
 def test_app_modules_never_import_torch_nor_the_engine_runtime():
     code = (
-        "import sys, chattui.app, chattui.cli, chattui.bench_ui, chattui.catalog\n"
+        "import sys, chattui.app, chattui.cli, chattui.bench_ui, chattui.catalog, engine.params\n"
+        "from chattui.backend import Reply, ReplyResult\n"
         "from chattui.catalog import scan\n"
         "plain = {'engine', 'engine.params', 'engine.job_files', 'engine.presets', 'engine.errors'}\n"
         "loaded = sorted(m for m in sys.modules if m.startswith(('torch', 'engine')) and m not in plain)\n"
@@ -652,8 +656,41 @@ def test_app_modules_never_import_torch_nor_the_engine_runtime():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_chat_view_tells_the_screen_each_reply_with_its_stored_record_and_typed_result(make_app, monkeypatch):
+    from chattui.backend import ReplyResult
+    from chattui.widgets.chat_view import ChatView
+
+    seen: list[ChatView.ReplyFinished | ChatView.ReplyFailed] = []
+    for name in ("on_chat_view_reply_finished", "on_chat_view_reply_failed"):
+        handler = getattr(ChatScreen, name)
+        monkeypatch.setattr(ChatScreen, name, lambda self, message, handler=handler: (seen.append(message),
+                                                                                     handler(self, message)))
+    backend = FakeBackend(lambda n, prompt: ["a", "b"] if n == 1 else [])
+    app = make_app(backend)
+
+    async def scenario(pilot):
+        chat = await ready(pilot)
+        await send(pilot, "hello")
+        await reply_done(pilot, 1)
+        await wait_until(pilot, lambda: seen, what="ReplyFinished")
+        finished = seen[0]
+        assert isinstance(finished, ChatView.ReplyFinished) and finished.record == chat.messages[-1]
+        assert isinstance(finished.result, ReplyResult) and finished.result.text == "ab" == finished.record.content
+        assert finished.result.seed == finished.record.stats["seed"]
+        def broken(*args, **options):
+            raise RuntimeError("a bug in the backend")
+
+        backend.stream = broken
+        await send(pilot, "again")
+        await wait_until(pilot, lambda: len(seen) == 2, what="ReplyFailed")
+        assert isinstance(seen[1], ChatView.ReplyFailed) and seen[1].record is None, "no text: nothing kept"
+        assert seen[1].error == "RuntimeError: a bug in the backend"
+
+    run(app, scenario)
+
+
 def test_long_conversations_mount_recent_messages_and_show_earlier_on_request(make_app, tmp_path):
-    from chattui.screens.chat import MOUNT_LIMIT
+    from chattui.widgets.chat_view import MOUNT_LIMIT
 
     store = Store(tmp_path / "long.db")
     c = store.create_conversation(title="long")

@@ -12,13 +12,13 @@ import pytest
 from ui_fakes import record_notifications, wait_until
 
 from chattui.app import ChattuiApp
-from chattui.backend import BackendError, EngineBackend
+from chattui.backend import BackendError, EngineBackend, ReplyResult
 from chattui.catalog import Stores
 from chattui.config import Config
 from chattui.store import Store
+from engine.params import GenerationSettings, SamplingParams
 
-GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
-          "max_new_tokens": 12, "seed": None}
+GREEDY = GenerationSettings(SamplingParams(temperature=0.0, top_k=0, top_p=1.0), max_new_tokens=12)
 
 
 @pytest.fixture(scope="module")
@@ -35,37 +35,36 @@ def broken(qwen2, tmp_path) -> Path:
     return folder
 
 
-def test_backend_streams_text_then_one_result_dict(qwen2):
+def test_backend_reply_streams_text_then_holds_a_typed_result(qwen2):
     backend = EngineBackend()
     info = backend.load(str(qwen2), "cpu", "float32")
     assert (info.name, info.device, info.dtype, info.context_length) == (qwen2.name, "cpu", "float32", 256)
     assert info.architecture == "Qwen2ForCausalLM" and info.parameters > 50_000
-    assert set(info.defaults) == {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens"}
-    items = list(backend.stream([{"role": "user", "content": "hi"}], GREEDY, threading.Event()))
-    *deltas, result = items
-    assert all(isinstance(d, str) for d in deltas) and isinstance(result, dict)
-    assert result["text"] == "".join(deltas)
-    assert result["finish_reason"] in {"eos", "length"} and result["dropped_messages"] == 0
-    assert result["generated_tokens"] >= 1 and result["prompt_tokens"] > 0
-    raw = list(backend.stream("The quick brown", GREEDY, threading.Event()))
-    assert isinstance(raw[-1], dict) and raw[-1]["prompt_tokens"] == len(
-        backend._engine.tokenizer.encode("The quick brown", add_special_tokens=True))
+    assert info.defaults == backend._engine.default_settings()
+    reply = backend.stream([{"role": "user", "content": "hi"}], GREEDY, threading.Event())
+    deltas = list(reply)
+    assert all(isinstance(d, str) for d in deltas) and isinstance(reply.result, ReplyResult)
+    result = reply.result
+    assert result.text == "".join(deltas)
+    assert result.finish_reason in {"eos", "length"} and result.dropped_messages == 0
+    assert result.generated_tokens == len(result.token_ids) >= 1 and result.prompt_tokens > 0
+    raw = backend.stream("The quick brown", GREEDY, threading.Event())
+    list(raw)
+    assert raw.result.prompt_tokens == len(backend._engine.tokenizer.encode("The quick brown", add_special_tokens=True))
 
 
 def test_backend_stops_between_tokens_when_cancelled(qwen2):
     backend = EngineBackend()
     backend.load(str(qwen2), "cpu", "float32")
     cancel = threading.Event()
-    settings = dict(GREEDY, temperature=1.0, max_new_tokens=200, seed=3)
+    settings = GREEDY.updated({"temperature": 1.0, "max_new_tokens": 200, "seed": 3})
     received = []
-    for item in backend.stream("Once", settings, cancel):
-        if isinstance(item, str):
-            received.append(item)
-            cancel.set()
-        else:
-            result = item
-    assert result["finish_reason"] == "cancelled"
-    assert result["generated_tokens"] < 200 and result["text"] == "".join(received)
+    reply = backend.stream("Once", settings, cancel)
+    for delta in reply:
+        received.append(delta)
+        cancel.set()
+    assert reply.result.finish_reason == "cancelled"
+    assert reply.result.generated_tokens < 200 and reply.result.text == "".join(received)
 
 
 def test_backend_load_failure_keeps_the_previous_model(qwen2, broken):
@@ -74,15 +73,16 @@ def test_backend_load_failure_keeps_the_previous_model(qwen2, broken):
     with pytest.raises(BackendError, match="truncated safetensors file"):
         backend.load(str(broken), "cpu", "float32")
     assert backend.info().path == str(qwen2)
-    *_, result = backend.stream([{"role": "user", "content": "hi"}], GREEDY, threading.Event())
-    assert result["generated_tokens"] >= 1
+    reply = backend.stream([{"role": "user", "content": "hi"}], GREEDY, threading.Event())
+    list(reply)
+    assert reply.result.generated_tokens >= 1
 
 
 def test_backend_reports_bad_settings_and_long_prompts_as_one_line(qwen2):
     backend = EngineBackend()
     backend.load(str(qwen2), "cpu", "float32")
     with pytest.raises(BackendError, match="top-p"):
-        list(backend.stream("hi", dict(GREEDY, top_p=2.0), threading.Event()))
+        list(backend.stream("hi", GREEDY.updated({"top_p": 2.0}), threading.Event()))
     with pytest.raises(BackendError, match="context window"):
         list(backend.stream("word " * 400, GREEDY, threading.Event()))
 

@@ -19,6 +19,7 @@ from chattui.catalog import Stores
 from chattui.config import Config
 from chattui.screens.attention import AttentionScreen
 from chattui.store import Store
+from engine.params import GenerationSettings, SamplingParams
 from chattui.widgets.heatmap import Heatmap, token_label
 
 SIZE = (120, 40)
@@ -201,20 +202,20 @@ def test_export_csv_and_json_hold_the_shown_matrix_and_svg_is_written(make_app, 
         await pilot.press("full_stop", "a")
         matrix = await shown(pilot, screen, (0, 1, "mean"))
         await pilot.press("c")
-        csv_path = screen.last_export
+        csv_path = app.last_export
         assert csv_path.suffix == ".csv" and csv_path.parent == tmp_path / "exports"
         rows = list(csv.reader(csv_path.open(encoding="utf-8")))
         assert rows[0] == ["query\\key", *screen.maps.tokens]
         assert [r[0] for r in rows[1:]] == screen.maps.tokens
         np.testing.assert_array_equal(np.array([[float(x) for x in r[1:]] for r in rows[1:]], dtype=np.float32), matrix)
         await pilot.press("j")
-        json_path = screen.last_export
+        json_path = app.last_export
         data = json.loads(json_path.read_text(encoding="utf-8"))
         assert (data["layer"], data["head"], data["aggregation"]) == (0, None, "mean")
         assert data["tokens"] == screen.maps.tokens
         np.testing.assert_array_equal(np.array(data["attention"], dtype=np.float32), matrix)
         await pilot.press("s")
-        svg = screen.last_export
+        svg = app.last_export
         assert svg.suffix == ".svg" and svg.read_text(encoding="utf-8").lstrip().startswith("<svg")
         assert any(str(csv_path) in n for n in shown_notes) and any(str(svg) in n for n in shown_notes)
         assert not list((tmp_path / "exports").glob("*.part")), "no half-written files left"
@@ -312,6 +313,28 @@ def test_attention_screen_end_to_end_on_a_qwen2_checkpoint(make_app, checkpoint_
     run(app, scenario)
 
 
+def test_engine_attention_view_gives_numpy_and_waits_for_a_reply_being_generated(checkpoint_factory):
+    import threading
+
+    backend = EngineBackend()
+    backend.load(str(checkpoint_factory("qwen2")), "cpu", "float32")
+    view = backend.attention("hello there")
+    layer = view.layer(0)
+    assert type(layer) is np.ndarray and layer.shape == (view.num_heads, len(view), len(view))
+    assert type(view.rollout()) is np.ndarray and type(view.token_ids[0]) is int
+    backend._engine.eos_token_ids = set()  # the reply cannot end by itself before it is closed
+    reply = backend.stream("Once", GenerationSettings(SamplingParams(temperature=0.0, top_k=0, top_p=1.0), 200),
+                           threading.Event())
+    next(iter(reply))  # the reply is being generated: it holds the model
+    computed = threading.Event()
+    worker = threading.Thread(target=lambda: (view.mean_over_heads(1), computed.set()))
+    worker.start()
+    assert not computed.wait(0.5), "a layer was computed while a reply was being generated on the model"
+    reply.close()
+    assert computed.wait(30), "the layer is computed once the reply has ended"
+    worker.join()
+
+
 def test_heatmap_builds_only_the_visible_window_of_a_1024_token_matrix():
     from textual.app import App
 
@@ -349,13 +372,12 @@ def test_engine_backend_streams_live_attention_rows(checkpoint_factory):
     backend = EngineBackend()
     backend.load(str(checkpoint_factory("qwen2")), "cpu", "float32")
     received = []
-    settings = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
-                "max_new_tokens": 5, "seed": None}
-    items = list(backend.stream("hello there", settings, threading.Event(),
-                                on_attention=lambda rows, tokens: received.append((rows, tokens))))
-    result = items[-1]
-    prompt_len = result["prompt_tokens"]
-    assert len(received) >= result["generated_tokens"] >= 1
+    settings = GenerationSettings(SamplingParams(temperature=0.0, top_k=0, top_p=1.0), max_new_tokens=5)
+    reply = backend.stream("hello there", settings, threading.Event(),
+                           on_attention=lambda rows, tokens: received.append((rows, tokens)))
+    list(reply)
+    prompt_len = reply.result.prompt_tokens
+    assert len(received) >= reply.result.generated_tokens >= 1
     config = backend._engine.config
     for i, (rows, tokens) in enumerate(received):
         assert rows.shape == (config.num_hidden_layers, config.num_attention_heads, prompt_len + i)

@@ -25,6 +25,7 @@ from chattui.screens.finetune import FinetuneScreen
 from chattui.screens.finetune.compare import CompareScreen
 from chattui.screens.finetune.form import FinetuneForm, validate_form
 from chattui.store import Store
+from engine.params import GenerationSettings, SamplingParams
 from chattui.widgets.loss_chart import LossChart, line_chart
 
 SIZE = (140, 50)
@@ -241,8 +242,8 @@ def test_job_from_the_form_runs_to_done_then_compare_chat_and_restart(make_app, 
                          what="both replies")
         assert backend.adapters[-1] == adapter
         base, tuned = backend.requests[-2][1], backend.requests[-1][1]
-        assert (base["adapter_enabled"], tuned["adapter_enabled"]) == (False, True)
-        assert base["seed"] == tuned["seed"] == 7
+        assert backend.used_adapter[-2:] == [False, True]
+        assert base.sampling.seed == tuned.sampling.seed == 7
         assert compare.texts["base"] and compare.texts["tuned"]
         await pilot.press("escape")
 
@@ -274,19 +275,20 @@ def test_job_from_the_form_runs_to_done_then_compare_chat_and_restart(make_app, 
 
     # the real backend: base + adapter unmerged; with the adapter switched off it answers as the base model
     prompt = [{"role": "user", "content": "Question 1?"}]
-    settings = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
-                "max_new_tokens": 8, "seed": 0}
+    settings = GenerationSettings(SamplingParams(temperature=0.0, top_k=0, top_p=1.0, seed=0), max_new_tokens=8)
 
-    def reply(backend, **extra) -> str:
-        pieces = backend.stream(prompt, {**settings, **extra}, threading.Event())
-        return next(r for r in pieces if isinstance(r, dict))["text"]
+    def reply(backend, **options) -> str:
+        pieces = backend.stream(prompt, settings, threading.Event(), **options)
+        text = "".join(pieces)
+        assert text == pieces.result.text
+        return text
 
     tuned = EngineBackend()
     info = tuned.load(str(model), "cpu", "float32", adapter=seen["adapter"])
     assert info.adapter == seen["adapter"] and info.name == f"{model.name} + {seen['id']}", "named by its job"
     base = EngineBackend()
     base.load(str(model), "cpu", "float32")
-    assert reply(tuned, adapter_enabled=False) == reply(base)
+    assert reply(tuned, use_adapter=False) == reply(base)
     reply(tuned)  # the adapter is back on after a base reply
     assert tuned._engine.adapter_dir is not None
 

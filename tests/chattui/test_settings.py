@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chattui.settings import FIELD_BY_KEY, SettingError, effective, parse_overrides, parse_value
+from engine.params import GenerationSettings, SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -56,8 +57,13 @@ def test_empty_fields_mean_model_default_and_errors_are_per_field():
 
 
 def test_effective_settings_layer_overrides_on_model_defaults():
-    defaults = {"temperature": 0.0, "top_k": 20, "top_p": 0.8, "min_p": 0.0, "repetition_penalty": 1.05,
-                "max_new_tokens": 256}
-    values = effective({"top_k": 5, "system_prompt": "ignored here"}, defaults)
-    assert values == {"temperature": 0.0, "top_k": 5, "top_p": 0.8, "min_p": 0.0, "repetition_penalty": 1.05,
-                      "max_new_tokens": 256, "seed": None}
+    defaults = GenerationSettings(SamplingParams(temperature=0.0, top_k=20, top_p=0.8, repetition_penalty=1.05),
+                                  max_new_tokens=256)
+    values = effective({"top_k": 5, "seed": 9, "system_prompt": "ignored here"}, defaults)
+    assert values == GenerationSettings(
+        SamplingParams(temperature=0.0, top_k=5, top_p=0.8, min_p=0.0, repetition_penalty=1.05, seed=9), 256
+    )
+    assert values.to_dict() == {"temperature": 0.0, "top_k": 5, "top_p": 0.8, "min_p": 0.0,
+                                "repetition_penalty": 1.05, "seed": 9, "max_new_tokens": 256}, "as the store keeps it"
+    assert defaults.sampling.top_k == 20, "the model's defaults are left as they are"
+    assert effective({"max_new_tokens": 7}, None) == GenerationSettings(SamplingParams(), 7), "no model: the engine's"

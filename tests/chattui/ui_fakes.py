@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from chattui.backend import BackendError, ModelInfo
+from chattui.backend import AttentionView, BackendError, ModelInfo, Reply, ReplyResult
 from chattui.catalog import model_label
 from engine.attention import AttentionMaps
+from engine.params import GenerationSettings, SamplingParams
 
-DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "min_p": 0.0, "repetition_penalty": 1.0,
-            "max_new_tokens": 64}
+DEFAULTS = GenerationSettings(SamplingParams(temperature=0.7, top_k=50, top_p=0.9), max_new_tokens=64)
 
 
 class FakeBackend:
@@ -41,13 +41,15 @@ class FakeBackend:
         self.context_length = context_length
         self.finish_reason = finish_reason
         self.drop_to_fit = drop_to_fit  # leave out the oldest turns as engine.chat_prompt does (1 char = 1 token)
-        self.requests: list[tuple[object, dict]] = []  # (prompt, settings) of every stream() call
+        self.requests: list[tuple[object, GenerationSettings]] = []  # (prompt, settings) of every stream() call
+        self.used_adapter: list[bool] = []  # use_adapter of every stream() call
         self.loads: list[str] = []
         self.adapters: list[str | None] = []  # the adapter of every load() call
         self.loaded: str | None = None
         self.release_load = threading.Event()  # set it to finish a load that waits (load_delay < 0)
         self.streaming = threading.Event()  # set while a reply is being streamed
         self.steps = threading.Semaphore(0) if stepped else None  # a chunk per release(), with `stepped`
+        self.busy = threading.Lock()  # held while a reply streams, as EngineBackend's request lock
 
     def load(self, model_dir, device="auto", dtype="auto", progress=None, adapter=None) -> ModelInfo:
         self.loads.append(str(model_dir))
@@ -66,17 +68,22 @@ class FakeBackend:
         self.loaded = str(path)
         return ModelInfo(
             path=str(path), name=model_label(path, adapter), architecture="FakeForCausalLM", parameters=1_234_567, device="cpu",
-            dtype="float32", context_length=self.context_length, defaults=dict(DEFAULTS),
+            dtype="float32", context_length=self.context_length, defaults=DEFAULTS,
             adapter=str(adapter) if adapter else None,
         )
 
-    def stream(self, prompt, settings, cancel: threading.Event, on_attention=None):
+    def stream(self, prompt, settings: GenerationSettings, cancel: threading.Event, *, use_adapter=True, stop=(),
+               on_attention=None) -> Reply:
+        return Reply(lambda reply: self._reply(reply, prompt, settings, cancel, use_adapter, on_attention))
+
+    def _reply(self, reply: Reply, prompt, settings: GenerationSettings, cancel: threading.Event, use_adapter: bool,
+               on_attention):
         if self.loaded is None:
             raise BackendError("no model is loaded")
         dropped = 0
         if self.drop_to_fit and isinstance(prompt, list):
             prompt = list(prompt)
-            while (sum(len(m["content"]) for m in prompt) + int(settings["max_new_tokens"]) > self.context_length
+            while (sum(len(m["content"]) for m in prompt) + settings.max_new_tokens > self.context_length
                    and sum(m["role"] != "system" for m in prompt) > 1):
                 first = next(i for i, m in enumerate(prompt) if m["role"] != "system")
                 end = first + 1  # a whole turn: the message and the replies to it
@@ -84,11 +91,13 @@ class FakeBackend:
                     end += 1
                 del prompt[first:end]
                 dropped += end - first
-        self.requests.append((prompt, dict(settings)))
+        self.requests.append((prompt, settings))
+        self.used_adapter.append(use_adapter)
         chunks = self.script(len(self.requests), prompt)
         out: list[str] = []
         finish = self.finish_reason
         started = time.perf_counter()
+        self.busy.acquire()
         self.streaming.set()
         try:
             for chunk in chunks:
@@ -111,14 +120,15 @@ class FakeBackend:
                     on_attention(FakeAttentionMaps(tokens + out + ["<eos>"]).last_rows(), tokens)
         finally:
             self.streaming.clear()
+            self.busy.release()
         elapsed = max(time.perf_counter() - started, 1e-6)
         prompt_tokens = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
-        yield {
-            "text": "".join(out), "finish_reason": finish, "prompt_tokens": prompt_tokens,
-            "generated_tokens": len(out), "reused_prompt_tokens": 0, "ttft_s": self.delay,
-            "prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": len(out) / elapsed,
-            "seed": settings.get("seed") if settings.get("seed") is not None else 42, "dropped_messages": dropped,
-        }
+        seed = settings.sampling.seed
+        reply.result = ReplyResult(
+            text="".join(out), token_ids=list(range(len(out))), finish_reason=finish, prompt_tokens=prompt_tokens,
+            generated_tokens=len(out), reused_prompt_tokens=0, ttft_s=self.delay, prefill_tokens_per_s=1000.0,
+            decode_tokens_per_s=len(out) / elapsed, seed=seed if seed is not None else 42, dropped_messages=dropped,
+        )
 
     def _wait_for_step(self, cancel: threading.Event, timeout: float = 20.0) -> None:
         """Until the test releases the next chunk, the reply is cancelled, or `timeout` seconds (a test that
@@ -182,13 +192,13 @@ class FakeAttentionBackend(FakeBackend):
         self.attention_error = attention_error
         self.attention_requests: list[object] = []
 
-    def attention(self, prompt) -> FakeAttentionMaps:
+    def attention(self, prompt) -> AttentionView:
         self.attention_requests.append(prompt)
         if self.loaded is None:
             raise BackendError("no model is loaded")
         if self.attention_error:
             raise BackendError(self.attention_error)
-        return FakeAttentionMaps(fake_tokens(prompt), self.truncated)
+        return AttentionView(FakeAttentionMaps(fake_tokens(prompt), self.truncated), self.busy)
 
 
 async def wait_until(pilot, predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition"):

@@ -526,5 +526,4 @@ def test_result_stats_are_positive_and_consistent(llama):
     assert result.prefill_tokens_per_s > 0
     assert result.decode_tokens_per_s > 0
     assert isinstance(result.seed, int)
-    d = result.to_dict()
-    assert d["token_ids"] == result.token_ids and d["finish_reason"] == "length"
+    assert result.finish_reason == "length"

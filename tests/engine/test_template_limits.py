@@ -125,7 +125,7 @@ def test_the_app_backend_reports_a_template_timeout_as_a_backend_error(checkpoin
     backend = EngineBackend()
     info = backend.load(str(folder), device="cpu", dtype="float32")
     with pytest.raises(BackendError, match="took more than 0.5 s"):
-        list(backend.stream(MESSAGES, {**info.defaults, "max_new_tokens": 2}, threading.Event()))
+        list(backend.stream(MESSAGES, info.defaults.updated({"max_new_tokens": 2}), threading.Event()))
 
 
 def test_data_prep_reports_a_template_timeout_with_the_record_and_stops_when_asked(with_template, tmp_path,

@@ -10,9 +10,7 @@ rendered once in full when both have ended.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from textual import on, work
 from textual.binding import Binding
@@ -26,19 +24,10 @@ from textual.widgets.markdown import MarkdownStream
 from chattui.backend import Backend, BackendError
 from chattui.catalog import display_name, model_label
 from chattui.context import ScreenContext
+from engine.params import GenerationSettings
 
 LOAD_CHECK_S = 0.05  # how often the screen looks whether the model it asked for has loaded
 PANES = (("base", False), ("tuned", True))  # (pane, with the adapter)
-
-
-def reply_chunks(backend: Backend, prompt: str, settings: dict[str, Any], use_adapter: bool,
-                 cancel: threading.Event) -> Iterator[str]:
-    """The text pieces of the model's reply to `prompt` as a user message, with the adapter on or off.
-    The one call to backend.stream here. Raises BackendError."""
-    for piece in backend.stream([{"role": "user", "content": prompt}], {**settings, "adapter_enabled": use_adapter},
-                                cancel):
-        if isinstance(piece, str):
-            yield piece
 
 
 class CompareScreen(ModalScreen[None]):
@@ -125,15 +114,16 @@ class CompareScreen(ModalScreen[None]):
 
     def _start(self, prompt: str, seed: int) -> None:
         self.query_one("#cmp-status", Static).update(f"Generating with seed {seed}…")
-        settings = {**self.context.model.defaults, "seed": seed}
+        settings = self.context.model.defaults.updated({"seed": seed})
         self._generate(self.context.backend, prompt, settings, self.cancel)
 
     @work(thread=True, exclusive=True, group="compare")
-    def _generate(self, backend: Backend, prompt: str, settings: dict[str, Any], cancel: threading.Event) -> None:
+    def _generate(self, backend: Backend, prompt: str, settings: GenerationSettings, cancel: threading.Event) -> None:
         """Runs in a thread: the base reply, then the tuned one, posted chunk by chunk."""
+        messages = [{"role": "user", "content": prompt}]
         try:
             for pane, use_adapter in PANES:
-                for text in reply_chunks(backend, prompt, settings, use_adapter, cancel):
+                for text in backend.stream(messages, settings, cancel, use_adapter=use_adapter):
                     self.post_message(self.Chunk(pane, text))
         except BackendError as e:
             self.post_message(self.Done(str(e)))
