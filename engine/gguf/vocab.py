@@ -66,8 +66,9 @@ def _describe_tokenizer_json(writer: gguf.GGUFWriter, folder: Path, vocab_size: 
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read ({e})") from None
     model = spec.get("model") or {}
-    if model.get("type") != "BPE":
-        raise ExportError(f"{path}: a {model.get('type')!r} tokenizer model; GGUF export supports BPE ones "
+    kind = model.get("type") or ("BPE" if "merges" in model else None)  # older files (GPT-2's) name no type
+    if kind != "BPE":
+        raise ExportError(f"{path}: a {kind!r} tokenizer model; GGUF export supports BPE ones "
                               "(byte-level, or SentencePiece-style with byte fallback)")
     tokens, added = _token_list(path, spec, vocab_size)
     chat = ChatTokenizer.from_dir(folder)
