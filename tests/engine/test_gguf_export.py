@@ -258,6 +258,47 @@ def test_real_tokenizers_round_trip_through_gguf(realworld, tmp_path, folder):
     assert kind == ("gpt2" if folder == "gpt2" else "llama")
 
 
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                 r"|\s+(?!\S)|\s+")  # as Llama 3's tokenizer.json writes it
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+_SPLIT = {"type": "Split", "behavior": "Isolated", "invert": False}
+PRE_TOKENIZERS = {
+    "gpt-2": ({**_BYTE_LEVEL, "use_regex": True}, False),
+    "llama-bpe": ({"type": "Sequence", "pretokenizers": [{**_SPLIT, "pattern": {"Regex": _LLAMA3_REGEX}}, _BYTE_LEVEL]}, True),
+    "qwen2": ({"type": "Sequence", "pretokenizers": [
+        {**_SPLIT, "pattern": {"Regex": _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")}}, _BYTE_LEVEL]}, False),
+    "smollm": ({"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {**_BYTE_LEVEL, "use_regex": True}]}, False),
+}
+
+
+@pytest.mark.parametrize("pre", PRE_TOKENIZERS)
+def test_a_byte_level_pre_tokenizer_is_named_by_its_llama_cpp_family_and_splits_the_same(checkpoint_factory, tmp_path, pre):
+    """tokenizer.json's pre_tokenizer (as GPT-2, Llama 3, Qwen2 and SmolLM write theirs) becomes the
+    `tokenizer.ggml.pre` whose llama.cpp rules split text the same way: same ids as the tokenizers library."""
+    from tokenizers import Tokenizer
+
+    folder = shutil.copytree(checkpoint_factory("qwen2"), tmp_path / "model")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["pre_tokenizer"], spec["model"]["ignore_merges"] = PRE_TOKENIZERS[pre]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    path = _tokenizer_only_gguf(folder, tmp_path / "t.gguf", 400)
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == pre
+    original, exported = Tokenizer.from_file(str(folder / "tokenizer.json")), ChatTokenizer.from_gguf(path)
+    for text in TEXTS:
+        assert exported.encode(text) == original.encode(text).ids, text
+
+
+def test_a_pre_tokenizer_without_a_llama_cpp_equivalent_is_refused_by_name(checkpoint_factory, tmp_path):
+    folder = shutil.copytree(checkpoint_factory("qwen2"), tmp_path / "model")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Whitespace"}, _BYTE_LEVEL]}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ExportError, match=r'tokenizer.json: pre-tokenizer step \{"type": "Whitespace"\} has no llama.cpp'):
+        export_model(folder, tmp_path / "m.gguf", "Q8_0")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_a_gguf_base_keeps_its_tokenizer_metadata(checkpoint_factory, tmp_path):
     base, _ = write_gguf(checkpoint_factory("qwen2"), tmp_path / "base.gguf", "qwen2", Q.Q8_0, pre="qwen2")
     exported = gguf.GGUFReader(export_model(base, tmp_path / "out.gguf", "Q4_1").path)
