@@ -86,4 +86,6 @@ def run(args: argparse.Namespace) -> int:
                               on_load=on_load, on_write=on_write)
     types = ", ".join(f"{count} {name}" for name, count in sorted(result.tensor_types.items()))
     print(f"wrote {result.path} ({result.weight_type}; tensors: {types}; {result.path.stat().st_size / 1e6:,.1f} MB)")
+    print(f"run it: chattui --model {result.path}  |  llama-cli -m {result.path}  |  "
+          f"Ollama: a Modelfile with the line FROM {result.path}, then ollama create NAME -f Modelfile")
     return 0
