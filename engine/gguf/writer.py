@@ -177,6 +177,10 @@ def _check_config(arch: str, config: ModelConfig) -> None:
                           "factors for the llama architecture only")
     if config.sliding_window and arch != "llama":
         raise ExportError(f"{config.architecture} with a sliding window: llama.cpp's {arch} graph has none")
+    if config.sliding_window:  # written for chattui's reader; llama.cpp's converter drops it as well
+        log.warning("%s: llama.cpp's llama graph ignores the sliding window of %d tokens (it attends to every "
+                    "earlier token), so beyond that many tokens it computes another model", config.architecture,
+                    config.sliding_window)
 
 
 def _add_hyperparameters(writer: gguf.GGUFWriter, arch: str, config: ModelConfig) -> None:
