@@ -133,10 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     b.set_defaults(run=cmd_bench)
 
-    from chattui import attention_cli, finetune_cli
+    from chattui import attention_cli, finetune_cli, gguf_export_cli
 
     attention_cli.add_parser(sub)
     finetune_cli.add_parser(sub)
+    gguf_export_cli.add_parser(sub)
     models_cli.add_parser(sub)
     return parser
 

@@ -22,6 +22,7 @@ from typing import Any
 from chattui import jobs
 from chattui.models_cli import MODEL_HELP
 from chattui.paths import bundled_model_dir
+from engine.params import GGUF_EXPORT_TYPES
 
 POLL_S = 0.25  # how often the progress file is read
 
@@ -31,9 +32,9 @@ _SETTINGS = {
     "lr": "lr", "batch_size": "batch_size", "grad_accum": "grad_accum", "max_seq_len": "max_seq_len",
     "lora_rank": "lora_rank", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
     "target_modules": "target_modules", "val_data": "val_data", "val_fraction": "val_fraction", "seed": "seed",
-    "nproc": "nproc", "merge": "merge", "device": "device",
+    "nproc": "nproc", "merge": "merge", "merge_gguf": "merge_gguf", "device": "device",
 }
-_LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules", "merge")
+_LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules", "merge", "merge_gguf")
 
 
 class ArgumentError(Exception):
@@ -51,7 +52,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--resume continues it.",
     )
     p.add_argument("--model", metavar="MODEL",
-                   help=f"base model: {MODEL_HELP}; a .gguf file for LoRA only (default: the bundled model)")
+                   help=f"base model: {MODEL_HELP}; a .gguf file for LoRA only, merged with --merge-gguf "
+                   "(default: the bundled model)")
     p.add_argument("--data", type=Path, action="append", metavar="FILE", help="training JSONL file; repeatable")
     p.add_argument("--method", choices=("lora", "full"), help="LoRA adapters on a frozen base, or every weight (default: lora)")
     p.add_argument("--epochs", type=int, metavar="N",
@@ -81,7 +83,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, metavar="N",
                    help="processes (GPUs) under torchrun with DistributedDataParallel (default: 1)")
     p.add_argument("--merge", action="store_true", default=None,
-                   help="LoRA: also save base + adapter merged as a Hugging Face checkpoint")
+                   help="LoRA: also save base + adapter merged as a Hugging Face checkpoint (merged/)")
+    p.add_argument("--merge-gguf", type=str.upper, choices=GGUF_EXPORT_TYPES, metavar="TYPE",
+                   help="LoRA: also save base + adapter merged as a GGUF file for llama.cpp and Ollama (merged.gguf), "
+                   f"its matrices in TYPE: {', '.join(GGUF_EXPORT_TYPES)} (Q8_0, Q4_0, Q4_1 quantized by chattui)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (cuda if available)")
     p.set_defaults(run=run)
     return p
@@ -262,6 +267,11 @@ class _Display:
                 self.bar.update(self.task, completed=record["step"], total=record["total_steps"], info=info)
             else:
                 self.print(progress_line(record))
+        elif kind == "export":
+            if self.bar is not None:
+                self.bar.update(self.task, completed=record["done"], total=record["total"], info=f"writing {record['file']}")
+            elif record["done"] == record["total"]:
+                self.print(f"wrote {record['file']}")
         elif kind == "status" and record.get("status") == "running":
             self.print("resumed" + (f" from step {record.get('start_step')}" if record.get("start_step") else "")
                        if record.get("resumed") else "running")
@@ -337,6 +347,8 @@ def report(state: jobs.JobState) -> int:
         print(f"adapter: {state.adapter_dir}")
     if state.merged_dir is not None:
         print(f"merged model: {state.merged_dir}")
+    if state.merged_gguf is not None:
+        print(f"merged GGUF: {state.merged_gguf}")
     if state.model_dir is not None:
         print(f"model: {state.model_dir}")
     target = state.chat_target()

@@ -7,7 +7,7 @@ A job is a folder (default: <user data dir>/jobs/<id>) that `engine.finetune` tr
     progress.jsonl  status, data and progress records, appended by the job (see engine/finetune.py)
     job.log         the job process's stdout and stderr
     job.pid         the process id of the job (written here when it starts)
-    adapter/ merged/ model/ checkpoints/   results
+    adapter/ merged/ merged.gguf model/ checkpoints/   results
 
 Jobs run as `python -m engine.finetune --config <folder>/job.toml` in their own session (start_new_session):
 the UI stays responsive, a crash in training cannot take it down, and closing the UI does not stop the job.
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from chattui.paths import data_dir
-from engine.job_files import FINAL_STATUSES, JOB_CONFIG, LOG_FILE, PID_FILE, PROGRESS_FILE, RESOLVED_FILE
+from engine.job_files import FINAL_STATUSES, JOB_CONFIG, LOG_FILE, MERGED_GGUF, PID_FILE, PROGRESS_FILE, RESOLVED_FILE
 
 EXIT_GRACE_S = 15.0  # how long a job that reported its end may take to exit before resume_job gives up
 SETTLED_SHARE = 0.05  # a loss still falling by this share of its whole fall at the end of a run has not settled
@@ -351,6 +351,12 @@ class JobState:
     def merged_dir(self) -> Path | None:
         path = self.dir / "merged"
         return path if (path / "config.json").exists() else None
+
+    @property
+    def merged_gguf(self) -> Path | None:
+        """The merged model as a GGUF file (merge_gguf), once written."""
+        path = self.dir / MERGED_GGUF
+        return path if path.is_file() else None
 
     @property
     def model_dir(self) -> Path | None:

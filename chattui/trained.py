@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from chattui import jobs
-from chattui.catalog import ModelEntry, adapter_name, display_name, folder_size, inspect_folder
+from chattui.catalog import ModelEntry, adapter_name, display_name, folder_size, inspect_folder, inspect_model
 
 
 def adapter_base(folder: str | Path) -> str | None:
@@ -33,6 +33,9 @@ def trained_models(root: str | Path | None = None) -> list[ModelEntry]:
         if job.merged_dir is not None:
             entries.append(inspect_folder(job.merged_dir, "merged", name=f"{display_name(job.base_model)} merged "
                                                                          f"{job.id}"))
+        if job.merged_gguf is not None:
+            entries.append(inspect_model(job.merged_gguf, "merged", name=f"{display_name(job.base_model)} merged "
+                                                                        f"{job.id} GGUF"))
         if job.model_dir is not None:
             entries.append(inspect_folder(job.model_dir, "tuned", name=f"{display_name(job.base_model)} tuned {job.id}"))
     return entries

@@ -1,5 +1,6 @@
 """Writing a folder of files atomically: training checkpoints, LoRA adapters and merged exports all go
-through `atomic_folder`, so a crash, a kill or a full disk leaves either the whole folder or the old one."""
+through `atomic_folder`, so a crash, a kill or a full disk leaves either the whole folder or the old one.
+`atomic_file` does the same for one file (a GGUF export)."""
 
 from __future__ import annotations
 
@@ -34,4 +35,22 @@ def atomic_folder(final: Path) -> Iterator[Path]:
             os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final` to write one file to. On success it is fsynced and renamed to
+    final (replacing an old one); on any error it is removed and final is left as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # a leftover of a crashed write by an earlier process
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

@@ -23,3 +23,7 @@ class NonFiniteLogitsError(EngineError):
 
 class TrainingDiverged(EngineError):
     """The training loss or gradients became NaN or infinite."""
+
+
+class ExportError(EngineError):
+    """A model that cannot be written in the format asked for: its architecture, weights or tokenizer."""

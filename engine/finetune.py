@@ -10,6 +10,8 @@ output folder (`out`, default: <user data dir>/jobs/<id>):
     checkpoints/      step-NNNNNNN folders written atomically by engine.train (the last few kept)
     adapter/          the LoRA adapter in PEFT's format (adapter_config.json, adapter_model.safetensors)
     merged/           with merge = true: base + adapter as a Hugging Face checkpoint
+    merged.gguf       with merge_gguf = "Q8_0" (or F32, F16, BF16, Q4_0, Q4_1): base + adapter as a GGUF file
+                      that llama.cpp and Ollama load (engine.gguf.writer); the only merge of a GGUF base
     model/            full fine-tunes: the tuned model as a Hugging Face checkpoint
 
 progress.jsonl lines have a "type":
@@ -69,11 +71,13 @@ from engine.device import cpu_has_fast_bfloat16
 from engine.errors import EngineError
 from engine.finetune_data import DataCancelled, DataError, ExampleBatches, pad_token_id, prepare_data
 from engine.job_files import (
-    CANCEL_FILE, CHECKPOINTS, EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED, FINAL_STATUSES, PROGRESS_FILE, RESOLVED_FILE,
-    RESULT_DIRS, user_data_dir,
+    CANCEL_FILE, CHECKPOINTS, EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED, FINAL_STATUSES, MERGED_GGUF, PROGRESS_FILE,
+    RESOLVED_FILE, RESULT_DIRS, user_data_dir,
 )
 from engine.gguf.header import is_gguf_path
+from engine.gguf.writer import export_gguf
 from engine.lora import LoRAConfig, apply_lora, default_targets, merge_lora, save_adapter, save_hf_checkpoint
+from engine.params import GGUF_EXPORT_TYPES
 from engine.tokenizer import ChatTokenizer
 from engine.train import IGNORE_INDEX, Progress, TrainConfig, latest_checkpoint, list_checkpoints, train
 from models.registry import family_of
@@ -129,6 +133,7 @@ class JobConfig:
     log_interval: int = 0  # steps between progress records; 0 = every step up to 200 steps
     nproc: int = 1  # processes (GPUs) under torchrun with DistributedDataParallel
     merge: bool = False  # LoRA: also write base + adapter merged as a Hugging Face checkpoint
+    merge_gguf: str = ""  # LoRA: also write base + adapter merged as merged.gguf of this type (Q8_0, ...); "" = no
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda
     precision: str = "auto"  # auto (bf16 autocast on GPUs and CPUs with bf16 instructions), bf16, fp32
 
@@ -163,6 +168,7 @@ class JobResult:
     val_loss: float | None = None
     adapter_dir: str | None = None
     merged_dir: str | None = None
+    merged_gguf: str | None = None
     model_dir: str | None = None
     history: list[Progress] = field(default_factory=list)
 
@@ -179,7 +185,7 @@ _FIELD_TYPES = {
     "lora_alpha": float, "lora_dropout": float, "target_modules": list, "val_data": list,
     "val_fraction": float, "seed": int, "warmup_ratio": float, "min_lr_ratio": float, "weight_decay": float,
     "grad_clip": float, "eval_interval": int, "checkpoint_interval": int, "keep_checkpoints": int,
-    "log_interval": int, "nproc": int, "merge": bool, "device": str, "precision": str,
+    "log_interval": int, "nproc": int, "merge": bool, "merge_gguf": str, "device": str, "precision": str,
 }
 _PATH_FIELDS = ("model", "out")
 _PATH_LIST_FIELDS = ("data", "val_data")
@@ -264,11 +270,15 @@ def _check_values(c: JobConfig, source: str) -> None:
         fail(f"'precision' must be auto, bf16 or fp32, got {c.precision!r}")
     if c.batch_size % c.nproc:
         fail(f"'batch_size' ({c.batch_size}) must be divisible by 'nproc' ({c.nproc}): it is the global batch")
-    if c.merge and c.method != "lora":
-        fail("'merge' applies to LoRA jobs (a full fine-tune is saved as a whole model anyway)")
+    if c.merge_gguf and c.merge_gguf not in GGUF_EXPORT_TYPES:
+        fail(f"'merge_gguf' must be one of {', '.join(GGUF_EXPORT_TYPES)}, got {c.merge_gguf!r}")
+    for key in ("merge", "merge_gguf"):
+        if getattr(c, key) and c.method != "lora":
+            fail(f"'{key}' applies to LoRA jobs (a full fine-tune is saved as a whole model anyway)")
     if c.model and is_gguf_path(c.model) and (c.merge or c.method != "lora"):
-        # The results are Hugging Face folders built from the base folder's config and tokenizer files.
-        fail("a GGUF base model supports LoRA adapters only (no 'merge', no method \"full\")")
+        # A Hugging Face folder needs the base folder's config and tokenizer files; a GGUF file carries its own.
+        fail("a GGUF base model supports LoRA adapters only (no method \"full\"), merged into a GGUF file "
+             "('merge_gguf'), not a Hugging Face folder ('merge')")
 
 
 def load_config(path: str | Path) -> JobConfig:
@@ -357,9 +367,10 @@ def _check_out_dir(config: JobConfig, resume: bool) -> None:
         return
     if (out / RESOLVED_FILE).exists() or latest_checkpoint(out / CHECKPOINTS) is not None:
         raise JobError(f"{out}: already holds a job; resume it (--resume) or choose another output folder")
-    results = [name for name in RESULT_DIRS if (out / name).exists()]
+    results = [f"{name}/" for name in RESULT_DIRS if (out / name).exists()] + (
+        [MERGED_GGUF] if (out / MERGED_GGUF).exists() else [])
     if results:  # a new job would replace them: they are another job's, or the user's
-        raise JobError(f"{out}: already holds {results[0]}/; choose another output folder (nothing was changed)")
+        raise JobError(f"{out}: already holds {results[0]}; choose another output folder (nothing was changed)")
 
 
 # -- the model -----------------------------------------------------------------------------------------------
@@ -699,7 +710,7 @@ def _run(config, resume, dist, out, progress, stop, should_stop, on_progress) ->
 
     if result.history:  # the last record's loss (averaged over the ranks under DDP)
         result.train_loss = result.history[-1].loss if result.history[-1].loss is not None else result.train_loss
-    adapter_dir = merged_dir = tuned_dir = None
+    adapter_dir = merged_dir = merged_gguf = tuned_dir = None
     if lora is not None and result.step > 0:
         adapter_dir = str(save_adapter(model, lora, out / "adapter", model_dir))
     checkpoint = latest_checkpoint(out / CHECKPOINTS)
@@ -710,14 +721,30 @@ def _run(config, resume, dist, out, progress, stop, should_stop, on_progress) ->
         return JobResult("cancelled", step=result.step, train_loss=result.train_loss, val_loss=result.val_loss,
                          adapter_dir=adapter_dir, history=result.history)
     model.eval()
-    if lora is not None and config.merge:
-        merged_dir = str(save_hf_checkpoint(merge_lora(model), model_dir, out / "merged"))
+    if lora is not None and (config.merge or config.merge_gguf):
+        merged = merge_lora(model)
+        if config.merge:
+            merged_dir = str(save_hf_checkpoint(merged, model_dir, out / "merged"))
+        if config.merge_gguf:
+            merged_gguf = str(_export_merged(merged, model_config, model_dir, out, config.merge_gguf, progress))
     elif lora is None:
         tuned_dir = str(save_hf_checkpoint(model, model_dir, out / "model"))
     progress.status("done", step=result.step, train_loss=result.train_loss, val_loss=result.val_loss,
-                    adapter=adapter_dir, merged=merged_dir, model=tuned_dir, base_model=str(model_dir))
+                    adapter=adapter_dir, merged=merged_dir, merged_gguf=merged_gguf, model=tuned_dir,
+                    base_model=str(model_dir))
     return JobResult("done", step=result.step, train_loss=result.train_loss, val_loss=result.val_loss,
-                     adapter_dir=adapter_dir, merged_dir=merged_dir, model_dir=tuned_dir, history=result.history)
+                     adapter_dir=adapter_dir, merged_dir=merged_dir, merged_gguf=merged_gguf, model_dir=tuned_dir,
+                     history=result.history)
+
+
+def _export_merged(model: nn.Module, config, base: Path, out: Path, file_type: str, progress: ProgressLog) -> Path:
+    """merged.gguf, with "export" records ({"done", "total"}: weight values written) for the watchers."""
+    def report(done: int, total: int) -> None:
+        progress.write({"type": "export", "file": MERGED_GGUF, "done": done, "total": total})
+
+    name = f"{base.stem if base.is_file() else base.name} ({out.name}, fine-tuned)"
+    return export_gguf(dict(model.named_parameters()), config, base, out / MERGED_GGUF, file_type, name=name,
+                       progress=report).path
 
 
 def sample_replies(model: nn.Module, tokenizer: ChatTokenizer, examples: list, eos_ids: set[int], device: torch.device,

@@ -17,6 +17,7 @@ PID_FILE = "job.pid"  # the job's process id
 CANCEL_FILE = ".cancel"  # created by the launcher on SIGTERM/SIGINT; workers stop at the next step
 CHECKPOINTS = "checkpoints"
 RESULT_DIRS = ("adapter", "merged", "model")  # what a finished job saves into its folder
+MERGED_GGUF = "merged.gguf"  # ...and the merged model as one GGUF file (merge_gguf)
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATUSES = ("done", "failed", "cancelled")

@@ -1,7 +1,7 @@
 """Definitions the UI shares with the engine, in plain Python so that importing them costs no torch:
 sampling settings and their defaults, what one request is generated with (GenerationSettings), the stream
-of text a request yields and its result (Generation, GenerationResult), and the names of the dtypes a
-model can be loaded in."""
+of text a request yields and its result (Generation, GenerationResult), the names of the dtypes a model can
+be loaded in, and the weight types a model can be exported to GGUF in."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ DEFAULT_MAX_NEW_TOKENS = 512  # when generation_config.json does not say
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES, *DTYPE_ALIASES)  # what `--dtype` and config.toml accept
+GGUF_EXPORT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")  # engine.gguf.writer; ggml's type names
 MAX_SEED = 2**64  # torch.Generator seeds are 64-bit
 PENALTY_RANGE = (0.01, 100.0)  # beyond these a penalty overflows float32 logits (1e-40 makes them inf)
 

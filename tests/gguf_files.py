@@ -6,7 +6,8 @@ embedding written again as `output.weight`), Llama 3 RoPE scaling as a `rope_fre
 tokenizer's special ids, merges and chat template through gguf.SpecialVocab. Quantized 2-D weights
 come from gguf.quants.quantize, or for K-quants (and IQ4_NL) from random blocks with sane scales; beside the GGUF
 file, `effective_checkpoint` holds the same HF checkpoint with the weights the GGUF really stores
-(dequantized by gguf.quants), the oracle for quantized files.
+(dequantized by gguf.quants), the oracle for quantized files. `assert_same_model` checks a GGUF file
+against transformers on a checkpoint: logits and greedy ids.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import gguf
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from checkpoints import hf_model
+from engine import Engine, SamplingParams
 
 Q = gguf.GGMLQuantizationType
 GGUF_ARCH = {"llama": "llama", "llama_tied_llama3_rope": "llama", "llama_linear_rope": "llama", "mistral": "llama",
@@ -201,3 +205,28 @@ def _encode(w: np.ndarray, qtype: Q, rng: np.random.Generator) -> tuple[np.ndarr
     else:
         data = gguf.quants.quantize(w, qtype)  # BF16 too
     return data, gguf.quants.dequantize(data, qtype).reshape(w.shape)
+
+
+def ids_for_test(vocab: int = 400) -> torch.Tensor:
+    return torch.randint(3, vocab, (2, 40), generator=torch.Generator().manual_seed(0))  # (B, T)
+
+
+def assert_same_model(gguf_path: Path, reference_dir: Path, atol: float = 1e-4) -> None:
+    """float32 logits close to transformers on reference_dir, and greedy ids equal."""
+    engine = Engine.load(gguf_path, device="cpu", dtype="float32")
+    reference = hf_model(reference_dir)
+    ids = ids_for_test()
+    with torch.inference_mode():
+        ours, theirs = engine.model(ids), reference(ids).logits
+    scale = theirs.abs().max().item()
+    assert (ours - theirs).abs().max().item() <= atol * max(1.0, scale)
+    prompt = ids[0, :12].tolist()
+    generation = engine.generate(prompt, SamplingParams(temperature=0.0), max_new_tokens=12)
+    list(generation)
+    with torch.inference_mode():
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    ids = generation.result.token_ids
+    assert ids == expected[: len(ids)]
+    if generation.result.finish_reason == "eos":  # ours stopped where transformers (told not to) went on
+        assert expected[len(ids)] in engine.eos_token_ids

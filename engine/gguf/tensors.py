@@ -6,6 +6,8 @@ Two layout changes undo what llama.cpp's converter did:
 - `llama` architecture only: Q and K projection rows were interleaved per head for llama.cpp's RoPE
   (`permute` in convert_hf_to_gguf.py); `unpermute_rows` restores Hugging Face's half-split order.
 - `gpt2`: Conv1D weights were transposed to (out, in); ours are (in, out).
+`tensor_layout` says which applies to a tensor; the GGUF writer (engine.gguf.writer) redoes them
+(`permute_rows`) and names tensors with `gguf_tensor_name`, the inverse of the reader's map.
 
 `model_tensors` describes every tensor with its raw, memory-mapped blocks (nothing is read), so a
 loader that keeps quantized weights can take the blocks as they are: rows are whole blocks, so the
@@ -93,11 +95,14 @@ class GGUFTensor:
         return int(self.raw.nbytes)
 
 
+def _name_maps(arch: str) -> tuple[dict[str, str], dict[str, str], str]:
+    """(per-block names, top-level names, our layer prefix) of an architecture."""
+    return (_GPT2_BLOCK, _GPT2_TOP, "transformer.h") if arch == "gpt2" else (_LLAMA_BLOCK, _LLAMA_TOP, "model.layers")
+
+
 def _module_key(arch: str, gguf_name: str) -> tuple[str, str] | None:
     """(our key, the GGUF base name such as "attn_q") for a tensor name, None if it is not one we know."""
-    block_map, top_map, layer_prefix = (
-        (_GPT2_BLOCK, _GPT2_TOP, "transformer.h") if arch == "gpt2" else (_LLAMA_BLOCK, _LLAMA_TOP, "model.layers")
-    )
+    block_map, top_map, layer_prefix = _name_maps(arch)
     if m := _BLOCK_NAME.fullmatch(gguf_name):
         layer, base, kind = m.groups()
         if base in block_map:
@@ -107,6 +112,18 @@ def _module_key(arch: str, gguf_name: str) -> tuple[str, str] | None:
         if base in top_map:
             return f"{top_map[base]}.{kind}", base
     return None
+
+
+def gguf_tensor_name(arch: str, key: str) -> tuple[str, str] | None:
+    """(the GGUF tensor name, its base name such as "attn_q") for one of our keys: _module_key's inverse."""
+    block_map, top_map, layer_prefix = _name_maps(arch)
+    stem, _, kind = key.rpartition(".")
+    if stem.startswith(layer_prefix + "."):
+        layer, _, module = stem[len(layer_prefix) + 1 :].partition(".")
+        base = next((b for b, m in block_map.items() if m == module), None)
+        return (f"blk.{layer}.{base}.{kind}", base) if base and layer.isdigit() else None
+    base = next((b for b, m in top_map.items() if m == stem), None)
+    return (f"{base}.{kind}", base) if base else None
 
 
 def model_tensors(gguf_file: GGUFFile, config: ModelConfig) -> dict[str, GGUFTensor]:
@@ -125,9 +142,7 @@ def model_tensors(gguf_file: GGUFFile, config: ModelConfig) -> dict[str, GGUFTen
             )
         mapped = _module_key(arch, t.name)
         key, base = mapped if mapped else (t.name, "")
-        heads = None
-        if arch == "llama" and isinstance(config, LlamaConfig):
-            heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(base)
+        heads, transpose = tensor_layout(arch, config, key, base)
         tensors[key] = GGUFTensor(
             gguf_name=t.name,
             key=key,
@@ -136,9 +151,18 @@ def model_tensors(gguf_file: GGUFFile, config: ModelConfig) -> dict[str, GGUFTen
             data_offset=int(t.data_offset),
             shape=tuple(int(d) for d in reversed(t.shape.tolist())),
             unpermute_heads=heads,
-            transpose=isinstance(config, GPT2Config) and base in _GPT2_CONV1D and key.endswith(".weight"),
+            transpose=transpose,
         )
     return tensors
+
+
+def tensor_layout(arch: str, config: ModelConfig, key: str, base: str) -> tuple[int | None, bool]:
+    """How llama.cpp's layout of a tensor differs from ours: (the heads whose rows it permutes for `llama` Q/K,
+    None otherwise; whether it stores a GPT-2 Conv1D weight transposed)."""
+    heads = None
+    if arch == "llama" and isinstance(config, LlamaConfig):
+        heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(base)
+    return heads, isinstance(config, GPT2Config) and base in _GPT2_CONV1D and key.endswith(".weight")
 
 
 def unpermute_rows(w: torch.Tensor | np.ndarray, n_heads: int) -> torch.Tensor | np.ndarray:
@@ -148,6 +172,13 @@ def unpermute_rows(w: torch.Tensor | np.ndarray, n_heads: int) -> torch.Tensor |
     of values and on a numpy array of raw quantized rows alike (a row is whole blocks)."""
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py's `permute` of Q/K rows for llama.cpp's RoPE, which rotates adjacent pairs:
+    each head's rows go from [first half | second half] to interleaved pairs. unpermute_rows undoes it."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def read_blocks(tensor: GGUFTensor, file: BinaryIO) -> torch.Tensor:

@@ -37,6 +37,7 @@ _TEKKEN_SPLIT = (
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]")
+BYTE_LEVEL_SPLIT = _GPT2_SPLIT  # what tokenizers' ByteLevel(use_regex=True) splits by
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,10 @@ _LLAMA3 = _PreTokenizer((_LLAMA3_SPLIT,), ignore_merges=True, add_bos=True)
 _QWEN2 = _PreTokenizer((_QWEN2_SPLIT,))
 _SMOLLM = _PreTokenizer((r"\p{N}", _GPT2_SPLIT))
 _GPT2 = _PreTokenizer((_GPT2_SPLIT,))
-# Names as llama-vocab.cpp reads them (the families asked for, and names llama.cpp gives the same rules).
+# Names as llama-vocab.cpp reads them (the families asked for, and names llama.cpp gives the same rules);
+# each family's first name is the one llama.cpp's converter writes, and the one our GGUF export writes.
 _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral"), _LLAMA3),
+    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral"), _LLAMA3),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "kormo", "f2llmv2"), _QWEN2),
     **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva-7b"), _SMOLLM),
     **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo"), _GPT2),
@@ -130,6 +132,12 @@ def build_tokenizer(gguf_file: GGUFFile) -> tuple[Tokenizer, dict[str, str]]:
         special_tokens=[(special[n], special_ids[n]) for n in before + after],
     )
     return tokenizer, special
+
+
+def pre_tokenizer_name(splits: tuple[str, ...], ignore_merges: bool) -> str | None:
+    """The `tokenizer.ggml.pre` name of the family that splits text by these expressions, None if none does."""
+    return next((name for name, pre in _PRE_TOKENIZERS.items()
+                 if pre.splits == splits and pre.ignore_merges == ignore_merges), None)
 
 
 def _pre_tokenizer(gguf_file: GGUFFile) -> _PreTokenizer:

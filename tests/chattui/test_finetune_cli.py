@@ -58,6 +58,25 @@ def test_finetune_runs_the_job_and_prints_the_adapter_and_how_to_chat_with_it(cl
     assert jobs.read_job(out).status == "done"
 
 
+def test_merge_gguf_writes_the_merged_model_as_a_gguf_file_and_prints_it(cli, checkpoint_factory, data, tmp_path):
+    import gguf
+
+    out = tmp_path / "job"
+    code, stdout, stderr = cli("--model", checkpoint_factory("qwen2"), "--data", data, "--max-steps", 2,
+                               "--batch-size", 2, "--lora-rank", 4, "--merge-gguf", "q4_1", "--out", out)
+    assert code == 0, stderr
+    assert f"merged GGUF: {out / 'merged.gguf'}" in stdout
+    assert jobs.read_config(out)["merge_gguf"] == "Q4_1" and jobs.read_job(out).merged_gguf == out / "merged.gguf"
+    reader = gguf.GGUFReader(out / "merged.gguf")
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_1
+    assert "wrote merged.gguf" in stderr
+    from chattui.trained import trained_models
+
+    listed = [e for e in trained_models(tmp_path) if e.path == out / "merged.gguf"]
+    assert len(listed) == 1 and listed[0].source == "merged" and listed[0].problem is None, listed
+    assert listed[0].architecture == "qwen2" and listed[0].weight_type == "Q4_1"
+
+
 def test_bad_data_is_one_error_line_naming_file_and_line(cli, checkpoint_factory, data, tmp_path):
     data.write_text(chat("a", "b") + "\n" + '{"messages": [{"role": "robot", "content": "x"}]}\n')
     code, stdout, stderr = cli("--model", checkpoint_factory("llama"), "--data", data, "--out", tmp_path / "job")
@@ -77,6 +96,7 @@ def test_bad_data_is_one_error_line_naming_file_and_line(cli, checkpoint_factory
         (["--val-fraction", "1"], "--val-fraction must be between 0 and 1"),
         (["--method", "full", "--lora-rank", "4"], "--lora-rank applies to --method lora"),
         (["--method", "full", "--merge"], "--merge applies to --method lora"),
+        (["--method", "full", "--merge-gguf", "q8_0"], "--merge-gguf applies to --method lora"),
         (["--batch-size", "3", "--nproc", "2"], "--batch-size (3) must be divisible by --nproc (2)"),
         (["--data", "missing.jsonl"], "missing.jsonl: file not found"),
     ],

@@ -1,10 +1,11 @@
-"""engine.atomic.atomic_folder: the whole new folder or the old one, never a mix or a leftover."""
+"""engine.atomic.atomic_folder and atomic_file: the whole new folder or file or the old one, never a mix or a
+leftover."""
 
 from __future__ import annotations
 
 import pytest
 
-from engine.atomic import atomic_folder
+from engine.atomic import atomic_file, atomic_folder
 
 
 def test_success_replaces_the_old_folder_whole(tmp_path):
@@ -36,3 +37,17 @@ def test_a_new_folder_and_its_parents_are_created(tmp_path):
     with atomic_folder(final) as tmp:
         (tmp / "meta.json").write_text("{}")
     assert (final / "meta.json").read_text() == "{}"
+
+
+def test_a_file_is_replaced_whole_or_left_as_it_was(tmp_path):
+    final = tmp_path / "model.gguf"
+    final.write_bytes(b"old")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_file(final) as tmp:
+            tmp.write_bytes(b"half")
+            assert final.read_bytes() == b"old"
+            raise OSError("disk full")
+    assert final.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+    with atomic_file(final) as tmp:
+        tmp.write_bytes(b"new")
+    assert final.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]

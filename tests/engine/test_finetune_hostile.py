@@ -38,6 +38,15 @@ def test_a_folder_holding_a_result_folder_is_refused_and_left_untouched(checkpoi
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [result, f"{result}/mine.txt"]
 
 
+def test_a_folder_holding_a_merged_gguf_is_refused_and_left_untouched(checkpoint_factory, data, tmp_path):
+    out = tmp_path / "job"
+    out.mkdir()
+    (out / "merged.gguf").write_bytes(b"someone's model")
+    with pytest.raises(JobError, match="already holds merged.gguf; choose another output folder"):
+        run_job(job_config(checkpoint_factory("llama"), data, out))
+    assert [p.name for p in out.iterdir()] == ["merged.gguf"] and (out / "merged.gguf").read_bytes() == b"someone's model"
+
+
 def test_a_loss_that_becomes_nan_fails_the_job_and_saves_no_adapter(checkpoint_factory, data, tmp_path):
     base = shutil.copytree(checkpoint_factory("llama"), tmp_path / "broken-model")
     set_tensor(base, "model.norm.weight", float("nan"))

@@ -141,3 +141,24 @@ def test_quantized_perplexity_is_within_one_percent_of_the_dequantized_float32_p
     print(f"\nSmolLM2 Q4_1 perplexity on {len(ids)} held-out tokens: dequantized float32 {dense:.4f}, "
           f"blocks with {quantized_engine.dtype_name} activations {quantized:.4f} ({quantized / dense - 1:+.2%})")
     assert abs(quantized / dense - 1) <= 0.01
+
+
+def test_exported_again_as_q4_1_every_tensor_has_llama_cpps_bytes(smollm2_path, tmp_path):
+    """Dequantized, Q/K rows un-permuted, then written by chattui's exporter (rows permuted back, our quantizer),
+    every tensor is byte for byte what llama.cpp wrote, the tied embedding kept in Q8_0 as it kept it; the
+    hyperparameters and the tokenizer metadata are the file's."""
+    import gguf
+    import numpy as np
+
+    from engine.gguf.writer import export_model
+
+    original = gguf.GGUFReader(smollm2_path)
+    exported = gguf.GGUFReader(export_model(smollm2_path, tmp_path / "again.gguf", "Q4_1").path)
+    theirs, ours = {t.name: t for t in original.tensors}, {t.name: t for t in exported.tensors}
+    assert sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        assert ours[name].tensor_type == t.tensor_type, name
+        assert np.asarray(ours[name].data).tobytes() == np.asarray(t.data).tobytes(), name
+    for key, field in original.fields.items():
+        if key.startswith(("llama.", "tokenizer.")):
+            assert exported.fields[key].contents() == field.contents(), key
