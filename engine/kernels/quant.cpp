@@ -17,6 +17,10 @@
 // (vpmaddubsw + vpmaddwd, one block at a time). Both run the same code (quant_isa.inc, included once
 // per target); only the dot products differ. Rows are split over PyTorch's thread pool.
 //
+// With float_activation, quant_linear keeps x as it is instead (weight rows dequantized in L1, float FMA):
+// for the output layer, where int8 rounding of the input flips near-tied tokens. More arithmetic per byte,
+// but on a layer that does not fit in cache reading the bytes decides (measured: no slower).
+//
 // quant_dequantize: whole rows to float32 or bfloat16, for prefill tiles and embedding lookups.
 
 #include <ATen/Parallel.h>
@@ -127,7 +131,7 @@ int64_t check_blocks(const at::Tensor& blocks, int64_t qtype) {  // -> values pe
 // x (..., in) holding one row (float32 or bfloat16), blocks (out, bytes per row), bias (out) float32 or
 // none -> (..., out) in x's dtype.
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype,
-                        const std::optional<at::Tensor>& bias, int64_t isa) {
+                        const std::optional<at::Tensor>& bias, int64_t isa, bool float_activation) {
   check_isa(isa);
   const int64_t in = check_blocks(blocks, qtype), out = blocks.size(0);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
@@ -148,12 +152,18 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t q
   if (x.scalar_type() == at::kFloat) {
     const float* xp = row.const_data_ptr<float>();
     float* yp = y.mutable_data_ptr<float>();
-    if (isa == kIsaAvx512) avx512::linear(qtype, xp, in, w, row_bytes, bias_ptr, yp, out);
+    if (float_activation) {
+      if (isa == kIsaAvx512) avx512::linear_float(qtype, xp, in, w, row_bytes, bias_ptr, yp, out);
+      else avx2::linear_float(qtype, xp, in, w, row_bytes, bias_ptr, yp, out);
+    } else if (isa == kIsaAvx512) avx512::linear(qtype, xp, in, w, row_bytes, bias_ptr, yp, out);
     else avx2::linear(qtype, xp, in, w, row_bytes, bias_ptr, yp, out);
   } else {
     const c10::BFloat16* xp = row.const_data_ptr<c10::BFloat16>();
     c10::BFloat16* yp = y.mutable_data_ptr<c10::BFloat16>();
-    if (isa == kIsaAvx512) avx512::linear(qtype, xp, in, w, row_bytes, bias_ptr, yp, out);
+    if (float_activation) {
+      if (isa == kIsaAvx512) avx512::linear_float(qtype, xp, in, w, row_bytes, bias_ptr, yp, out);
+      else avx2::linear_float(qtype, xp, in, w, row_bytes, bias_ptr, yp, out);
+    } else if (isa == kIsaAvx512) avx512::linear(qtype, xp, in, w, row_bytes, bias_ptr, yp, out);
     else avx2::linear(qtype, xp, in, w, row_bytes, bias_ptr, yp, out);
   }
   return y;
@@ -191,7 +201,7 @@ at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, at::ScalarT
 
 // a fragment: decode_bf16.cpp defines the namespace's other ops
 TORCH_LIBRARY_FRAGMENT(chattui, m) {
-  m.def("quant_linear(Tensor x, Tensor blocks, int qtype, Tensor? bias, int isa) -> Tensor");
+  m.def("quant_linear(Tensor x, Tensor blocks, int qtype, Tensor? bias, int isa, bool float_activation=False) -> Tensor");
   m.def("quant_dequantize(Tensor blocks, int qtype, ScalarType dtype, int isa, Tensor? scratch=None) -> Tensor");
 }
 

@@ -51,8 +51,9 @@ def _round_activations_as_the_kernels_do(model: nn.Module) -> None:
 
     def hook(layer, args):
         (x,) = args
-        if x.numel() != layer.in_features:
-            return None  # prefill: the quantized layer dequantizes and runs the same GEMM
+        if x.numel() != layer.in_features or layer is model.lm_head:
+            return None  # prefill (the quantized layer dequantizes and runs the same GEMM); the output layer
+            # keeps float activations (QuantizedLinear.float_activation)
         blocks = x.reshape(-1, 32)
         absmax = blocks.abs().amax(dim=1, keepdim=True)
         # 127 / absmax as a true division: torch computes `127 / t` as 127 * (1 / t), off by a rounding at ties
@@ -133,9 +134,11 @@ def test_decode_equals_the_dequantized_float32_path_with_the_kernels_activation_
     error = (ours - expected).abs().amax(dim=1) / expected.abs().max()  # per step
     assert (error <= 1e-5).float().mean() >= 0.9, error
     assert error.max() <= 0.05, error  # one int8 step of one value, amplified by the tiny random model
-    with torch.inference_mode():  # prefill dequantizes and runs the same GEMM as the dense model
-        torch.testing.assert_close(quantized(ids[None]), load_model(path, config, CPU, torch.float32)(ids[None]),
-                                   rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # prefill dequantizes and runs the same GEMMs as the dense model
+        prefill, dense = quantized(ids[None]), load_model(path, config, CPU, torch.float32)(ids[None])
+    # Equal up to float32 summation order: the BLAS may block a GEMM differently for other shapes (the fused
+    # q/k/v), and the random models' activations reach the thousands, so the tolerance scales with the logits.
+    torch.testing.assert_close(prefill, dense, rtol=1e-5, atol=1e-5 * dense.abs().max().item())
 
 
 def _greedy_agreement(quantized: nn.Module, dense: nn.Module, prompts: list[list[int]]) -> tuple[int, float]:

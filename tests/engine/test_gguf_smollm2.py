@@ -71,7 +71,8 @@ def test_float32_greedy_ids_equal_transformers_on_the_same_file(engine, smollm2_
 
 # -- GGUF blocks kept (`--dtype auto` on CPU) against the dequantized float32 path of the same file ----------
 
-# ~300 tokens of plain prose, written for this test (so no model has seen it): perplexity is measured on it.
+# ~900 tokens of plain prose, written for this test (so no model has seen it): perplexity is measured on it.
+# Shorter texts are too noisy for a 1% bound: float32 summation order alone moved 328 tokens' by ~1%.
 HELD_OUT_TEXT = (
     "The village stood at the edge of a wide valley, where the river slowed and spread into a chain of shallow "
     "pools. Every spring the water rose over the lower fields, and every summer it fell back, leaving behind a "
@@ -87,12 +88,43 @@ HELD_OUT_TEXT = (
     "last fruit of the season. When the sun went down, someone would bring out a violin, and the dancing would "
     "go on until the candles burned low. The visitors who passed through the valley often said that it seemed "
     "a place outside of time, untouched by the hurry of the cities. The villagers smiled at this, because they "
-    "knew how hard the work was, and how much the river could take away in a bad year."
+    "knew how hard the work was, and how much the river could take away in a bad year. "
+    "In the year the old mill burned, the river had risen higher than anyone had seen it. The water came up "
+    "through the floorboards of the houses nearest the bank, and for three days the families carried their "
+    "furniture up to the church on the hill, where the ground was dry. When the flood went down, the mill was a "
+    "black shell, its wheel broken in two, and the miller sat in front of it for a whole afternoon without "
+    "saying a word. It was his daughter who decided that it would be rebuilt. She walked from house to house "
+    "with a notebook, asking each family what they could give: a day of work, a cart of stones, a few planks "
+    "from a barn that was no longer used. By the end of the month the notebook was full, and the work began. "
+    "The men cut new beams in the forest above the village and dragged them down with horses, while the women "
+    "cooked for everyone in the bakery, which had the biggest oven. The children carried water and nails, and "
+    "they argued about who had carried the most. A carpenter came from the town across the hills to build the "
+    "new wheel, because no one in the village knew how to shape the paddles so that they would turn smoothly. "
+    "He stayed for the whole summer, sleeping in a room above the bakery, and in the evenings he taught the "
+    "older boys how to read a drawing and measure twice before cutting once. When the wheel was finally set in "
+    "its place and the water was let into the channel, the whole village stood on the bank to watch. For a "
+    "moment nothing happened, and a few people began to laugh nervously. Then the wheel creaked, shook, and "
+    "began to turn, slowly at first and then with a steady rhythm that everyone would remember for years. "
+    "The miller did not say much that day either, but he shook the hand of every person who had helped, and "
+    "that autumn the first bags of flour from the new mill were given away for free. The notebook his daughter "
+    "had carried is still kept in a drawer at the bakery. Its pages are yellow now and the ink has faded, but "
+    "the names are all there, one after another, with what each family gave written beside them. Some of the "
+    "entries are only a few words long, a day of work or a basket of eggs, and some take up half a page. "
+    "Visitors are sometimes shown the notebook, and they often ask why the village went to so much trouble "
+    "for an old mill. The answer is usually a shrug, or a story about the flood, or about the carpenter who "
+    "could not stop whistling while he worked. But anyone who has lived there for a while understands that "
+    "the mill was never really the point. The point was the month when everyone had a place in the notebook."
 )
-QUESTIONS = [
+QUESTIONS = [  # 24: with fewer, "most" turns on one or two near-ties
     "What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?",
     "Write a haiku about the sea.", "What is 12 times 12?", "Give me a synonym for happy.",
     "Why is the sky blue?", "Translate 'good morning' into Spanish.",
+    "What is the boiling point of water?", "Who wrote Romeo and Juliet?", "Name a fruit that is yellow.",
+    "What do bees make?", "How many days are in a week?", "What is the opposite of cold?",
+    "Name a large animal that lives in the ocean.", "What color are most leaves in summer?",
+    "What is the largest planet in our solar system?", "How do you make a cup of tea?",
+    "What is a noun?", "Tell me a fun fact about cats.", "What is the square root of 81?",
+    "What language is spoken in Brazil?", "Describe a rainy day in one sentence.", "What is photosynthesis?",
 ]
 
 
@@ -136,7 +168,7 @@ def test_quantized_greedy_tokens_equal_the_dequantized_float32_path_on_most_prom
 
 def test_quantized_perplexity_is_within_one_percent_of_the_dequantized_float32_path(engine, quantized_engine):
     ids = engine.tokenizer.encode(HELD_OUT_TEXT)
-    assert 250 <= len(ids) <= 400
+    assert 850 <= len(ids) <= 1200
     dense, quantized = _perplexity(engine, ids), _perplexity(quantized_engine, ids)
     print(f"\nSmolLM2 Q4_1 perplexity on {len(ids)} held-out tokens: dequantized float32 {dense:.4f}, "
           f"blocks with {quantized_engine.dtype_name} activations {quantized:.4f} ({quantized / dense - 1:+.2%})")

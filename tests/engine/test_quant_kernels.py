@@ -99,6 +99,34 @@ def test_quant_linear_matches_the_dequantized_reference(qtype, rows_blocks, isa)
 
 
 @needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows_blocks", [(1, 1), (7, 1), (37, 3)], ids=lambda s: f"{s[0]}x{s[1]}blocks")
+def test_quant_linear_with_float_activation_matches_the_exact_product(qtype, rows_blocks, isa):
+    """The output layer's path: x is not rounded to int8, so the result is the exact product of the dequantized
+    weights and x within float32 rounding (1e-5 of sum |w x|; bfloat16 output: its own rounding)."""
+    rows, n_blocks = rows_blocks
+    cols = n_blocks * GGML_QUANT_SIZES[qtype][0]
+    blocks = random_blocks(qtype, rows, cols, seed=rows * 100 + int(qtype))
+    w = reference(blocks, qtype)
+    g = torch.Generator().manual_seed(rows)
+    bias = torch.randn(rows, generator=g)
+    for x in [torch.randn(cols, generator=g), torch.randn(1, 1, cols, generator=g).bfloat16()]:
+        y = kernels.quant_ops().quant_linear(x, torch.from_numpy(blocks), int(qtype), bias, isa, True)
+        assert y.shape == (*x.shape[:-1], rows) and y.dtype == x.dtype
+        x64 = x.double().numpy().reshape(-1)
+        expected = w @ x64 + bias.double().numpy()
+        tight = 1e-5 * (np.abs(w) @ np.abs(x64) + np.abs(expected)) + 1e-30
+        if x.dtype == torch.bfloat16:
+            tight = tight + np.abs(expected) * 2**-8
+        got = y.double().numpy().reshape(-1)
+        assert (np.abs(got - expected) <= tight).all(), np.abs(got - expected).max()
+        if x.dtype == torch.float32:  # and not the int8 path, off by the activation's rounding (float32 shows it)
+            int8 = kernels.quant_ops().quant_linear(x, torch.from_numpy(blocks), int(qtype), bias, isa)
+            assert not torch.equal(int8, y)
+
+
+@needs_kernels
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_both_instruction_sets_agree_to_float32_rounding(qtype):
     """Their integer dot products are exact; only the order of the float32 sums differs (AVX-512 takes the
