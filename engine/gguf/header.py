@@ -20,7 +20,7 @@ from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
 from engine.errors import CheckpointError
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2", "gemma3")
 
 _INTEGER_TYPES = {
     GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,

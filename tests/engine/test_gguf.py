@@ -16,12 +16,14 @@ import torch
 from safetensors.torch import load_file
 
 from checkpoints import CHATML_TEMPLATE, hf_model
-from engine import CheckpointError, Engine, SamplingParams
+from engine import CheckpointError, Engine
 from engine.checkpoint import load_model, read_model_config
 from engine.gguf import summarize_gguf
 from engine.gguf.tensors import unpermute_rows
 from engine.tokenizer import ChatTokenizer
-from gguf_files import RANDOM_BLOCK_TYPES, Q, add_tokenizer, finish, llama_cpp_permute, write_gguf
+from gguf_files import (
+    RANDOM_BLOCK_TYPES, Q, add_tokenizer, assert_same_model, finish, llama_cpp_permute, sample_ids, write_gguf,
+)
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,37 +115,12 @@ def test_metadata_of_the_wrong_type(tmp_path):
 # -- loading against transformers ---------------------------------------------------------------
 
 
-def _ids(vocab: int = 400) -> torch.Tensor:
-    return torch.randint(3, vocab, (2, 40), generator=torch.Generator().manual_seed(0))  # (B, T)
-
-
-def _assert_same_model(gguf_path: Path, reference_dir: Path, atol: float = 1e-4) -> None:
-    """float32 logits close to transformers on reference_dir, and greedy ids equal."""
-    engine = Engine.load(gguf_path, device="cpu", dtype="float32")
-    reference = hf_model(reference_dir)
-    ids = _ids()
-    with torch.inference_mode():
-        ours, theirs = engine.model(ids), reference(ids).logits
-    scale = theirs.abs().max().item()
-    assert (ours - theirs).abs().max().item() <= atol * max(1.0, scale)
-    prompt = ids[0, :12].tolist()
-    generation = engine.generate(prompt, SamplingParams(temperature=0.0), max_new_tokens=12)
-    list(generation)
-    with torch.inference_mode():
-        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                      eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    ids = generation.result.token_ids
-    assert ids == expected[: len(ids)]
-    if generation.result.finish_reason == "eos":  # ours stopped where transformers (told not to) went on
-        assert expected[len(ids)] in engine.eos_token_ids
-
-
 @pytest.mark.parametrize("family", ["llama", "llama_tied_llama3_rope", "llama_linear_rope", "mistral", "qwen2",
                                     "qwen3", "gpt2"])
 def test_float32_gguf_of_every_family_matches_transformers_on_the_original(checkpoint_factory, tmp_path, family):
     checkpoint = checkpoint_factory(family)
     path, _ = write_gguf(checkpoint, tmp_path / f"{family}.gguf", family)
-    _assert_same_model(path, checkpoint)
+    assert_same_model(path, checkpoint)
 
 
 @pytest.mark.parametrize("weight_type", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1])
@@ -151,7 +128,7 @@ def test_float32_gguf_of_every_family_matches_transformers_on_the_original(check
 def test_quantized_gguf_matches_transformers_on_its_dequantized_weights(checkpoint_factory, tmp_path, family,
                                                                         weight_type):
     path, effective = write_gguf(checkpoint_factory(family), tmp_path / "m.gguf", family, weight_type)
-    _assert_same_model(path, effective)
+    assert_same_model(path, effective)
 
 
 @pytest.mark.parametrize("weight_type", RANDOM_BLOCK_TYPES, ids=lambda q: q.name)
@@ -159,7 +136,7 @@ def test_k_quant_and_iq4_nl_gguf_match_transformers_on_their_dequantized_weights
     # K-quant blocks cover 256 values: every matrix here has rows of 256 (IQ4_NL blocks: 32).
     checkpoint = checkpoint_factory("llama", hidden_size=256, intermediate_size=256, head_dim=64)
     path, effective = write_gguf(checkpoint, tmp_path / "k.gguf", "llama", weight_type)
-    _assert_same_model(path, effective)
+    assert_same_model(path, effective)
 
 
 def test_large_matrices_are_dequantized_a_few_rows_at_a_time(checkpoint_factory, tmp_path, monkeypatch):
@@ -167,7 +144,7 @@ def test_large_matrices_are_dequantized_a_few_rows_at_a_time(checkpoint_factory,
 
     monkeypatch.setattr(engine.gguf.tensors, "_STAGING_ELEMENTS", 3 * 64 + 5)  # 3 rows of 64 per step
     path, effective = write_gguf(checkpoint_factory("qwen2"), tmp_path / "m.gguf", "qwen2", Q.Q4_1)
-    _assert_same_model(path, effective)
+    assert_same_model(path, effective)
 
 
 def test_dtype_option_dequantizes_to_that_dtype(checkpoint_factory, tmp_path):
@@ -178,7 +155,7 @@ def test_dtype_option_dequantizes_to_that_dtype(checkpoint_factory, tmp_path):
         assert engine.dtype == dtype
         assert {p.dtype for p in engine.model.parameters()} == {dtype}
         with torch.inference_mode():
-            ours, theirs = engine.model(_ids()).float(), reference(_ids()).logits
+            ours, theirs = engine.model(sample_ids()).float(), reference(sample_ids()).logits
         assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
 
 
@@ -215,7 +192,7 @@ def test_a_llama_gguf_without_the_permutation_gives_other_logits(checkpoint_fact
     path, _ = write_gguf(checkpoint, tmp_path / "unpermuted.gguf", "llama", permute=False)
     engine = Engine.load(path, device="cpu", dtype="float32")
     with torch.inference_mode():
-        assert (engine.model(_ids()) - hf_model(checkpoint)(_ids()).logits).abs().max() > 1e-2
+        assert (engine.model(sample_ids()) - hf_model(checkpoint)(sample_ids()).logits).abs().max() > 1e-2
 
 
 def test_k_rows_are_unpermuted_with_the_key_value_head_count(checkpoint_factory, tmp_path):
@@ -433,7 +410,7 @@ def good_gguf(checkpoint_factory, tmp_path) -> Path:
 
 def test_unsupported_architecture_is_refused_with_the_supported_list(good_gguf, tmp_path):
     bad = _rewrite(good_gguf, tmp_path / "bad.gguf", arch="mamba")
-    assert "unsupported architecture 'mamba'; supported: llama, qwen2, qwen3, gpt2" in _load_error(bad)
+    assert "unsupported architecture 'mamba'; supported: llama, qwen2, qwen3, gpt2, gemma3" in _load_error(bad)
 
 
 def test_split_parts_and_adapters_are_refused(good_gguf, tmp_path):
