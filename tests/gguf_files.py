@@ -165,11 +165,13 @@ def write_gguf(
     pre: str = "gpt-2",
     skip_tensors: tuple[str, ...] = (),
     metadata: dict | None = None,
+    types_by_name: dict[str, Q] | None = None,
 ) -> tuple[Path, Path]:
     """Write checkpoint as a GGUF file; returns (the file, a checkpoint folder with the weights it stores).
 
     permute=False leaves llama Q/K rows in HF order (a converter bug the tests must catch); skip_tensors
-    drops tensors by GGUF name; metadata adds or overrides string/int/float keys.
+    drops tensors by GGUF name; metadata adds or overrides string/int/float keys; types_by_name gives the
+    matrices of some GGUF base names (e.g. "ffn_down") another type, as llama-quantize's mixes (Q4_K_M) do.
     """
     arch = GGUF_ARCH[family]
     hf = json.loads((checkpoint / "config.json").read_text())
@@ -199,7 +201,7 @@ def write_gguf(
         conv1d = arch == "gpt2" and name.endswith(".weight") and name.split(".")[-2] in _GPT2_CONV1D
         if conv1d:
             w = np.ascontiguousarray(w.T)  # Conv1D (in, out) -> (out, in), as the converter stores it
-        qtype = weight_type if w.ndim == 2 else Q.F32
+        qtype = (types_by_name or {}).get(name.split(".")[-2], weight_type) if w.ndim == 2 else Q.F32
         data, stored = _encode(w, qtype, rng)  # quantized by rows, so permuting rows below commutes with it
         effective[key] = torch.from_numpy(np.ascontiguousarray(stored.T if conv1d else stored - shift))
         if arch == "llama" and permute and name.endswith(("attn_q.weight", "attn_q.bias")):

@@ -420,6 +420,17 @@ def test_split_parts_and_adapters_are_refused(good_gguf, tmp_path):
     assert "a LoRA adapter in GGUF form, not a model" in _load_error(adapter)
 
 
+def test_byte_chunks_of_a_file_say_how_to_join_them(good_gguf, tmp_path):
+    """Packages that ship a model in parts cut the file into plain byte chunks: only the joined file is GGUF."""
+    data = good_gguf.read_bytes()
+    first, second = tmp_path / "m.gguf.part00", tmp_path / "m.gguf.part01"
+    first.write_bytes(data[: len(data) // 2])
+    second.write_bytes(data[len(data) // 2 :])
+    hint = "it looks like one chunk of a file cut into parts: join them in order first, e.g. cat m.gguf.part* > m.gguf"
+    assert "truncated GGUF file" in _load_error(first) and hint in _load_error(first)
+    assert "not a directory or a .gguf file" in _load_error(second) and hint in _load_error(second)
+
+
 def test_missing_required_key(good_gguf, tmp_path):
     bad = _rewrite(good_gguf, tmp_path / "bad.gguf", drop=("llama.block_count",))
     assert "missing required metadata key 'llama.block_count'" in _load_error(bad)

@@ -30,9 +30,21 @@ GEMMA3_AS_LLAMA_CPP_RUNS_IT = dict(
 )
 
 
+# The published Gemma 3 270M Q4_K_M file's mix of types (rows of 256 for the K-quants), and its one key/value head.
+Q4_K_M_MIX = {"token_embd": Q.Q8_0, "attn_q": Q.Q5_0, "attn_k": Q.Q5_0, "attn_v": Q.Q8_0, "attn_output": Q.Q4_K,
+              "ffn_gate": Q.Q5_0, "ffn_up": Q.Q5_0, "ffn_down": Q.Q6_K}
+WIDE = dict(hidden_size=256, intermediate_size=256, head_dim=64, num_key_value_heads=1, query_pre_attn_scalar=64)
+
+
 @pytest.fixture(scope="module")
 def gemma3_checkpoint(tmp_path_factory, tokenizer) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("gemma3"), "gemma3", tokenizer, **GEMMA3_AS_LLAMA_CPP_RUNS_IT)
+
+
+@pytest.fixture(scope="module")
+def wide_gemma3_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("gemma3-wide"), "gemma3", tokenizer,
+                           **{**GEMMA3_AS_LLAMA_CPP_RUNS_IT, **WIDE})
 
 
 def test_the_checkpoint_has_what_the_tests_are_about(gemma3_checkpoint):
@@ -83,6 +95,23 @@ def test_auto_keeps_the_blocks_and_prefill_equals_the_dequantized_model(gemma3_c
     dense = load_model(path, read_model_config(path), CPU, torch.float32)
     with torch.inference_mode():  # prefill dequantizes the blocks and runs the dense model's GEMM
         torch.testing.assert_close(model(sample_ids()), dense(sample_ids()), rtol=1e-5, atol=1e-5)
+
+
+def test_q4_k_m_mix_matches_transformers_on_its_dequantized_weights(wide_gemma3_checkpoint, tmp_path):
+    path, effective = write_gguf(wide_gemma3_checkpoint, tmp_path / "mix.gguf", "gemma3", types_by_name=Q4_K_M_MIX)
+    assert {t.tensor_type for t in gguf.GGUFReader(path).tensors} == {Q.F32, *Q4_K_M_MIX.values()}
+    assert_same_model(path, effective, new_tokens=16)
+
+
+@pytest.mark.skipif(not quant_kernels_available(), reason="the quantized kernels need AVX2 and a C++ compiler")
+def test_q4_k_m_mix_on_the_blocks_prefills_as_the_dequantized_model(wide_gemma3_checkpoint, tmp_path):
+    path, _ = write_gguf(wide_gemma3_checkpoint, tmp_path / "mix.gguf", "gemma3", types_by_name=Q4_K_M_MIX)
+    model = Engine.load(path, device="cpu", dtype="auto").model
+    layer = model.model.layers[0]
+    assert layer.self_attn.o_proj.qtype == Q.Q4_K and layer.mlp.down_proj.qtype == Q.Q6_K
+    dense = load_model(path, read_model_config(path), CPU, torch.float32)
+    with torch.inference_mode():  # float32 summation order apart (the random K-quant blocks make larger sums)
+        torch.testing.assert_close(model(sample_ids()), dense(sample_ids()), rtol=1e-4, atol=1e-4)
 
 
 def test_a_file_without_the_norm_shift_gives_other_logits(gemma3_checkpoint, tmp_path):
