@@ -181,7 +181,9 @@ def _gemma3_config(gguf_file: GGUFFile) -> Gemma3Config:
     layers = _positive(gguf_file, "block_count", int)
     window = gguf_file.arch_value("attention.sliding_window", int, 0)
     if window < 0:
-        raise CheckpointError(f"{gguf_file.path}: metadata key 'gemma3.attention.sliding_window' must not be negative, got {window}")
+        raise CheckpointError(
+            f"{gguf_file.path}: metadata key 'gemma3.attention.sliding_window' must not be negative, got {window}"
+        )
     # Without a window (converted from sliding_window_pattern = 1) llama.cpp makes every layer global.
     sliding = tuple(window > 0 and (i + 1) % GEMMA3_GLOBAL_EVERY != 0 for i in range(layers))
     context = _positive(gguf_file, "context_length", int)
@@ -198,7 +200,7 @@ def _gemma3_config(gguf_file: GGUFFile) -> Gemma3Config:
         head_dim=shape.head_dim,
         max_position_embeddings=context,
         sliding=sliding,
-        sliding_window=window or context,
+        sliding_window=window or context,  # no window: no local layer reads it
         query_pre_attn_scalar=float(scalar),
         rms_norm_eps=_positive(gguf_file, "attention.layer_norm_rms_epsilon", float),
         rope_theta=_positive(gguf_file, "rope.freq_base", float, 10000.0),

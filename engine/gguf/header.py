@@ -127,7 +127,8 @@ def byte_chunk_hint(path: Path) -> str:
     if m is None:
         return ""
     whole = m.group(1)
-    return f"; it looks like one chunk of a file cut into parts: join them in order first, e.g. cat {whole}.part* > {whole}"
+    return (f"; it looks like one chunk of a file cut into parts: join them in order first, "
+            f"e.g. cat {whole}.part* > {whole}")
 
 
 def is_gguf_path(path: str | Path) -> bool:

@@ -71,10 +71,11 @@ def test_norms_stored_as_one_plus_w_are_loaded_as_w(gemma3_checkpoint, tmp_path)
     stored = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(path).tensors}
     model = load_model(path, read_model_config(path), CPU, torch.bfloat16)
     layer = model.model.layers[0]
-    for name, module in [("blk.0.attn_norm", layer.input_layernorm), ("blk.0.post_attention_norm", layer.post_attention_layernorm),
-                         ("blk.0.ffn_norm", layer.pre_feedforward_layernorm), ("blk.0.post_ffw_norm", layer.post_feedforward_layernorm),
-                         ("blk.0.attn_q_norm", layer.self_attn.q_norm), ("blk.0.attn_k_norm", layer.self_attn.k_norm),
-                         ("output_norm", model.model.norm)]:
+    norms = {"blk.0.attn_norm": layer.input_layernorm, "blk.0.post_attention_norm": layer.post_attention_layernorm,
+             "blk.0.ffn_norm": layer.pre_feedforward_layernorm, "blk.0.post_ffw_norm": layer.post_feedforward_layernorm,
+             "blk.0.attn_q_norm": layer.self_attn.q_norm, "blk.0.attn_k_norm": layer.self_attn.k_norm,
+             "output_norm": model.model.norm}
+    for name, module in norms.items():
         # subtracted in float32, then rounded once to bfloat16
         assert torch.equal(module.weight, (stored[f"{name}.weight"] - 1).to(torch.bfloat16)), name
 
