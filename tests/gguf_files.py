@@ -75,9 +75,11 @@ def _rope_freqs(hf: dict) -> np.ndarray:
 
 
 def _add_gemma3_hparams(writer: gguf.GGUFWriter, hf: dict) -> None:
-    """What convert_hf_to_gguf.py's Gemma3Model writes: no sliding-window pattern, local RoPE base or query
-    scale (llama.cpp fixes those), the global layers' RoPE base and scaling, the final soft-cap if set."""
+    """What convert_hf_to_gguf.py's Gemma3Model writes: the global layers' RoPE base and scaling, the local
+    layers' base (its TextModel base class, from rope_parameters), the final soft-cap if set; no
+    sliding-window pattern and no query scale (llama.cpp assumes those)."""
     rope = hf.get("rope_parameters", {}).get("full_attention") or {}
+    local_theta = hf.get("rope_parameters", {}).get("sliding_attention", {}).get("rope_theta")
     writer.add_context_length(hf["max_position_embeddings"])
     writer.add_embedding_length(hf["hidden_size"])
     writer.add_block_count(hf["num_hidden_layers"])
@@ -88,6 +90,8 @@ def _add_gemma3_hparams(writer: gguf.GGUFWriter, hf: dict) -> None:
     writer.add_key_length(hf["head_dim"])
     writer.add_value_length(hf["head_dim"])
     writer.add_rope_freq_base(rope.get("rope_theta", 1_000_000.0))
+    if local_theta is not None:
+        writer.add_rope_freq_base_swa(local_theta)
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])

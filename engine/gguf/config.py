@@ -168,12 +168,29 @@ def _gpt2_config(gguf_file: GGUFFile) -> GPT2Config:
     )
 
 
-# What llama.cpp's gemma3 graph fixes rather than reads (src/llama-model.cpp): with a sliding window, every
-# 6th layer is global and the others local; local layers use RoPE base 10000, unscaled; queries are scaled
-# by 1/sqrt(key_length), except in the 62-layer (27B) model, by 1/sqrt(embedding_length / head_count).
+# What llama.cpp's gemma3 model assumes where the file does not say (src/models/gemma3.cpp, llama-hparams.h):
+# with a sliding window, every 6th layer is global and the others local; local layers use RoPE base 10000,
+# unscaled. Queries are scaled by 1/sqrt(key_length), except in the 62-layer (27B) model, by
+# 1/sqrt(embedding_length / head_count); no key says otherwise.
 GEMMA3_GLOBAL_EVERY = 6
 GEMMA3_LOCAL_ROPE_BASE = 10_000.0
 GEMMA3_27B_LAYERS = 62
+
+
+def _gemma3_sliding(gguf_file: GGUFFile, layers: int) -> tuple[bool, ...]:
+    """Which layers are local: gemma3.attention.sliding_window_pattern as llama.cpp reads it (one bool per
+    layer, or n: every n-th layer global, 0: none), else every 6th layer global."""
+    key = "gemma3.attention.sliding_window_pattern"
+    field = gguf_file.reader.fields.get(key)
+    if field is not None and field.types[0] == gguf.GGUFValueType.ARRAY:
+        pattern = gguf_file.array(key, bool)
+        if len(pattern) != layers:
+            raise CheckpointError(f"{gguf_file.path}: {key!r} has {len(pattern)} entries for {layers} layers")
+        return tuple(pattern)
+    every = gguf_file.value(key, int, GEMMA3_GLOBAL_EVERY)
+    if every < 0:
+        raise CheckpointError(f"{gguf_file.path}: metadata key {key!r} must not be negative, got {every}")
+    return tuple(every == 0 or i % every < every - 1 for i in range(layers))
 
 
 def _gemma3_config(gguf_file: GGUFFile) -> Gemma3Config:
@@ -185,7 +202,7 @@ def _gemma3_config(gguf_file: GGUFFile) -> Gemma3Config:
             f"{gguf_file.path}: metadata key 'gemma3.attention.sliding_window' must not be negative, got {window}"
         )
     # Without a window (converted from sliding_window_pattern = 1) llama.cpp makes every layer global.
-    sliding = tuple(window > 0 and (i + 1) % GEMMA3_GLOBAL_EVERY != 0 for i in range(layers))
+    sliding = _gemma3_sliding(gguf_file, layers) if window > 0 else (False,) * layers
     context = _positive(gguf_file, "context_length", int)
     scalar = shape.hidden / shape.heads if layers == GEMMA3_27B_LAYERS else shape.head_dim
     cap = gguf_file.arch_value("final_logit_softcapping", float, 0.0)  # 0 or absent: none, as in llama.cpp
@@ -205,7 +222,7 @@ def _gemma3_config(gguf_file: GGUFFile) -> Gemma3Config:
         rms_norm_eps=_positive(gguf_file, "attention.layer_norm_rms_epsilon", float),
         rope_theta=_positive(gguf_file, "rope.freq_base", float, 10000.0),
         rope_scaling=_rope_scaling(gguf_file, shape.head_dim),
-        rope_local_theta=GEMMA3_LOCAL_ROPE_BASE,
+        rope_local_theta=_positive(gguf_file, "rope.freq_base_swa", float, GEMMA3_LOCAL_ROPE_BASE),
         final_logit_softcapping=cap if cap > 0 else None,
         tie_word_embeddings=not _has_tensor(gguf_file, "output.weight"),
     )

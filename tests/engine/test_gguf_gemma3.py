@@ -21,12 +21,13 @@ from gguf_files import Q, assert_same_model, finish, sample_ids, write_gguf
 
 CPU = torch.device("cpu")
 LAYERS = ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]  # llama.cpp's pattern over 7 layers
-# What llama.cpp can represent: local RoPE base 10000, queries scaled by head_dim ** -0.5 (both fixed in its
-# gemma3 graph), no attention-score soft-cap (the converter refuses one). Rows of 96: whole 32-value blocks.
+# What llama.cpp can represent: every 6th layer global and queries scaled by head_dim ** -0.5 (the converter
+# writes neither, llama.cpp assumes both), no attention-score soft-cap (the converter refuses one). Local
+# RoPE base 100 (rope.freq_base_swa), not llama.cpp's default 10000. Rows of 96: whole 32-value blocks.
 GEMMA3_AS_LLAMA_CPP_RUNS_IT = dict(
     hidden_size=96, num_hidden_layers=7, layer_types=LAYERS, query_pre_attn_scalar=24, attn_logit_softcapping=None,
     rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
-                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                     "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
 )
 
 
@@ -51,6 +52,7 @@ def test_the_checkpoint_has_what_the_tests_are_about(gemma3_checkpoint):
     config = read_model_config(gemma3_checkpoint)
     assert config.sliding == (True,) * 5 + (False, True) and config.sliding_window < sample_ids().shape[1]
     assert config.rope_scaling.kind == "linear" and config.final_logit_softcapping is not None
+    assert config.rope_local_theta == 100.0
 
 
 def test_float32_gguf_matches_transformers_on_the_original(gemma3_checkpoint, tmp_path):
@@ -136,19 +138,35 @@ def _metadata_only(path: Path, drop: tuple[str, ...] = (), **values) -> Path:
     writer = gguf.GGUFWriter(str(path), "gemma3")
     for key, value in metadata.items():
         if key not in drop:
-            add = {float: writer.add_float32, int: writer.add_uint32, str: writer.add_string}[type(value)]
+            add = {float: writer.add_float32, int: writer.add_uint32, str: writer.add_string,
+                   list: writer.add_array}[type(value)]
             add(f"gemma3.{key}", value)
     writer.add_token_list(["<pad>", "<eos>", "<bos>"])
     finish(writer)
     return path
 
 
-def test_every_sixth_layer_is_global_with_fixed_local_rope_and_query_scale(tmp_path):
+def test_the_published_270m_metadata_gets_llama_cpps_defaults(tmp_path):
     config = read_model_config(_metadata_only(tmp_path / "270m.gguf"))
     assert [i for i, sliding in enumerate(config.sliding) if not sliding] == [5, 11, 17]
-    assert config.sliding_window == 512 and config.rope_local_theta == 10000.0 and config.rope_theta == 1e6
+    assert config.sliding_window == 512 and config.rope_local_theta == 10000.0 and config.rope_theta == 1e6  # no freq_base_swa
     assert config.query_pre_attn_scalar == 256 and config.final_logit_softcapping is None
     assert config.tie_word_embeddings and config.head_dim == 256 and config.num_key_value_heads == 1
+
+
+@pytest.mark.parametrize(("pattern", "global_layers"), [
+    (3, [2, 5, 8, 11, 14, 17]),  # every 3rd layer global
+    ([i % 4 != 0 for i in range(18)], [0, 4, 8, 12, 16]),  # one bool per layer: True is local
+    (0, []),  # every layer local
+])
+def test_a_sliding_window_pattern_key_overrides_every_sixth(tmp_path, pattern, global_layers):
+    path = _metadata_only(tmp_path / "pattern.gguf", **{"attention.sliding_window_pattern": pattern})
+    assert [i for i, sliding in enumerate(read_model_config(path).sliding) if not sliding] == global_layers
+
+
+def test_a_pattern_of_the_wrong_length_is_named(tmp_path):
+    path = _metadata_only(tmp_path / "bad.gguf", **{"attention.sliding_window_pattern": [True] * 17})
+    assert "'gemma3.attention.sliding_window_pattern' has 17 entries for 18 layers" in _load_error(path)
 
 
 def test_the_27b_model_scales_queries_by_its_width_per_head(tmp_path):
