@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType
 
 from engine.errors import CheckpointError
 from engine.gguf.config import config_from_gguf
-from engine.gguf.header import cached_gguf, is_gguf_path, release_cached_gguf
+from engine.gguf.header import byte_chunk_hint, cached_gguf, is_gguf_path, release_cached_gguf
 from engine.gguf.tensors import dequantize, model_tensors, read_blocks
 from engine.gguf.tokenizer import END_OF_GENERATION_TOKENS
 from engine.inference import prepare_for_inference
@@ -158,7 +158,7 @@ def check_model_path(model_path: str | Path) -> Path:
         if not path.is_file():
             raise CheckpointError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
     elif not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory or a .gguf file")
+        raise CheckpointError(f"{path}: not a directory or a .gguf file{byte_chunk_hint(path)}")
     return path
 
 

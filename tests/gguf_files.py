@@ -2,7 +2,8 @@
 
 Like llama.cpp's convert_hf_to_gguf.py: tensor names from the gguf package's own name map, Q/K rows of
 `llama` models permuted with the converter's `permute`, GPT-2's Conv1D weights transposed (and the
-embedding written again as `output.weight`), Llama 3 RoPE scaling as a `rope_freqs` tensor, the
+embedding written again as `output.weight`), Gemma 3's norm weights stored as 1 + w (the converter's
+`norm_shift`) with its hyperparameters as Gemma3Model writes them, Llama 3 RoPE scaling as a `rope_freqs` tensor, the
 tokenizer's special ids, merges and chat template through gguf.SpecialVocab. Quantized 2-D weights
 come from gguf.quants.quantize, or for K-quants (and IQ4_NL) from random blocks with sane scales; beside the GGUF
 file, `effective_checkpoint` holds the same HF checkpoint with the weights the GGUF really stores
@@ -27,9 +28,9 @@ from engine import Engine, SamplingParams
 
 Q = gguf.GGMLQuantizationType
 GGUF_ARCH = {"llama": "llama", "llama_tied_llama3_rope": "llama", "llama_linear_rope": "llama", "mistral": "llama",
-             "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
+             "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2", "gemma3": "gemma3"}
 _MODEL_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
-               "gpt2": gguf.MODEL_ARCH.GPT2}
+               "gpt2": gguf.MODEL_ARCH.GPT2, "gemma3": gguf.MODEL_ARCH.GEMMA3}
 _GPT2_CONV1D = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
 RANDOM_BLOCK_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL)  # gguf.quants cannot quantize these
 # Byte offsets of the float16 block scales (d, and dmin where present) inside each block.
@@ -74,7 +75,37 @@ def _rope_freqs(hf: dict) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
+def _add_gemma3_hparams(writer: gguf.GGUFWriter, hf: dict) -> None:
+    """What convert_hf_to_gguf.py's Gemma3Model writes: the global layers' RoPE base and scaling, the local
+    layers' base (its TextModel base class, from rope_parameters), the final soft-cap if set; no
+    sliding-window pattern and no query scale (llama.cpp assumes those)."""
+    rope = hf.get("rope_parameters", {}).get("full_attention") or {}
+    local_theta = hf.get("rope_parameters", {}).get("sliding_attention", {}).get("rope_theta")
+    writer.add_context_length(hf["max_position_embeddings"])
+    writer.add_embedding_length(hf["hidden_size"])
+    writer.add_block_count(hf["num_hidden_layers"])
+    writer.add_feed_forward_length(hf["intermediate_size"])
+    writer.add_head_count(hf["num_attention_heads"])
+    writer.add_head_count_kv(hf["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    writer.add_key_length(hf["head_dim"])
+    writer.add_value_length(hf["head_dim"])
+    writer.add_rope_freq_base(rope.get("rope_theta", 1_000_000.0))
+    if local_theta is not None:
+        writer.add_rope_freq_base_swa(local_theta)
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    assert hf.get("attn_logit_softcapping") is None  # the converter refuses it too
+    if hf.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(hf["final_logit_softcapping"])
+    if hf.get("sliding_window_pattern") != 1:
+        writer.add_sliding_window(hf["sliding_window"])
+
+
 def _add_hparams(writer: gguf.GGUFWriter, arch: str, hf: dict) -> None:
+    if arch == "gemma3":
+        return _add_gemma3_hparams(writer, hf)
     if arch == "gpt2":
         writer.add_context_length(hf["n_positions"])
         writer.add_embedding_length(hf["n_embd"])
@@ -139,11 +170,13 @@ def write_gguf(
     pre: str = "gpt-2",
     skip_tensors: tuple[str, ...] = (),
     metadata: dict | None = None,
+    types_by_name: dict[str, Q] | None = None,
 ) -> tuple[Path, Path]:
     """Write checkpoint as a GGUF file; returns (the file, a checkpoint folder with the weights it stores).
 
     permute=False leaves llama Q/K rows in HF order (a converter bug the tests must catch); skip_tensors
-    drops tensors by GGUF name; metadata adds or overrides string/int/float keys.
+    drops tensors by GGUF name; metadata adds or overrides string/int/float keys; types_by_name gives the
+    matrices of some GGUF base names (e.g. "ffn_down") another type, as llama-quantize's mixes (Q4_K_M) do.
     """
     arch = GGUF_ARCH[family]
     hf = json.loads((checkpoint / "config.json").read_text())
@@ -168,12 +201,14 @@ def write_gguf(
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         assert name is not None, key
         w = tensor.float().numpy()
+        shift = 1.0 if arch == "gemma3" and name.endswith("norm.weight") else 0.0  # the converter's norm_shift
+        w = w + shift
         conv1d = arch == "gpt2" and name.endswith(".weight") and name.split(".")[-2] in _GPT2_CONV1D
         if conv1d:
             w = np.ascontiguousarray(w.T)  # Conv1D (in, out) -> (out, in), as the converter stores it
-        qtype = weight_type if w.ndim == 2 else Q.F32
+        qtype = (types_by_name or {}).get(name.split(".")[-2], weight_type) if w.ndim == 2 else Q.F32
         data, stored = _encode(w, qtype, rng)  # quantized by rows, so permuting rows below commutes with it
-        effective[key] = torch.from_numpy(np.ascontiguousarray(stored.T if conv1d else stored))
+        effective[key] = torch.from_numpy(np.ascontiguousarray(stored.T if conv1d else stored - shift))
         if arch == "llama" and permute and name.endswith(("attn_q.weight", "attn_q.bias")):
             data = llama_cpp_permute(data, heads, heads)
         elif arch == "llama" and permute and name.endswith(("attn_k.weight", "attn_k.bias")):
@@ -207,24 +242,24 @@ def _encode(w: np.ndarray, qtype: Q, rng: np.random.Generator) -> tuple[np.ndarr
     return data, gguf.quants.dequantize(data, qtype).reshape(w.shape)
 
 
-def ids_for_test(vocab: int = 400) -> torch.Tensor:
+def sample_ids(vocab: int = 400) -> torch.Tensor:
     return torch.randint(3, vocab, (2, 40), generator=torch.Generator().manual_seed(0))  # (B, T)
 
 
-def assert_same_model(gguf_path: Path, reference_dir: Path, atol: float = 1e-4) -> None:
-    """float32 logits close to transformers on reference_dir, and greedy ids equal."""
+def assert_same_model(gguf_path: Path, reference_dir: Path, atol: float = 1e-4, new_tokens: int = 12) -> None:
+    """float32 logits of the GGUF close to transformers on reference_dir, and greedy ids equal."""
     engine = Engine.load(gguf_path, device="cpu", dtype="float32")
     reference = hf_model(reference_dir)
-    ids = ids_for_test()
+    ids = sample_ids()
     with torch.inference_mode():
         ours, theirs = engine.model(ids), reference(ids).logits
     scale = theirs.abs().max().item()
     assert (ours - theirs).abs().max().item() <= atol * max(1.0, scale)
     prompt = ids[0, :12].tolist()
-    generation = engine.generate(prompt, SamplingParams(temperature=0.0), max_new_tokens=12)
+    generation = engine.generate(prompt, SamplingParams(temperature=0.0), max_new_tokens=new_tokens)
     list(generation)
     with torch.inference_mode():
-        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
                                       eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     ids = generation.result.token_ids
     assert ids == expected[: len(ids)]

@@ -8,6 +8,7 @@ module does not import torch; the model picker and `chattui models` use it.
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,10 @@ from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
 from engine.errors import CheckpointError
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
+# "model.gguf.part00": one of the byte chunks a large file was cut into to fit a size limit (split -d, or
+# packages that ship a model in parts); unlike llama-gguf-split's parts, only the joined file is GGUF.
+_BYTE_CHUNK = re.compile(r"(.+)\.part\d+")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2", "gemma3")
 
 _INTEGER_TYPES = {
     GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
@@ -117,6 +121,16 @@ def _type_name(field: Any) -> str:
     return names[0] if len(names) == 1 else f"an array of {names[-1]}" if len(names) > 1 else "an empty array"
 
 
+def byte_chunk_hint(path: Path) -> str:
+    """What to do when a model path names a byte chunk of a file ("" for other names), for error messages."""
+    m = _BYTE_CHUNK.fullmatch(path.name)
+    if m is None:
+        return ""
+    whole = m.group(1)
+    return (f"; it looks like one chunk of a file cut into parts: join them in order first, "
+            f"e.g. cat {whole}.part* > {whole}")
+
+
 def is_gguf_path(path: str | Path) -> bool:
     """Whether a model path names a GGUF file: by its suffix (the file may not exist yet), or a regular
     file that starts with GGUF's magic (Ollama's blobs have no suffix). FIFOs and devices are never opened."""
@@ -157,7 +171,7 @@ def open_gguf(path: str | Path) -> GGUFFile:
         reader = _BoundsCheckedReader(path)
     except _TruncationError as e:
         raise CheckpointError(
-            f"{path}: truncated GGUF file (needs bytes up to {e.end}, the file has {size})"
+            f"{path}: truncated GGUF file (needs bytes up to {e.end}, the file has {size}){byte_chunk_hint(path)}"
         ) from None
     except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError, OverflowError, MemoryError) as e:
         # the gguf package trusts the file: bad counts, types and shapes surface as any of these

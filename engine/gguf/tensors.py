@@ -2,12 +2,15 @@
 
 llama.cpp stores a tensor's dimensions innermost first (`ne`); the reader's numpy view has them
 reversed, which is PyTorch's order, so a Linear weight reads as (out, in) as in Hugging Face files.
-Two layout changes undo what llama.cpp's converter did:
+Three changes undo what llama.cpp's converter did:
 - `llama` architecture only: Q and K projection rows were interleaved per head for llama.cpp's RoPE
   (`permute` in convert_hf_to_gguf.py); `unpermute_rows` restores Hugging Face's half-split order.
+  (`gemma3` keeps Hugging Face's order: llama.cpp runs it with the half-split, NEOX-style RoPE.)
 - `gpt2`: Conv1D weights were transposed to (out, in); ours are (in, out).
-`tensor_layout` says which applies to a tensor; the GGUF writer (engine.gguf.writer) redoes them
-(`permute_rows`) and names tensors with `gguf_tensor_name`, the inverse of the reader's map.
+- `gemma3`: every RMSNorm weight was stored as 1 + w (llama.cpp's norm multiplies by the weight, Gemma's
+  by 1 + weight); 1 is subtracted again in float32, before any cast.
+`tensor_layout` says which of the first two applies to a tensor; the GGUF writer (engine.gguf.writer) redoes
+them (`permute_rows`) and names tensors with `gguf_tensor_name`, the inverse of the reader's map.
 
 `model_tensors` describes every tensor with its raw, memory-mapped blocks (nothing is read), so a
 loader that keeps quantized weights can take the blocks as they are: rows are whole blocks, so the
@@ -53,6 +56,15 @@ _LLAMA_BLOCK = {
     "ffn_down": "mlp.down_proj",
 }
 _LLAMA_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# Gemma 3 has a norm before and after both attention and MLP; `ffn_norm` is the one before the MLP here.
+_GEMMA3_BLOCK = {
+    **{base: name for base, name in _LLAMA_BLOCK.items() if base != "ffn_norm"},
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GEMMA3_NORMS = {"attn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm",
+                 "output_norm"}  # stored as 1 + w
 _GPT2_BLOCK = {
     "attn_norm": "ln_1",
     "attn_qkv": "attn.c_attn",
@@ -84,6 +96,7 @@ class GGUFTensor:
     shape: tuple[int, ...]  # element shape as stored, numpy order (GGUF's ne reversed): (out, in) for a Linear
     unpermute_heads: int | None  # llama Q/K: heads whose rows llama.cpp interleaved for its RoPE
     transpose: bool  # gpt2 Conv1D: stored (out, in), our module holds (in, out)
+    norm_shift: float = 0.0  # gemma3 norms: the file holds weight + norm_shift
 
     @property
     def model_shape(self) -> tuple[int, ...]:
@@ -97,7 +110,10 @@ class GGUFTensor:
 
 def _name_maps(arch: str) -> tuple[dict[str, str], dict[str, str], str]:
     """(per-block names, top-level names, our layer prefix) of an architecture."""
-    return (_GPT2_BLOCK, _GPT2_TOP, "transformer.h") if arch == "gpt2" else (_LLAMA_BLOCK, _LLAMA_TOP, "model.layers")
+    return {
+        "gpt2": (_GPT2_BLOCK, _GPT2_TOP, "transformer.h"),
+        "gemma3": (_GEMMA3_BLOCK, _LLAMA_TOP, "model.layers"),
+    }.get(arch, (_LLAMA_BLOCK, _LLAMA_TOP, "model.layers"))
 
 
 def _module_key(arch: str, gguf_name: str) -> tuple[str, str] | None:
@@ -152,6 +168,7 @@ def model_tensors(gguf_file: GGUFFile, config: ModelConfig) -> dict[str, GGUFTen
             shape=tuple(int(d) for d in reversed(t.shape.tolist())),
             unpermute_heads=heads,
             transpose=transpose,
+            norm_shift=1.0 if arch == "gemma3" and base in _GEMMA3_NORMS else 0.0,
         )
     return tensors
 
@@ -214,7 +231,8 @@ def dequantize(tensor: GGUFTensor, dtype: torch.dtype = torch.float32, device: t
     A matrix whose layout stays as stored is dequantized a few rows at a time straight into the result, so a
     large embedding needs no full float32 copy beside it."""
     rows = tensor.shape[0]
-    if tensor.unpermute_heads is None and not tensor.transpose and len(tensor.shape) == 2 and tensor.raw.shape[0] == rows:
+    as_stored = tensor.unpermute_heads is None and not tensor.transpose and not tensor.norm_shift
+    if as_stored and len(tensor.shape) == 2 and tensor.raw.shape[0] == rows:
         out = torch.empty(tensor.shape, dtype=dtype, device=device)
         step = max(1, _STAGING_ELEMENTS // tensor.shape[1])
         for start in range(0, rows, step):
@@ -226,4 +244,6 @@ def dequantize(tensor: GGUFTensor, dtype: torch.dtype = torch.float32, device: t
         w = unpermute_rows(w, tensor.unpermute_heads)
     if tensor.transpose:
         w = w.t()
+    if tensor.norm_shift:
+        w = w - tensor.norm_shift  # in float32: a bfloat16 1 + w has lost most of w's bits
     return w.to(device=device, dtype=dtype).contiguous()

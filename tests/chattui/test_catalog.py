@@ -148,14 +148,14 @@ def stores(home, tmp_path, monkeypatch) -> dict[str, Path]:
     models = tmp_path / "gguf"
     llama, qwen2, qwen3, gpt2 = (write_gguf(models / f"{a}.gguf", a, rows=8 * (i + 1))
                                  for i, a in enumerate(("llama", "qwen2", "qwen3", "gpt2")))
-    gemma = write_gguf(models / "gemma.gguf", "gemma3")
+    phi3 = write_gguf(models / "phi3.gguf", "phi3")
     ollama = home / ".ollama" / "models"
     expected = {
         "tiny:latest": ollama_model(ollama, "tiny", "latest", llama),
         "hf.co/org/Model-GGUF:Q8_0": ollama_model(ollama, "Model-GGUF", "Q8_0", qwen2, registry="hf.co",
                                                   namespace="org"),
     }
-    ollama_model(ollama, "gemma", "2b", gemma)  # an architecture chattui does not build
+    ollama_model(ollama, "phi3", "mini", phi3)  # an architecture chattui does not build
     half = write_gguf(models / "half.gguf", "llama", rows=16)
     ollama_model(ollama, "half", "latest", half, size=half.stat().st_size + 100)  # blob still downloading
     broken = ollama / "manifests" / "registry.ollama.ai" / "library" / "broken" / "latest"
@@ -216,7 +216,7 @@ def test_models_json_lists_every_store_with_header_fields(stores, tmp_path, caps
     assert "skipped Ollama model broken:latest: manifest" in reasons and "unreadable" in reasons
     assert "skipped Ollama model gone:latest: its blob" in reasons and "is missing" in reasons
     assert "skipped Ollama model half:latest: blob" in reasons and f"has {size} of {size + 100} bytes" in reasons
-    assert "'gemma3' is not supported" in reasons
+    assert "'phi3' is not supported" in reasons
     assert "out.gguf: it links out of" in reasons
     assert "pub/Linked/bad.gguf" in reasons and "not a GGUF file" in reasons
 

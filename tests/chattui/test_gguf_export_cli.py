@@ -12,7 +12,7 @@ from chattui.cli import main
 from engine import Engine
 from engine.checkpoint import load_weights, read_model_config
 from engine.lora import apply_lora, lora_layers, save_adapter
-from gguf_files import ids_for_test
+from gguf_files import sample_ids
 
 
 def _cli(capsys, *argv) -> tuple[int, str, str]:
@@ -25,7 +25,7 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
 def _logits(path: Path, adapter: Path | None = None) -> torch.Tensor:
     engine = Engine.load(path, device="cpu", dtype="float32", adapter=adapter)
     with torch.inference_mode():
-        return engine.model(ids_for_test())
+        return engine.model(sample_ids())
 
 
 @pytest.fixture

@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from checkpoints import CHATML_TEMPLATE, hf_model
-from engine import CheckpointError, Engine, SamplingParams
+from engine import CheckpointError, Engine
 from engine.checkpoint import load_model, read_model_config
 from engine.gguf import summarize_gguf
 from engine.gguf.tensors import unpermute_rows
 from engine.tokenizer import ChatTokenizer
 from gguf_files import (
-    RANDOM_BLOCK_TYPES, Q, add_tokenizer, assert_same_model, finish, ids_for_test, llama_cpp_permute, write_gguf,
+    RANDOM_BLOCK_TYPES, Q, add_tokenizer, assert_same_model, finish, llama_cpp_permute, sample_ids, write_gguf,
 )
 
 CPU = torch.device("cpu")
@@ -155,7 +155,7 @@ def test_dtype_option_dequantizes_to_that_dtype(checkpoint_factory, tmp_path):
         assert engine.dtype == dtype
         assert {p.dtype for p in engine.model.parameters()} == {dtype}
         with torch.inference_mode():
-            ours, theirs = engine.model(ids_for_test()).float(), reference(ids_for_test()).logits
+            ours, theirs = engine.model(sample_ids()).float(), reference(sample_ids()).logits
         assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
 
 
@@ -192,7 +192,7 @@ def test_a_llama_gguf_without_the_permutation_gives_other_logits(checkpoint_fact
     path, _ = write_gguf(checkpoint, tmp_path / "unpermuted.gguf", "llama", permute=False)
     engine = Engine.load(path, device="cpu", dtype="float32")
     with torch.inference_mode():
-        assert (engine.model(ids_for_test()) - hf_model(checkpoint)(ids_for_test()).logits).abs().max() > 1e-2
+        assert (engine.model(sample_ids()) - hf_model(checkpoint)(sample_ids()).logits).abs().max() > 1e-2
 
 
 def test_k_rows_are_unpermuted_with_the_key_value_head_count(checkpoint_factory, tmp_path):
@@ -410,7 +410,7 @@ def good_gguf(checkpoint_factory, tmp_path) -> Path:
 
 def test_unsupported_architecture_is_refused_with_the_supported_list(good_gguf, tmp_path):
     bad = _rewrite(good_gguf, tmp_path / "bad.gguf", arch="mamba")
-    assert "unsupported architecture 'mamba'; supported: llama, qwen2, qwen3, gpt2" in _load_error(bad)
+    assert "unsupported architecture 'mamba'; supported: llama, qwen2, qwen3, gpt2, gemma3" in _load_error(bad)
 
 
 def test_split_parts_and_adapters_are_refused(good_gguf, tmp_path):
@@ -418,6 +418,17 @@ def test_split_parts_and_adapters_are_refused(good_gguf, tmp_path):
     assert "one part of a GGUF split into 3 files" in _load_error(part)
     adapter = _rewrite(good_gguf, tmp_path / "adapter.gguf", set_values={"general.type": "adapter"})
     assert "a LoRA adapter in GGUF form, not a model" in _load_error(adapter)
+
+
+def test_byte_chunks_of_a_file_say_how_to_join_them(good_gguf, tmp_path):
+    """Packages that ship a model in parts cut the file into plain byte chunks: only the joined file is GGUF."""
+    data = good_gguf.read_bytes()
+    first, second = tmp_path / "m.gguf.part00", tmp_path / "m.gguf.part01"
+    first.write_bytes(data[: len(data) // 2])
+    second.write_bytes(data[len(data) // 2 :])
+    hint = "it looks like one chunk of a file cut into parts: join them in order first, e.g. cat m.gguf.part* > m.gguf"
+    assert "truncated GGUF file" in _load_error(first) and hint in _load_error(first)
+    assert "not a directory or a .gguf file" in _load_error(second) and hint in _load_error(second)
 
 
 def test_missing_required_key(good_gguf, tmp_path):

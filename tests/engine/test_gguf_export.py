@@ -24,7 +24,7 @@ from engine.gguf.vocab import add_tokenizer_metadata
 from engine.gguf.writer import export_model
 from engine.tokenizer import ChatTokenizer
 from gguf_files import (
-    _GPT2_CONV1D, _MODEL_ARCH, GGUF_ARCH, Q, assert_same_model, finish, ids_for_test, llama_cpp_permute, write_gguf,
+    _GPT2_CONV1D, _MODEL_ARCH, GGUF_ARCH, Q, assert_same_model, finish, sample_ids, llama_cpp_permute, write_gguf,
 )
 
 FAMILIES = ("llama", "llama_tied_llama3_rope", "llama_linear_rope", "mistral", "qwen2", "qwen3", "gpt2")
@@ -353,7 +353,7 @@ def _finetune(base: Path, tmp_path: Path, **settings):
 
 def _logits(engine: Engine) -> torch.Tensor:
     with torch.inference_mode():
-        return engine.model(ids_for_test())
+        return engine.model(sample_ids())
 
 
 def test_a_lora_fine_tune_merged_into_gguf_runs_as_the_base_plus_adapter(checkpoint_factory, tmp_path):
