@@ -20,11 +20,12 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import hf_model
-from engine import Engine, SamplingParams
+from engine import CheckpointError, Engine, SamplingParams
 
 Q = gguf.GGMLQuantizationType
 GGUF_ARCH = {"llama": "llama", "llama_tied_llama3_rope": "llama", "llama_linear_rope": "llama", "mistral": "llama",
@@ -75,18 +76,23 @@ def _rope_freqs(hf: dict) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def _add_gemma3_hparams(writer: gguf.GGUFWriter, hf: dict) -> None:
-    """What convert_hf_to_gguf.py's Gemma3Model writes: the global layers' RoPE base and scaling, the local
-    layers' base (its TextModel base class, from rope_parameters), the final soft-cap if set; no
-    sliding-window pattern and no query scale (llama.cpp assumes those)."""
-    rope = hf.get("rope_parameters", {}).get("full_attention") or {}
-    local_theta = hf.get("rope_parameters", {}).get("sliding_attention", {}).get("rope_theta")
+def _add_sizes(writer: gguf.GGUFWriter, hf: dict) -> None:
+    """The widths and counts every Llama-like converter writes from config.json."""
     writer.add_context_length(hf["max_position_embeddings"])
     writer.add_embedding_length(hf["hidden_size"])
     writer.add_block_count(hf["num_hidden_layers"])
     writer.add_feed_forward_length(hf["intermediate_size"])
     writer.add_head_count(hf["num_attention_heads"])
     writer.add_head_count_kv(hf["num_key_value_heads"])
+
+
+def _add_gemma3_hparams(writer: gguf.GGUFWriter, hf: dict) -> None:
+    """What convert_hf_to_gguf.py's Gemma3Model writes: the global layers' RoPE base and scaling, the local
+    layers' base (its TextModel base class, from rope_parameters), the final soft-cap if set; no
+    sliding-window pattern and no query scale (llama.cpp assumes those)."""
+    rope = hf.get("rope_parameters", {}).get("full_attention") or {}
+    local_theta = hf.get("rope_parameters", {}).get("sliding_attention", {}).get("rope_theta")
+    _add_sizes(writer, hf)
     writer.add_layer_norm_rms_eps(hf["rms_norm_eps"])
     writer.add_key_length(hf["head_dim"])
     writer.add_value_length(hf["head_dim"])
@@ -115,12 +121,7 @@ def _add_hparams(writer: gguf.GGUFWriter, arch: str, hf: dict) -> None:
         writer.add_layer_norm_eps(hf["layer_norm_epsilon"])
         return
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    writer.add_context_length(hf["max_position_embeddings"])
-    writer.add_embedding_length(hf["hidden_size"])
-    writer.add_block_count(hf["num_hidden_layers"])
-    writer.add_feed_forward_length(hf["intermediate_size"])
-    writer.add_head_count(hf["num_attention_heads"])
-    writer.add_head_count_kv(hf["num_key_value_heads"])
+    _add_sizes(writer, hf)
     writer.add_rope_freq_base(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(hf["rms_norm_eps"])
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
@@ -265,3 +266,12 @@ def assert_same_model(gguf_path: Path, reference_dir: Path, atol: float = 1e-4, 
     assert ids == expected[: len(ids)]
     if generation.result.finish_reason == "eos":  # ours stopped where transformers (told not to) went on
         assert expected[len(ids)] in engine.eos_token_ids
+
+
+def load_error(path: Path) -> str:
+    """The one-line CheckpointError (naming the file) that loading `path` raises."""
+    with pytest.raises(CheckpointError) as info:
+        Engine.load(path, device="cpu", dtype="float32")
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message, message
+    return message

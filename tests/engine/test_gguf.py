@@ -22,7 +22,8 @@ from engine.gguf import summarize_gguf
 from engine.gguf.tensors import unpermute_rows
 from engine.tokenizer import ChatTokenizer
 from gguf_files import (
-    RANDOM_BLOCK_TYPES, Q, add_tokenizer, assert_same_model, finish, llama_cpp_permute, sample_ids, write_gguf,
+    RANDOM_BLOCK_TYPES, Q, add_tokenizer, assert_same_model, finish, llama_cpp_permute, load_error, sample_ids,
+    write_gguf,
 )
 
 CPU = torch.device("cpu")
@@ -359,14 +360,6 @@ def test_real_gpt2_vocabulary_matches_its_tokenizer_json(realworld, tmp_path):
 # -- bad files ----------------------------------------------------------------------------------
 
 
-def _load_error(path: Path) -> str:
-    with pytest.raises(CheckpointError) as info:
-        Engine.load(path, device="cpu", dtype="float32")
-    message = str(info.value)
-    assert "\n" not in message and str(path) in message, message
-    return message
-
-
 def _rewrite(path: Path, out: Path, arch: str | None = None, drop: tuple[str, ...] = (), set_values: dict | None = None,
              tensor_types: dict[str, Q] | None = None, tensor_shapes: dict[str, tuple] | None = None,
              extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
@@ -410,14 +403,14 @@ def good_gguf(checkpoint_factory, tmp_path) -> Path:
 
 def test_unsupported_architecture_is_refused_with_the_supported_list(good_gguf, tmp_path):
     bad = _rewrite(good_gguf, tmp_path / "bad.gguf", arch="mamba")
-    assert "unsupported architecture 'mamba'; supported: llama, qwen2, qwen3, gpt2, gemma3" in _load_error(bad)
+    assert "unsupported architecture 'mamba'; supported: llama, qwen2, qwen3, gpt2, gemma3" in load_error(bad)
 
 
 def test_split_parts_and_adapters_are_refused(good_gguf, tmp_path):
     part = _rewrite(good_gguf, tmp_path / "part.gguf", set_values={"split.count": 3})
-    assert "one part of a GGUF split into 3 files" in _load_error(part)
+    assert "one part of a GGUF split into 3 files" in load_error(part)
     adapter = _rewrite(good_gguf, tmp_path / "adapter.gguf", set_values={"general.type": "adapter"})
-    assert "a LoRA adapter in GGUF form, not a model" in _load_error(adapter)
+    assert "a LoRA adapter in GGUF form, not a model" in load_error(adapter)
 
 
 def test_byte_chunks_of_a_file_say_how_to_join_them(good_gguf, tmp_path):
@@ -427,50 +420,50 @@ def test_byte_chunks_of_a_file_say_how_to_join_them(good_gguf, tmp_path):
     first.write_bytes(data[: len(data) // 2])
     second.write_bytes(data[len(data) // 2 :])
     hint = "it looks like one chunk of a file cut into parts: join them in order first, e.g. cat m.gguf.part* > m.gguf"
-    assert "truncated GGUF file" in _load_error(first) and hint in _load_error(first)
-    assert "not a directory or a .gguf file" in _load_error(second) and hint in _load_error(second)
+    assert "truncated GGUF file" in load_error(first) and hint in load_error(first)
+    assert "not a directory or a .gguf file" in load_error(second) and hint in load_error(second)
 
 
 def test_missing_required_key(good_gguf, tmp_path):
     bad = _rewrite(good_gguf, tmp_path / "bad.gguf", drop=("llama.block_count",))
-    assert "missing required metadata key 'llama.block_count'" in _load_error(bad)
+    assert "missing required metadata key 'llama.block_count'" in load_error(bad)
 
 
 def test_metadata_of_the_wrong_type_when_loading(good_gguf, tmp_path):
     bad = _rewrite(good_gguf, tmp_path / "bad.gguf", set_values={"llama.embedding_length": "wide"})
-    assert "'llama.embedding_length' must be an integer, found string" in _load_error(bad)
+    assert "'llama.embedding_length' must be an integer, found string" in load_error(bad)
 
 
 def test_unsupported_tokenizer_type(good_gguf, tmp_path):
     bad = _rewrite(good_gguf, tmp_path / "bad.gguf", set_values={"tokenizer.ggml.model": "bert"})
-    assert "unsupported tokenizer type 'bert'" in _load_error(bad)
+    assert "unsupported tokenizer type 'bert'" in load_error(bad)
 
 
 def test_unsupported_pre_tokenizer(good_gguf, tmp_path):
     bad = _rewrite(good_gguf, tmp_path / "bad.gguf", set_values={"tokenizer.ggml.pre": "mystery-bpe"})
-    assert "unsupported pre-tokenizer 'mystery-bpe'" in _load_error(bad)
+    assert "unsupported pre-tokenizer 'mystery-bpe'" in load_error(bad)
 
 
 def test_unsupported_tensor_type_is_named(good_gguf, tmp_path):
     bad = _rewrite(good_gguf, tmp_path / "bad.gguf", tensor_types={"blk.0.ffn_up.weight": Q.F64})
-    assert "tensor blk.0.ffn_up.weight has type F64, which chattui cannot load" in _load_error(bad)
+    assert "tensor blk.0.ffn_up.weight has type F64, which chattui cannot load" in load_error(bad)
 
 
 def test_shape_mismatch_names_the_tensor(good_gguf, tmp_path):
     bad = _rewrite(good_gguf, tmp_path / "bad.gguf", tensor_shapes={"blk.1.ffn_down.weight": (64, 96)})
-    message = _load_error(bad)
+    message = load_error(bad)
     assert "blk.1.ffn_down.weight" in message and "shape mismatch for model.layers.1.mlp.down_proj.weight" in message
     assert "[64, 96]" in message and "[64, 128]" in message
 
 
 def test_missing_tensor(checkpoint_factory, tmp_path):
     path, _ = write_gguf(checkpoint_factory("llama"), tmp_path / "m.gguf", "llama", skip_tensors=("blk.1.ffn_up.weight",))
-    assert "missing weights: model.layers.1.mlp.up_proj.weight" in _load_error(path)
+    assert "missing weights: model.layers.1.mlp.up_proj.weight" in load_error(path)
 
 
 def test_unknown_tensor(good_gguf, tmp_path):
     bad = _rewrite(good_gguf, tmp_path / "bad.gguf", extra_tensors={"blk.0.mystery.weight": np.ones(4, np.float32)})
-    assert "unexpected weights: blk.0.mystery.weight" in _load_error(bad)
+    assert "unexpected weights: blk.0.mystery.weight" in load_error(bad)
 
 
 @pytest.mark.parametrize("cut", [0.3, 0.99])
@@ -478,7 +471,7 @@ def test_truncated_file_when_loading(good_gguf, tmp_path, cut):
     data = good_gguf.read_bytes()
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(data[: int(len(data) * cut)])
-    assert "truncated GGUF file" in _load_error(bad)
+    assert "truncated GGUF file" in load_error(bad)
 
 
 def test_cli_error_is_one_line_with_exit_code_1(good_gguf, tmp_path):

@@ -17,7 +17,7 @@ from checkpoints import hf_model, make_checkpoint
 from engine import CheckpointError, Engine
 from engine.checkpoint import load_model, read_model_config
 from engine.quant import QuantizedEmbedding, QuantizedLinear, quant_kernels_available
-from gguf_files import Q, assert_same_model, finish, sample_ids, write_gguf
+from gguf_files import Q, assert_same_model, finish, load_error, sample_ids, write_gguf
 
 CPU = torch.device("cpu")
 LAYERS = ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]  # llama.cpp's pattern over 7 layers
@@ -166,7 +166,7 @@ def test_a_sliding_window_pattern_key_overrides_every_sixth(tmp_path, pattern, g
 
 def test_a_pattern_of_the_wrong_length_is_named(tmp_path):
     path = _metadata_only(tmp_path / "bad.gguf", **{"attention.sliding_window_pattern": [True] * 17})
-    assert "'gemma3.attention.sliding_window_pattern' has 17 entries for 18 layers" in _load_error(path)
+    assert "'gemma3.attention.sliding_window_pattern' has 17 entries for 18 layers" in load_error(path)
 
 
 def test_the_27b_model_scales_queries_by_its_width_per_head(tmp_path):
@@ -192,29 +192,21 @@ def test_final_logit_softcapping_and_linear_rope_scaling_are_read(tmp_path):
 # -- bad files ----------------------------------------------------------------------------------
 
 
-def _load_error(path: Path) -> str:
-    with pytest.raises(CheckpointError) as info:
-        Engine.load(path, device="cpu", dtype="float32")
-    message = str(info.value)
-    assert "\n" not in message and str(path) in message, message
-    return message
-
-
 def test_a_missing_required_key_is_named_in_one_line(tmp_path):
     path = _metadata_only(tmp_path / "bad.gguf", drop=("attention.layer_norm_rms_epsilon",))
-    assert "missing required metadata key 'gemma3.attention.layer_norm_rms_epsilon'" in _load_error(path)
+    assert "missing required metadata key 'gemma3.attention.layer_norm_rms_epsilon'" in load_error(path)
 
 
 def test_a_vision_projector_file_is_refused_as_such(tmp_path):
     path = tmp_path / "mmproj-gemma-3.gguf"
     writer = gguf.GGUFWriter(str(path), "clip")
     finish(writer)
-    assert "a vision projector (llama.cpp's mmproj file" in _load_error(path)
+    assert "a vision projector (llama.cpp's mmproj file" in load_error(path)
 
 
 def test_a_missing_norm_is_named(gemma3_checkpoint, tmp_path):
     path, _ = write_gguf(gemma3_checkpoint, tmp_path / "m.gguf", "gemma3", skip_tensors=("blk.5.post_ffw_norm.weight",))
-    assert "missing weights: model.layers.5.post_feedforward_layernorm.weight" in _load_error(path)
+    assert "missing weights: model.layers.5.post_feedforward_layernorm.weight" in load_error(path)
 
 
 def _rewrite_norms(path: Path, out: Path, change) -> Path:

@@ -65,6 +65,17 @@ def quantized_activation(x: np.ndarray) -> np.ndarray:
     return (q * (absmax / np.float32(127)).astype(np.float64)).reshape(-1)
 
 
+def linear_case(qtype, rows: int, n_blocks: int):
+    """(blocks, their float64 dequantized weights (rows, cols), a float32 bias, inputs: one float32 row and a
+    (1, 1, cols) bfloat16 one) for a quant_linear test."""
+    cols = n_blocks * GGML_QUANT_SIZES[qtype][0]
+    blocks = random_blocks(qtype, rows, cols, seed=rows * 100 + int(qtype))
+    g = torch.Generator().manual_seed(rows)
+    bias = torch.randn(rows, generator=g)
+    xs = [torch.randn(cols, generator=g), torch.randn(1, 1, cols, generator=g).bfloat16()]
+    return blocks, reference(blocks, qtype), bias, xs
+
+
 @needs_kernels
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -73,15 +84,10 @@ def test_quant_linear_matches_the_dequantized_reference(qtype, rows_blocks, isa)
     """Rows 1, 7 and 37 (not multiples of the 4-row step) and the smallest K: one block per row. Within the
     activation's rounding bound of the exact product, and within float32 rounding (1e-5 of sum |w x|) of
     the product with the activation rounded as the kernel does: a wrong scale or bit fails the second."""
-    rows, n_blocks = rows_blocks
-    cols = n_blocks * GGML_QUANT_SIZES[qtype][0]
-    blocks = random_blocks(qtype, rows, cols, seed=rows * 100 + int(qtype))
-    w = reference(blocks, qtype)
-    g = torch.Generator().manual_seed(rows)
-    bias = torch.randn(rows, generator=g)
-    for x in [torch.randn(cols, generator=g), torch.randn(1, 1, cols, generator=g).bfloat16()]:
+    blocks, w, bias, xs = linear_case(qtype, *rows_blocks)
+    for x in xs:
         y = kernels.quant_ops().quant_linear(x, torch.from_numpy(blocks), int(qtype), bias, isa)
-        assert y.shape == (*x.shape[:-1], rows) and y.dtype == x.dtype
+        assert y.shape == (*x.shape[:-1], len(blocks)) and y.dtype == x.dtype
         x64 = x.double().numpy().reshape(-1)
         expected = w @ x64 + bias.double().numpy()
         bound = activation_error_bound(w, x64)
@@ -105,15 +111,10 @@ def test_quant_linear_matches_the_dequantized_reference(qtype, rows_blocks, isa)
 def test_quant_linear_with_float_activation_matches_the_exact_product(qtype, rows_blocks, isa):
     """The output layer's path: x is not rounded to int8, so the result is the exact product of the dequantized
     weights and x within float32 rounding (1e-5 of sum |w x|; bfloat16 output: its own rounding)."""
-    rows, n_blocks = rows_blocks
-    cols = n_blocks * GGML_QUANT_SIZES[qtype][0]
-    blocks = random_blocks(qtype, rows, cols, seed=rows * 100 + int(qtype))
-    w = reference(blocks, qtype)
-    g = torch.Generator().manual_seed(rows)
-    bias = torch.randn(rows, generator=g)
-    for x in [torch.randn(cols, generator=g), torch.randn(1, 1, cols, generator=g).bfloat16()]:
+    blocks, w, bias, xs = linear_case(qtype, *rows_blocks)
+    for x in xs:
         y = kernels.quant_ops().quant_linear(x, torch.from_numpy(blocks), int(qtype), bias, isa, True)
-        assert y.shape == (*x.shape[:-1], rows) and y.dtype == x.dtype
+        assert y.shape == (*x.shape[:-1], len(blocks)) and y.dtype == x.dtype
         x64 = x.double().numpy().reshape(-1)
         expected = w @ x64 + bias.double().numpy()
         tight = 1e-5 * (np.abs(w) @ np.abs(x64) + np.abs(expected)) + 1e-30
