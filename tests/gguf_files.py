@@ -275,3 +275,19 @@ def load_error(path: Path) -> str:
     message = str(info.value)
     assert "\n" not in message and str(path) in message, message
     return message
+
+
+def tiny_lora_job(base: Path, tmp_path: Path, **settings):
+    """A finished few-step LoRA job on `base` (four copies of one chat record), in tmp_path / "job"."""
+    from engine.finetune import config_from_dict, run_job
+
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+    data = tmp_path / "data.jsonl"
+    data.write_text((json.dumps(record) + "\n") * 4)
+    result = run_job(config_from_dict({
+        "model": str(base), "data": [str(data)], "out": str(tmp_path / "job"), "max_steps": 3, "lr": 3e-2,
+        "batch_size": 2, "lora_rank": 4, "val_fraction": 0.0, "warmup_ratio": 0.0, "checkpoint_interval": 100,
+        **settings,
+    }))
+    assert result.status == "done", result
+    return result

@@ -23,7 +23,7 @@ from engine.gguf.tensors import unpermute_rows
 from engine.tokenizer import ChatTokenizer
 from gguf_files import (
     RANDOM_BLOCK_TYPES, Q, add_tokenizer, assert_same_model, finish, llama_cpp_permute, load_error, sample_ids,
-    write_gguf,
+    tiny_lora_job, write_gguf,
 )
 
 CPU = torch.device("cpu")
@@ -488,17 +488,8 @@ def test_cli_error_is_one_line_with_exit_code_1(good_gguf, tmp_path):
 
 
 def test_lora_finetune_on_a_gguf_base_writes_an_adapter_the_engine_applies(checkpoint_factory, tmp_path):
-    from engine.finetune import config_from_dict, run_job
-
     path, _ = write_gguf(checkpoint_factory("qwen2"), tmp_path / "base.gguf", "qwen2", Q.Q8_0)
-    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
-    data = tmp_path / "data.jsonl"
-    data.write_text((json.dumps(record) + "\n") * 4)
-    result = run_job(config_from_dict({
-        "model": str(path), "data": [str(data)], "out": str(tmp_path / "job"), "max_steps": 2, "lr": 1e-2,
-        "batch_size": 2, "lora_rank": 4, "val_fraction": 0.0, "warmup_ratio": 0.0, "checkpoint_interval": 100,
-    }))
-    assert result.status == "done", result
+    result = tiny_lora_job(path, tmp_path, max_steps=2, lr=1e-2)
     engine = Engine.load(path, device="cpu", dtype="float32", adapter=result.adapter_dir)
     assert engine.adapter_dir is not None
 

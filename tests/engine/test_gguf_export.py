@@ -24,7 +24,8 @@ from engine.gguf.vocab import add_tokenizer_metadata
 from engine.gguf.writer import export_model
 from engine.tokenizer import ChatTokenizer
 from gguf_files import (
-    _GPT2_CONV1D, _MODEL_ARCH, GGUF_ARCH, Q, assert_same_model, finish, sample_ids, llama_cpp_permute, write_gguf,
+    _GPT2_CONV1D, _MODEL_ARCH, GGUF_ARCH, Q, assert_same_model, finish, sample_ids, llama_cpp_permute, tiny_lora_job,
+    write_gguf,
 )
 
 FAMILIES = ("llama", "llama_tied_llama3_rope", "llama_linear_rope", "mistral", "qwen2", "qwen3", "gpt2")
@@ -336,21 +337,6 @@ def test_a_failed_write_leaves_no_file_and_keeps_an_old_one(checkpoint_factory, 
 # -- fine-tune, merge, run ---------------------------------------------------------------------------------
 
 
-def _finetune(base: Path, tmp_path: Path, **settings):
-    from engine.finetune import config_from_dict, run_job
-
-    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
-    data = tmp_path / "data.jsonl"
-    data.write_text((json.dumps(record) + "\n") * 4)
-    result = run_job(config_from_dict({
-        "model": str(base), "data": [str(data)], "out": str(tmp_path / "job"), "max_steps": 3, "lr": 3e-2,
-        "batch_size": 2, "lora_rank": 4, "val_fraction": 0.0, "warmup_ratio": 0.0, "checkpoint_interval": 100,
-        **settings,
-    }))
-    assert result.status == "done", result
-    return result
-
-
 def _logits(engine: Engine) -> torch.Tensor:
     with torch.inference_mode():
         return engine.model(sample_ids())
@@ -358,7 +344,7 @@ def _logits(engine: Engine) -> torch.Tensor:
 
 def test_a_lora_fine_tune_merged_into_gguf_runs_as_the_base_plus_adapter(checkpoint_factory, tmp_path):
     base = checkpoint_factory("llama")
-    result = _finetune(base, tmp_path, merge=True, merge_gguf="F32")
+    result = tiny_lora_job(base, tmp_path, merge=True, merge_gguf="F32")
     assert Path(result.merged_gguf) == tmp_path / "job" / "merged.gguf"
     merged = Engine.load(result.merged_gguf, device="cpu", dtype="float32")
     unmerged = Engine.load(base, device="cpu", dtype="float32", adapter=result.adapter_dir)
@@ -374,7 +360,7 @@ def test_a_gguf_base_fine_tunes_and_merges_into_a_quantized_gguf(checkpoint_fact
     """The job's merged.gguf holds, tensor for tensor, what gguf.quants makes of the float32 merge (base + adapter,
     exported F32: checked against transformers above), and runs."""
     base, _ = write_gguf(checkpoint_factory("qwen2"), tmp_path / "base.gguf", "qwen2", Q.Q8_0)
-    result = _finetune(base, tmp_path, merge_gguf="Q8_0")
+    result = tiny_lora_job(base, tmp_path, merge_gguf="Q8_0")
     assert result.merged_dir is None
     exact = export_model(base, tmp_path / "f32.gguf", "F32", adapter=Path(result.adapter_dir)).path
     merged = {t.name: t for t in gguf.GGUFReader(result.merged_gguf).tensors}

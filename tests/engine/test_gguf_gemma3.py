@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from checkpoints import hf_model, make_checkpoint
-from engine import CheckpointError, Engine
+from engine import Engine
 from engine.checkpoint import load_model, read_model_config
 from engine.quant import QuantizedEmbedding, QuantizedLinear, quant_kernels_available
 from gguf_files import Q, assert_same_model, finish, load_error, sample_ids, write_gguf
