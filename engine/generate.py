@@ -24,7 +24,11 @@ def prefill(model: nn.Module, ids: torch.Tensor, start: int, cache: KVCache) -> 
 
 
 def decode_one_token(model: nn.Module, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
-    """Feed one token (1,) at position; next-token logits (V,)."""
+    """Feed one token (1,) at position; next-token logits (V,). In one kernel call where the model's
+    `fused_decode` (engine.inference) applies, else through its modules."""
+    fused = getattr(model, "fused_decode", None)
+    if fused is not None and fused.applies(cache):
+        return fused(token, position, cache)
     return model(token[None], start=position, cache=cache, last_only=True)[0, -1]
 
 

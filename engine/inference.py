@@ -12,6 +12,8 @@
 - GGUF weights kept in their blocks (engine.quant's QuantizedLinear) fuse the same way where the parts
   share one GGUF type (a Q4_K_M file's Q6_K v_proj stays separate); they keep their own kernels.
 - Layers that carry a LoRA adapter (engine.lora) are left as they are: no fusing, no oneDNN class.
+- A Llama-family model all on GGUF blocks gets `fused_decode` (engine.fused_decode): its whole decode
+  step in one kernel call; other models get None and decode through their modules.
 
 What fuses comes from the family's registry entry (models.registry.Family.fusions); kernels are swapped
 in with engine.layers.swap_layers.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from engine.fused_decode import FusedDecode
 from engine.kernels import bf16_decode_ops
 from engine.layers import recast, swap_layers
 from engine.lora import is_lora_layer
@@ -142,6 +145,7 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
     afterwards would break the shared storage, and nothing undoes it (fine-tuning loads unprepared)."""
     model.eval().requires_grad_(False)
     fused = _fuse(model, family_of(model.config).fusions)
+    model.fused_decode = None
     if device.type != "cpu":
         return model
     fused_parts = {id(getattr(module, name)) for module, fusion in fused for name in fusion.parts}
@@ -176,4 +180,5 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
     swap_layers(model, replace)
     for module, fusion in fused:
         object.__setattr__(module, fusion.into, on_cpu_kernel(getattr(module, fusion.into)))
+    model.fused_decode = FusedDecode.for_model(model)
     return model

@@ -55,7 +55,7 @@ BF16 = Library(
 # one at run time. -fopenmp: at::parallel_for runs on PyTorch's OpenMP pool from the headers.
 QUANT = Library(
     "quant",
-    (HERE / "quant.cpp", HERE / "quant_isa.inc"),
+    (HERE / "quant.cpp", HERE / "quant_isa.inc", HERE / "decode_isa.inc"),
     ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", ABI),
 )
 

@@ -22,6 +22,9 @@
 // but on a layer that does not fit in cache reading the bytes decides (measured: no slower).
 //
 // quant_dequantize: whole rows to float32 or bfloat16, for prefill tiles and embedding lookups.
+//
+// quant_decode_step: a whole decode step of a Llama-family model on such blocks (every layer, then the
+// output layer's logits) in one call and one parallel region (decode_isa.inc says why).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -30,8 +33,10 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -76,6 +81,19 @@ struct Activation {
   float sum(int64_t block) const { return scale_sum[2 * block + 1]; }
 };
 
+// quant_decode_step's model, for both instruction sets (decode_isa.inc)
+struct Slot {  // one linear layer: y (out) = W x + bias, W (out, row_bytes) GGUF blocks of qtype
+  const uint8_t* w;
+  int64_t row_bytes, qtype, out;
+  const float* bias;
+};
+
+struct StepShape {
+  int64_t layers, dim, heads, kv_heads, head_dim, hidden, vocab, capacity, position, window;
+  float eps, scale;
+  bool qk_norm;
+};
+
 }  // namespace
 
 #pragma GCC push_options
@@ -88,6 +106,7 @@ inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 }
 #define QUANT_PAIRS 0
 #include "quant_isa.inc"
+#include "decode_isa.inc"
 #undef QUANT_PAIRS
 }  // namespace
 }  // namespace avx2
@@ -100,6 +119,7 @@ namespace {
 inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
 #define QUANT_PAIRS 1  // and 512-bit dot products of two 32-value blocks at once
 #include "quant_isa.inc"
+#include "decode_isa.inc"
 #undef QUANT_PAIRS
 }  // namespace
 }  // namespace avx512
@@ -197,15 +217,94 @@ at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, at::ScalarT
   return y;
 }
 
+const float* bias_or_null(const at::Tensor& bias, int64_t out, const char* what) {
+  if (bias.numel() == 0) return nullptr;
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == out,
+              "quant_decode_step: the bias of ", what, " must be (", out, ") contiguous float32");
+  return bias.const_data_ptr<float>();
+}
+
+// x: the token's embedding (dim) float32; blocks, qtypes, biases: 7 per layer (q, k, v, o, gate, up, down)
+// then the output layer, a bias of no elements meaning none; norms: per layer the input and
+// post-attention RMSNorm weights (then q_norm, k_norm where the model has them), then the final norm;
+// cos, sin: (positions, head_dim) RoPE tables; keys, values: the float32 KV cache (layers, 1, kv_heads,
+// capacity, head_dim), written at `position`; window: sliding-window length, 0 for none.
+// Returns the next token's logits (vocab) float32.
+at::Tensor quant_decode_step(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef qtypes,
+                             at::TensorList biases, at::TensorList norms, double eps, const at::Tensor& cos,
+                             const at::Tensor& sin, at::Tensor& keys, at::Tensor& values, int64_t position,
+                             int64_t heads, double scale, int64_t window, int64_t isa) {
+  check_isa(isa);
+  TORCH_CHECK(keys.scalar_type() == at::kFloat && keys.dim() == 5 && keys.size(1) == 1 && keys.is_contiguous() &&
+                  values.sizes() == keys.sizes() && values.scalar_type() == at::kFloat && values.is_contiguous(),
+              "quant_decode_step: keys and values must be contiguous float32 (layers, 1, kv_heads, capacity, head_dim)");
+  StepShape m{};
+  m.layers = keys.size(0), m.kv_heads = keys.size(2), m.capacity = keys.size(3), m.head_dim = keys.size(4);
+  m.heads = heads, m.position = position, m.window = window, m.eps = static_cast<float>(eps);
+  m.scale = static_cast<float>(scale);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "quant_decode_step: x must be contiguous float32");
+  m.dim = x.numel();
+  TORCH_CHECK(heads > 0 && heads % m.kv_heads == 0 && m.head_dim % 8 == 0,
+              "quant_decode_step: heads must be a multiple of kv_heads and head_dim of 8");
+  TORCH_CHECK(position >= 0 && position < m.capacity, "quant_decode_step: position ", position,
+              " is outside the cache's ", m.capacity);
+  const int64_t slot_count = 7 * m.layers + 1;
+  TORCH_CHECK(static_cast<int64_t>(blocks.size()) == slot_count && static_cast<int64_t>(qtypes.size()) == slot_count &&
+                  static_cast<int64_t>(biases.size()) == slot_count,
+              "quant_decode_step: expected ", slot_count, " weights, GGUF types and biases");
+  m.hidden = blocks[4].size(0);
+  m.vocab = blocks.back().size(0);
+  TORCH_CHECK(m.hidden % 8 == 0, "quant_decode_step: the MLP width must be a multiple of 8");
+  const int64_t q_size = heads * m.head_dim, kv_size = m.kv_heads * m.head_dim;
+  // (out, in) of each slot of a layer
+  const int64_t shapes[7][2] = {{q_size, m.dim}, {kv_size, m.dim}, {kv_size, m.dim}, {m.dim, q_size},
+                                {m.hidden, m.dim}, {m.hidden, m.dim}, {m.dim, m.hidden}};
+  std::vector<Slot> slots(slot_count);
+  for (int64_t i = 0; i < slot_count; ++i) {
+    const bool last = i == slot_count - 1;
+    const int64_t out = last ? m.vocab : shapes[i % 7][0], in = last ? m.dim : shapes[i % 7][1];
+    TORCH_CHECK(blocks[i].size(0) == out && check_blocks(blocks[i], qtypes[i]) == in, "quant_decode_step: weight ", i,
+                " must be ", out, " rows of ", in, " values");
+    slots[i] = {blocks[i].const_data_ptr<uint8_t>(), blocks[i].size(1), qtypes[i], out,
+                bias_or_null(biases[i], out, "a layer")};
+  }
+  const int64_t norms_count = static_cast<int64_t>(norms.size());
+  m.qk_norm = norms_count == 4 * m.layers + 1;
+  TORCH_CHECK(m.qk_norm || norms_count == 2 * m.layers + 1, "quant_decode_step: expected ", 2 * m.layers + 1, " or ",
+              4 * m.layers + 1, " norm weights");
+  std::vector<const float*> norm_weights(norms_count);
+  for (int64_t i = 0; i < norms_count; ++i) {
+    const bool per_head = m.qk_norm && i < norms_count - 1 && i % 4 >= 2;
+    TORCH_CHECK(norms[i].scalar_type() == at::kFloat && norms[i].is_contiguous() &&
+                    norms[i].numel() == (per_head ? m.head_dim : m.dim),
+                "quant_decode_step: norm weight ", i, " must be contiguous float32 of ", per_head ? m.head_dim : m.dim);
+    norm_weights[i] = norms[i].const_data_ptr<float>();
+  }
+  for (const at::Tensor* table : {&cos, &sin}) {
+    TORCH_CHECK(table->scalar_type() == at::kFloat && table->is_contiguous() && table->dim() == 2 &&
+                    table->size(0) > position && table->size(1) == m.head_dim,
+                "quant_decode_step: cos and sin must be contiguous float32 (positions > ", position, ", ", m.head_dim, ")");
+  }
+  at::Tensor logits = at::empty({m.vocab}, x.options());
+  const auto step = isa == kIsaAvx512 ? &avx512::decode_step : &avx2::decode_step;
+  step(m, slots, norm_weights, cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), keys.mutable_data_ptr<float>(),
+       values.mutable_data_ptr<float>(), x.const_data_ptr<float>(), logits.mutable_data_ptr<float>());
+  return logits;
+}
+
 }  // namespace
 
 // a fragment: decode_bf16.cpp defines the namespace's other ops
 TORCH_LIBRARY_FRAGMENT(chattui, m) {
   m.def("quant_linear(Tensor x, Tensor blocks, int qtype, Tensor? bias, int isa, bool float_activation=False) -> Tensor");
   m.def("quant_dequantize(Tensor blocks, int qtype, ScalarType dtype, int isa, Tensor? scratch=None) -> Tensor");
+  m.def("quant_decode_step(Tensor x, Tensor[] blocks, int[] qtypes, Tensor[] biases, Tensor[] norms, float eps, "
+        "Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, int position, int heads, float scale, int window, "
+        "int isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chattui, CPU, m) {
   m.impl("quant_linear", &quant_linear);
   m.impl("quant_dequantize", &quant_dequantize);
+  m.impl("quant_decode_step", &quant_decode_step);
 }

@@ -123,7 +123,8 @@ def test_decode_equals_the_dequantized_float32_path_with_the_kernels_activation_
     whose single-row Linear inputs are rounded to 8 bits as the kernels round them: what is left is float32
     summation order (and, rarely, a value on a rounding boundary that rounds one int8 step the other way
     because its input differs in the last bit; each step starts from a fresh prefill so that cannot carry
-    over into later steps through the cache)."""
+    over into later steps through the cache). The decode steps run engine.fused_decode's single kernel call,
+    whose RMSNorm and attention sum in another order than PyTorch's: a few more such steps."""
     path = _gguf(checkpoint_factory, tmp_path, family, weight_type, overrides)
     config = read_model_config(path)
     quantized = load_model(path, config, CPU, torch.float32, keep_blocks=True)
@@ -133,7 +134,7 @@ def test_decode_equals_the_dequantized_float32_path_with_the_kernels_activation_
     ours, expected = _one_step_logits(quantized, ids), _one_step_logits(reference, ids)  # (40, V)
     error = (ours - expected).abs().amax(dim=1) / expected.abs().max()  # per step
     assert (error <= 1e-5).float().mean() >= 0.9, error
-    assert error.max() <= 0.05, error  # one int8 step of one value, amplified by the tiny random model
+    assert error.max() <= 0.1, error  # one int8 step of one value, amplified by the tiny random model
     with torch.inference_mode():  # prefill dequantizes and runs the same GEMMs as the dense model
         prefill, dense = quantized(ids[None]), load_model(path, config, CPU, torch.float32)(ids[None])
     # Equal up to float32 summation order: the BLAS may block a GEMM differently for other shapes (the fused
@@ -163,15 +164,15 @@ def test_greedy_tokens_on_the_blocks_follow_the_dequantized_float32_path(
 ):
     """float32 activations, so only the kernels' 8-bit activation rounding differs. These tiny random models
     have near-tied logits over a flat vocabulary, where a rounding-sized change flips a token and the
-    sequences part from there; so whole 16-token runs must agree on half the prompts, and token by token
+    sequences part from there; so whole 16-token runs must agree on half of 16 prompts, and token by token
     (fed the same sequence) nearly all picks. bfloat16 activations (auto's choice on CPUs with bfloat16
     instructions) are compared on the real SmolLM2 model (tests/engine/test_gguf_smollm2.py)."""
     path = _gguf(checkpoint_factory, tmp_path, family, weight_type, overrides)
     config = read_model_config(path)
     quantized = load_model(path, config, CPU, torch.float32, keep_blocks=True)
     dense = load_model(path, config, CPU, torch.float32)
-    same, agreement = _greedy_agreement(quantized, dense, _prompts(8))
-    assert same >= 4 and agreement >= 0.9, f"{same} of 8 prompts the same; {agreement:.0%} of tokens"
+    same, agreement = _greedy_agreement(quantized, dense, _prompts(16))
+    assert same >= 8 and agreement >= 0.9, f"{same} of 16 prompts the same; {agreement:.0%} of tokens"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -192,8 +193,8 @@ def test_gpt2_keeps_its_transposed_conv1d_weights_dense_and_its_embeddings_quant
     assert transformer.h[0].attn.c_attn.weight.dim() == 2  # dense, dequantized
     config = read_model_config(path)
     quantized, dense = (load_model(path, config, CPU, torch.float32, keep_blocks=keep) for keep in (True, False))
-    same, agreement = _greedy_agreement(quantized, dense, _prompts(8))
-    assert same >= 4 and agreement >= 0.9, f"{same} of 8 prompts the same; {agreement:.0%} of tokens"
+    same, agreement = _greedy_agreement(quantized, dense, _prompts(16))
+    assert same >= 8 and agreement >= 0.9, f"{same} of 16 prompts the same; {agreement:.0%} of tokens"
 
 
 def test_without_the_kernels_auto_dequantizes_with_a_warning(checkpoint_factory, tmp_path, monkeypatch, caplog):

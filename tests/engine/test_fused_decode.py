@@ -1,0 +1,158 @@
+"""engine.fused_decode: a Llama-family model's whole decode step in one kernel call (quant_decode_step),
+against the module path it replaces, on tiny GGUF models of every kind it covers; and where it must not
+apply (other families, dense weights, watched attention)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import Engine, SamplingParams
+from engine.attention import AttentionWatcher
+from engine.checkpoint import load_model, read_model_config
+from engine.fused_decode import FUSED_DECODE_ENV
+from engine.generate import decode_one_token, prefill
+from engine.kernels import ISA_ENV, quant_ops
+from engine.kv_cache import KVCache
+from engine.quant import quant_kernels_available
+from gguf_files import Q, write_gguf
+
+pytestmark = pytest.mark.skipif(not quant_kernels_available(), reason="the quantized kernels need AVX2 and a C++ compiler")
+
+CPU = torch.device("cpu")
+K_SHAPE = dict(hidden_size=256, intermediate_size=256, head_dim=64)
+MIX = {"attn_v": Q.Q6_K, "ffn_down": Q.Q6_K}  # as a Q4_K_M file mixes them: v_proj apart from q and k
+# (family, weight type, overrides, per-name types): offsets (Q4_0, Q6_K), biases (Qwen2), per-head norms
+# (Qwen3), a sliding window shorter than the steps (Mistral's 24), tied embeddings, mixed types.
+CASES = [
+    ("llama", Q.Q4_1, {}, None), ("llama", Q.Q4_0, {}, None), ("llama", Q.Q8_0, {}, None),
+    ("llama", Q.Q4_K, K_SHAPE, MIX), ("qwen2", Q.Q5_1, {}, None), ("qwen3", Q.Q8_0, {}, None),
+    ("mistral", Q.Q5_0, {}, None), ("llama_tied_llama3_rope", Q.Q4_1, {}, None),
+]
+CASE_IDS = [f"{family}-{q.name}{'-mix' if mix else ''}" for family, q, _, mix in CASES]
+
+
+def _model(checkpoint_factory, tmp_path, family, weight_type, overrides, mix):
+    path, _ = write_gguf(checkpoint_factory(family, **overrides), tmp_path / "m.gguf", family, weight_type,
+                         types_by_name=mix)
+    return load_model(path, read_model_config(path), CPU, torch.float32, keep_blocks=True)
+
+
+def _steps(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, KVCache, KVCache]]:
+    """For each position t >= 1 of ids: (module logits, fused logits, module cache, fused cache) of one decode
+    step of ids[t] after a prefill of ids[:t] (each step from a fresh prefill, the same for both paths)."""
+    steps = []
+    with torch.inference_mode():
+        for t in range(1, len(ids)):
+            modules = KVCache.for_model(model.config, t + 1, torch.float32, CPU)
+            prefill(model, ids[:t], 0, modules)
+            fused = KVCache.for_model(model.config, t + 1, torch.float32, CPU)
+            fused.k.copy_(modules.k), fused.v.copy_(modules.v)
+            expected = model(ids[t : t + 1][None], start=t, cache=modules, last_only=True)[0, -1]
+            steps.append((expected, model.fused_decode(ids[t : t + 1], t, fused), modules, fused))
+    return steps
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize(("family", "weight_type", "overrides", "mix"), CASES, ids=CASE_IDS)
+def test_one_step_equals_the_module_path(checkpoint_factory, tmp_path, family, weight_type, overrides, mix):
+    """The same kernels and float32 steps: only summation order differs (RMSNorm's mean, attention, the
+    softmax's exp); where that moves an activation across an int8 rounding boundary, one value rounds one
+    step the other way, which the tiny random model amplifies (so: most steps within 1e-5, all within 10%)."""
+    model = _model(checkpoint_factory, tmp_path, family, weight_type, overrides, mix)
+    assert model.fused_decode is not None
+    ids = torch.randint(3, 400, (41,), generator=torch.Generator().manual_seed(2))
+    logits, keys, values = [], [], []
+    for expected, fused, modules, ours in _steps(model, ids):
+        t = modules.k.shape[3] - 1
+        logits.append(_relative(fused, expected))
+        keys.append(_relative(ours.k[:, :, :, t], modules.k[:, :, :, t]))  # every layer's new key and value
+        values.append(_relative(ours.v[:, :, :, t], modules.v[:, :, :, t]))
+        assert torch.equal(ours.k[:, :, :, :t], modules.k[:, :, :, :t])  # the prefilled positions untouched
+    for errors in (logits, keys, values):
+        errors = torch.tensor(errors)
+        assert (errors <= 1e-5).float().mean() >= 0.9, errors
+        assert errors.max() <= 0.1, errors
+
+
+def test_the_avx2_path_runs_the_same_step(checkpoint_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv(ISA_ENV, "avx2")
+    model = _model(checkpoint_factory, tmp_path, "qwen2", Q.Q4_0, {}, None)
+    assert model.fused_decode._isa == 0
+    ids = torch.randint(3, 400, (21,), generator=torch.Generator().manual_seed(3))
+    errors = torch.tensor([_relative(fused, expected) for expected, fused, _, _ in _steps(model, ids)])
+    assert (errors <= 1e-5).float().mean() >= 0.9 and errors.max() <= 0.1, errors
+
+
+class _Counting:
+    """A model's fused_decode that records the positions it is called at."""
+
+    def __init__(self, fused):
+        self.fused, self.positions = fused, []
+
+    def applies(self, cache) -> bool:
+        return self.fused.applies(cache)
+
+    def __call__(self, token, position, cache):
+        self.positions.append(position)
+        return self.fused(token, position, cache)
+
+
+def test_generation_runs_the_fused_step_and_greedy_tokens_follow_the_modules(checkpoint_factory, tmp_path):
+    path, _ = write_gguf(checkpoint_factory("llama"), tmp_path / "m.gguf", "llama", Q.Q8_0)
+    engine = Engine.load(path, device="cpu", dtype="auto")
+    prompt = engine.raw_prompt("hello there")
+    counting = engine.model.fused_decode = _Counting(engine.model.fused_decode)
+    fused_text = "".join(engine.generate(prompt, SamplingParams(temperature=0.0), max_new_tokens=12))
+    start = len(prompt)
+    assert counting.positions == list(range(start, start + len(counting.positions))) and counting.positions
+    engine.model.fused_decode = None
+    engine.reset_cache()
+    assert "".join(engine.generate(prompt, SamplingParams(temperature=0.0), max_new_tokens=12)) == fused_text
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3"])
+def test_other_families_decode_through_their_modules(checkpoint_factory, tmp_path, family):
+    overrides = dict(hidden_size=64, attn_logit_softcapping=None) if family == "gemma3" else {}
+    path, _ = write_gguf(checkpoint_factory(family, **overrides), tmp_path / "m.gguf", family, Q.Q8_0)
+    assert load_model(path, read_model_config(path), CPU, torch.float32, keep_blocks=True).fused_decode is None
+
+
+def test_dense_weights_and_the_off_switch_decode_through_the_modules(checkpoint_factory, tmp_path, monkeypatch):
+    path, _ = write_gguf(checkpoint_factory("llama"), tmp_path / "m.gguf", "llama", Q.Q8_0)
+    config = read_model_config(path)
+    assert load_model(path, config, CPU, torch.float32).fused_decode is None  # dequantized: dense Linear layers
+    monkeypatch.setenv(FUSED_DECODE_ENV, "0")
+    assert load_model(path, config, CPU, torch.float32, keep_blocks=True).fused_decode is None
+
+
+def test_watched_attention_and_other_caches_take_the_module_path(checkpoint_factory, tmp_path):
+    model = _model(checkpoint_factory, tmp_path, "llama", Q.Q8_0, {}, None)
+    cache = KVCache.for_model(model.config, 8, torch.float32, CPU)
+    assert model.fused_decode.applies(cache)
+    assert not model.fused_decode.applies(KVCache.for_model(model.config, 8, torch.bfloat16, CPU))
+    rows = []
+    with torch.inference_mode(), AttentionWatcher(model, rows.append):
+        assert not model.fused_decode.applies(cache)
+        prefill(model, torch.tensor([5, 6, 7]), 0, cache)
+        decode_one_token(model, torch.tensor([8]), 3, cache)
+    assert len(rows) == 2 and rows[1].shape[-1] == 4  # the watcher saw the decode step: the modules ran it
+    assert model.fused_decode.applies(cache)
+
+
+def test_bad_arguments_get_a_clear_error(checkpoint_factory, tmp_path):
+    model = _model(checkpoint_factory, tmp_path, "llama", Q.Q8_0, {}, None)
+    fused, cache = model.fused_decode, KVCache.for_model(model.config, 4, torch.float32, CPU)
+    x = torch.zeros(model.config.hidden_size)
+    step = quant_ops().quant_decode_step
+    args = [x, fused._blocks, fused._qtypes, fused._biases, fused._norms, 1e-5, torch.zeros(4, 16), torch.zeros(4, 16),
+            cache.k, cache.v, 0, model.config.num_attention_heads, 0.25, 0, fused._isa]
+    with pytest.raises(RuntimeError, match="expected .* weights, GGUF types and biases"):
+        step(*args[:1], fused._blocks[1:], *args[2:])
+    with pytest.raises(RuntimeError, match="position 4 is outside the cache's 4"):
+        step(*args[:10], 4, *args[11:])
+    with pytest.raises(RuntimeError, match="cos and sin must be contiguous float32"):
+        step(*args[:6], torch.zeros(4, 8), *args[7:])
