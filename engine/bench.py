@@ -30,7 +30,7 @@ from engine.kernels.bench_quant import measured_bandwidth
 from engine.kv_cache import KVCache
 from engine.params import SamplingParams
 from engine.presets import PRESETS
-from engine.quant import QuantizedEmbedding, QuantizedLinear
+from engine.quant import QuantizedEmbedding, QuantizedLinear, count_weights
 from models.registry import config_from_hf, family_of
 
 
@@ -199,6 +199,12 @@ def _summary(runs: list[RunTiming], prompt_tokens: int, new_tokens: int, weight_
     }
 
 
+def _kv_cache_bytes(config, positions: int, dtype: torch.dtype) -> int:
+    """What a KV cache of `positions` positions holds (keys and values of every layer)."""
+    per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    return per_position * positions * torch.empty(0, dtype=dtype).element_size()
+
+
 def _peak_rss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
@@ -207,6 +213,7 @@ def _peak_rss_mb() -> float:
 def run_bench(options: BenchOptions, progress=None) -> dict[str, Any]:
     """Run the benchmark; returns a plain dict (what --json prints)."""
     llamacpp_file = _llamacpp_file(options) if options.compare_llamacpp else None
+    runtime_rss = _peak_rss_mb()  # Python, PyTorch and our modules, before any model: what every model adds to
     if options.threads:
         torch.set_num_threads(options.threads)
     device = resolve_device(options.device)
@@ -271,11 +278,13 @@ def run_bench(options: BenchOptions, progress=None) -> dict[str, Any]:
         "device": str(device),
         "dtype": dtype_name(dtype),
         "threads": torch.get_num_threads(),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": count_weights(model),
         "prompt_tokens": options.prompt_tokens,
         "new_tokens": n_new,
         "repeat": options.repeat,
         "peak_rss_mb": peak_rss,
+        "runtime_rss_mb": runtime_rss,
+        "kv_cache_mb": _kv_cache_bytes(model.config, options.prompt_tokens + n_new, dtype) / 1e6,
         "memory_read_gb_s": memory_gb_s,
         **notes,
         "chattui": ours,
@@ -328,7 +337,8 @@ def format_report(report: dict[str, Any]):
                 for name in baselines]
     table.caption = " · ".join([
         f"memory read {report['memory_read_gb_s']:.1f} GB/s (measured in this run)",
-        f"peak RSS {report['peak_rss_mb']:.0f} MB (chattui alone)",
+        f"peak RSS {report['peak_rss_mb']:.0f} MB (chattui alone; {report['runtime_rss_mb']:.0f} MB of it before "
+        f"the model loaded; KV cache {report['kv_cache_mb']:.0f} MB)",
         f"{report['chattui']['weight_bytes_per_token'] / 1e6:.0f} MB of weights read per token",
         *agreeing,
     ])

@@ -15,6 +15,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -421,6 +422,20 @@ def _weight_source(model_path: Path, expected: set[str], config: ModelConfig) ->
     return _GGUFWeights(model_path, config) if is_gguf_path(model_path) else _SafetensorsWeights(model_path, expected, config)
 
 
+@contextmanager
+def uninitialised_on_meta() -> Iterator[None]:
+    """Build modules on the meta device without initialising their weights (the checkpoint replaces them
+    all). nn.Embedding's init would run normal_() on meta, whose first call imports PyTorch's Python meta
+    kernels: ~80 MB of resident memory for the rest of the process, more than a small model's weights."""
+    initialise = nn.Embedding.reset_parameters
+    nn.Embedding.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        nn.Embedding.reset_parameters = initialise
+
+
 def load_model(
     model_path: Path,
     config: ModelConfig,
@@ -451,7 +466,7 @@ def load_weights(
     has kernels for stay in their blocks as QuantizedLinear / QuantizedEmbedding layers, never dense; the
     rest (norms, F32/F16/BF16 and other types) loads in dtype, which is then the activations' dtype."""
     family = family_of(config)
-    with torch.device("meta"):
+    with uninitialised_on_meta():
         model = family.build(config)
     expected_params = dict(model.named_parameters())  # tied weights appear once, under their first name
     expected_shapes = {name: tuple(p.shape) for name, p in expected_params.items()}

@@ -66,7 +66,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from engine.checkpoint import load_weights, read_defaults, read_model_config
+from engine.checkpoint import load_weights, read_defaults, read_model_config, uninitialised_on_meta
 from engine.device import cpu_has_fast_bfloat16
 from engine.errors import EngineError
 from engine.finetune_data import DataCancelled, DataError, ExampleBatches, pad_token_id, prepare_data
@@ -446,7 +446,7 @@ def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> l
 def model_parameters(model_dir: str | Path) -> int:
     """The base model's parameters (tied weights once), from its config alone: built on the meta device."""
     config = read_model_config(Path(model_dir))
-    with torch.device("meta"):
+    with uninitialised_on_meta():
         model = family_of(config).build(config)
     model.tie_weights()
     return count_parameters(model)[1]

@@ -9,11 +9,14 @@
   linear_bf16, which streams the weights about twice as fast as PyTorch's kernel, with the same
   rounding steps (float32 sums in another order: rare last-bit differences), and so does each
   single-position RMSNorm (rms_norm_bf16, one op instead of eight); prefill keeps PyTorch's kernels.
-- GGUF weights kept in their blocks (engine.quant's QuantizedLinear) fuse the same way where the parts
-  share one GGUF type (a Q4_K_M file's Q6_K v_proj stays separate); they keep their own kernels.
-- Layers that carry a LoRA adapter (engine.lora) are left as they are: no fusing, no oneDNN class.
 - A Llama-family model all on GGUF blocks gets `fused_decode` (engine.fused_decode): its whole decode
-  step in one kernel call; other models get None and decode through their modules.
+  step in one kernel call, reading each layer's blocks where they are; other models get None and
+  decode through their modules.
+- GGUF weights kept in their blocks (engine.quant's QuantizedLinear) of other models fuse like dense
+  ones where the parts share one GGUF type (a Q4_K_M file's Q6_K v_proj stays separate); under
+  `fused_decode` they stay apart: fusing copies the blocks out of the file's memory map, and the
+  copy and the mapped pages it read would both count in the process's memory.
+- Layers that carry a LoRA adapter (engine.lora) are left as they are: no fusing, no oneDNN class.
 
 What fuses comes from the family's registry entry (models.registry.Family.fusions); kernels are swapped
 in with engine.layers.swap_layers.
@@ -112,24 +115,25 @@ def _store_for_onednn(weight_out_in: torch.Tensor) -> torch.Tensor:
     return weight_out_in.t().contiguous().t()
 
 
-def _fused(parts: list[nn.Module]) -> nn.Module | None:
-    """The parts as one layer: plain Linear layers, or QuantizedLinear layers of one GGUF type; None for
-    anything else (LoRA-wrapped layers, mixed types)."""
+def _fused(parts: list[nn.Module], blocks: bool) -> nn.Module | None:
+    """The parts as one layer: plain Linear layers, or (where `blocks`) QuantizedLinear layers of one GGUF
+    type; None for anything else (LoRA-wrapped layers, mixed types)."""
     if all(type(p) is nn.Linear for p in parts):
         return fuse_linears(parts)
-    if all(type(p) is QuantizedLinear for p in parts):
+    if blocks and all(type(p) is QuantizedLinear for p in parts):
         return fuse_quantized_linears(parts)
     return None
 
 
-def _fuse(model: nn.Module, fusions: tuple[Fusion, ...]) -> list[tuple[nn.Module, Fusion]]:
-    """Apply the family's fusion plan wherever _fused can; returns the (module, fusion) pairs done."""
+def _fuse(model: nn.Module, fusions: tuple[Fusion, ...], blocks: bool) -> list[tuple[nn.Module, Fusion]]:
+    """Apply the family's fusion plan wherever _fused can (to GGUF blocks too where `blocks`); returns the
+    (module, fusion) pairs done."""
     done = []
     for module in model.modules():
         for fusion in fusions:
             if not hasattr(type(module), fusion.into):
                 continue
-            fused = _fused([getattr(module, name) for name in fusion.parts])
+            fused = _fused([getattr(module, name) for name in fusion.parts], blocks)
             if fused is None:
                 continue
             # object.__setattr__ keeps the fused layer out of _modules, so state_dict() stays HF's keys.
@@ -144,8 +148,8 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
     The last step of loading (build, load weights, apply an adapter if any, prepare): moving the model
     afterwards would break the shared storage, and nothing undoes it (fine-tuning loads unprepared)."""
     model.eval().requires_grad_(False)
-    fused = _fuse(model, family_of(model.config).fusions)
-    model.fused_decode = None
+    model.fused_decode = FusedDecode.for_model(model) if device.type == "cpu" else None
+    fused = _fuse(model, family_of(model.config).fusions, blocks=model.fused_decode is None)
     if device.type != "cpu":
         return model
     fused_parts = {id(getattr(module, name)) for module, fusion in fused for name in fusion.parts}
@@ -180,5 +184,4 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
     swap_layers(model, replace)
     for module, fusion in fused:
         object.__setattr__(module, fusion.into, on_cpu_kernel(getattr(module, fusion.into)))
-    model.fused_decode = FusedDecode.for_model(model)
     return model

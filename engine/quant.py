@@ -167,6 +167,16 @@ def fuse_quantized_linears(parts: list[QuantizedLinear]) -> QuantizedLinear | No
     return fused
 
 
+def count_weights(model: nn.Module) -> int:
+    """The model's parameters, those kept in GGUF blocks included (blocks shared by a tied embedding and
+    output layer count once)."""
+    quantized = {
+        m.blocks.data_ptr(): m.blocks.shape[0] * (m.in_features if isinstance(m, QuantizedLinear) else m.embedding_dim)
+        for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
+    }
+    return sum(p.numel() for p in model.parameters()) + sum(quantized.values())
+
+
 RawWeight = tuple[GGMLQuantizationType, np.ndarray | torch.Tensor]  # (GGUF type, its raw block bytes)
 OUTPUT_LAYER_WEIGHT = "lm_head.weight"  # every family's output projection (models/*.py)
 

@@ -37,7 +37,7 @@ from engine.inference import prepare_for_inference
 from engine.kv_cache import KVCache
 from engine.lora import apply_adapter, read_adapter, set_lora_enabled
 from engine.params import Generation, GenerationResult, GenerationSettings, SamplingParams
-from engine.quant import QuantizedEmbedding, QuantizedLinear
+from engine.quant import count_weights
 from engine.text_stream import TextStream
 from engine.tokenizer import ChatTokenizer
 
@@ -149,11 +149,7 @@ class Engine:
     @property
     def num_parameters(self) -> int:
         """Every weight, those kept in GGUF blocks included (a tied embedding and lm_head count once)."""
-        quantized = {
-            m.blocks.data_ptr(): m.blocks.shape[0] * (m.in_features if isinstance(m, QuantizedLinear) else m.embedding_dim)
-            for m in self.model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
-        }
-        return sum(p.numel() for p in self.model.parameters()) + sum(quantized.values())
+        return count_weights(self.model)
 
     @property
     def dtype_name(self) -> str:

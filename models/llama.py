@@ -33,14 +33,22 @@ class RMSNorm(nn.Module):
 def rope_inverse_frequencies(
     dim: int, theta: float, scaling: RopeScaling, device: torch.device | None = None
 ) -> torch.Tensor:
-    """(dim // 2,) float32 inverse frequencies for RoPE base theta, after `linear`, `llama3` or per-frequency `factors` scaling."""
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    """(dim // 2,) float32 inverse frequencies for RoPE base theta, after `linear`, `llama3` or per-frequency
+    `factors` scaling, on device (default: the default device). Computed on the CPU, as HF does: on `meta`
+    (a model built before its weights load) the same few ops would import PyTorch's symbolic-shape
+    machinery, ~80 MB of resident memory for the rest of the process."""
+    return _cpu_inverse_frequencies(dim, theta, scaling).to(device or torch.get_default_device())
+
+
+def _cpu_inverse_frequencies(dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    cpu = torch.device("cpu")
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=cpu).float() / dim
     inv_freq = 1.0 / (theta**exponents)  # (hd/2,)
     s = scaling
     if s.kind == "linear":
         return inv_freq / s.factor
     if s.kind == "factors":  # llama.cpp's form of llama3 scaling: one divisor per frequency
-        return inv_freq / torch.tensor(s.frequency_factors, dtype=torch.float32, device=device)
+        return inv_freq / torch.tensor(s.frequency_factors, dtype=torch.float32, device=cpu)
     if s.kind == "llama3":
         low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
         high_wavelen = s.original_max_position_embeddings / s.high_freq_factor

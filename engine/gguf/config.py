@@ -63,10 +63,10 @@ def _positive(gguf_file: GGUFFile, suffix: str, kind: type, default=None):
 
 def vocab_size(gguf_file: GGUFFile) -> int:
     """The token list's length, which is what llama.cpp sizes the embedding by."""
-    field = gguf_file.reader.fields.get("tokenizer.ggml.tokens")
+    field = gguf_file.fields.get("tokenizer.ggml.tokens")
     if field is None:
         raise CheckpointError(f"{gguf_file.path}: missing required metadata key 'tokenizer.ggml.tokens'")
-    return len(field.data)
+    return len(field.raw)
 
 
 def _has_tensor(gguf_file: GGUFFile, name: str) -> bool:
@@ -181,7 +181,7 @@ def _gemma3_sliding(gguf_file: GGUFFile, layers: int) -> tuple[bool, ...]:
     """Which layers are local: gemma3.attention.sliding_window_pattern as llama.cpp reads it (one bool per
     layer, or n: every n-th layer global, 0: none), else every 6th layer global."""
     key = "gemma3.attention.sliding_window_pattern"
-    field = gguf_file.reader.fields.get(key)
+    field = gguf_file.fields.get(key)
     if field is not None and field.types[0] == gguf.GGUFValueType.ARRAY:
         pattern = gguf_file.array(key, bool)
         if len(pattern) != layers:

@@ -1,21 +1,24 @@
-"""Open a GGUF file with the `gguf` package (llama.cpp's own reader) and read its header.
+"""Open a GGUF file and read its header.
 
-The reader memory-maps the file: metadata and tensor descriptions are parsed, tensor data is only
-mapped, never read, so a header summary of a multi-gigabyte file costs a few milliseconds. This
-module does not import torch; the model picker and `chattui models` use it.
+Our own reader of the format (the `gguf` package's GGUFReader keeps a numpy array per item of every
+metadata array: ~170 MB and seconds for a 49k-token vocabulary, 20 s for Gemma's 262k): values are
+plain Python values, strings kept as bytes until asked for, tensor data memory-mapped and never read
+here, so a header summary of a multi-gigabyte file costs milliseconds. Every read is checked against
+the file's end. This module does not import torch; the model picker and `chattui models` use it.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, LlamaFileType, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
 
 from engine.errors import CheckpointError
@@ -46,35 +49,158 @@ class _TruncationError(Exception):
         self.begin, self.end = begin, end
 
 
-class _BoundsCheckedReader(GGUFReader):
-    """GGUFReader whose every read is checked against the file's end.
+_SCALARS = {  # struct formats, little-endian
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.FLOAT64: "<d", GGUFValueType.BOOL: "<?",
+}
+_ARRAY_DTYPES = {  # numeric array items, read in one go
+    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2", GGUFValueType.INT16: "<i2",
+    GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4", GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8",
+    GGUFValueType.FLOAT32: "<f4", GGUFValueType.FLOAT64: "<f8", GGUFValueType.BOOL: "?",
+}
+# Tensor data as numpy reads it, as GGUFReader gives it: these types as their values, others as raw bytes.
+_VALUE_DTYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
+                 GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
+                 GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
+                 GGMLQuantizationType.I64: np.int64}
 
-    The stock reader slices the memory map, so a read past the end silently returns fewer bytes and fails
-    later with an unrelated numpy error; here it says where the file ends.
-    """
 
-    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
-        end = int(offset) + np.dtype(dtype).itemsize * int(count)
-        if end > self.data.size:
-            raise _TruncationError(int(offset), end)
-        return super()._get(offset, dtype, count, override_order)
+@dataclass(frozen=True)
+class GGUFField:
+    """One metadata value: its types ([type], or [ARRAY, item type]; an empty array records no item
+    type) and its value, strings as bytes (decoded by contents(), so a bad string fails where it is read)."""
+
+    types: list[GGUFValueType]
+    raw: Any
+
+    def contents(self) -> Any:
+        """The value as Python: str, int, float, bool, or a list of them; UnicodeDecodeError for bad text."""
+        return _decoded(self.raw)
+
+
+def _decoded(raw: Any) -> Any:
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8")
+    if isinstance(raw, list):
+        return [_decoded(v) for v in raw] if raw and isinstance(raw[0], (bytes, list)) else raw
+    return raw
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One tensor's description; `data` is its memory-mapped bytes (or values), never read here."""
+
+    name: str
+    tensor_type: GGMLQuantizationType
+    shape: tuple[int, ...]  # GGUF order: the fastest-varying dimension first
+    n_elements: int
+    n_bytes: int
+    data_offset: int  # from the file's start
+    data: np.ndarray  # numpy order (shape reversed); raw bytes (rows, bytes per row) for block types
+
+
+class _Cursor:
+    """Little-endian reads from the mapped file, each checked against its end."""
+
+    def __init__(self, data: np.ndarray, offset: int = 0):
+        self.data, self.offset, self.size = data, offset, data.size
+
+    def _need(self, n: int) -> int:
+        begin = self.offset
+        if begin + n > self.size:
+            raise _TruncationError(begin, begin + n)
+        self.offset += n
+        return begin
+
+    def scalar(self, fmt: str) -> Any:
+        return struct.unpack_from(fmt, self.data, self._need(struct.calcsize(fmt)))[0]
+
+    def string(self) -> bytes:
+        n = self.scalar("<Q")
+        begin = self._need(n)
+        return self.data[begin : begin + n].tobytes()
+
+    def value(self, kind: GGUFValueType) -> tuple[list[GGUFValueType], Any]:
+        if kind == GGUFValueType.STRING:
+            return [kind], self.string()
+        if kind in _SCALARS:
+            return [kind], self.scalar(_SCALARS[kind])
+        if kind != GGUFValueType.ARRAY:
+            raise ValueError(f"unknown metadata value type {int(kind)}")
+        item = GGUFValueType(self.scalar("<I"))
+        count = self.scalar("<Q")
+        if count == 0:
+            return [kind], []  # as llama.cpp's reader: no item type recorded
+        if item in _ARRAY_DTYPES:
+            dtype = np.dtype(_ARRAY_DTYPES[item])
+            begin = self._need(count * dtype.itemsize)
+            return [kind, item], np.frombuffer(self.data, dtype, count, begin).tolist()
+        if item == GGUFValueType.STRING:
+            return [kind, item], [self.string() for _ in range(count)]
+        items = [self.value(item) for _ in range(count)]  # arrays of arrays
+        return [kind, *items[0][0]], [v for _, v in items]
+
+
+def _read_header(path: Path) -> tuple[dict[str, GGUFField], list[GGUFTensorInfo]]:
+    """The metadata and tensor descriptions of a GGUF file whose magic and version were checked.
+    _TruncationError where a read passes the end; ValueError for other malformed contents."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    cursor = _Cursor(data, 8)
+    n_tensors, n_fields = cursor.scalar("<Q"), cursor.scalar("<Q")
+    fields: dict[str, GGUFField] = {}
+    for _ in range(n_fields):
+        key = cursor.string().decode("utf-8")
+        types, raw = cursor.value(GGUFValueType(cursor.scalar("<I")))
+        if key in fields:
+            raise ValueError(f"metadata key {key!r} appears twice")
+        fields[key] = GGUFField(types, raw)
+    infos = []
+    for _ in range(n_tensors):
+        name = cursor.string().decode("utf-8")
+        shape = tuple(cursor.scalar("<Q") for _ in range(cursor.scalar("<I")))
+        infos.append((name, shape, GGMLQuantizationType(cursor.scalar("<I")), cursor.scalar("<Q")))
+    alignment = fields.get("general.alignment")
+    alignment = alignment.raw if alignment is not None and alignment.types == [GGUFValueType.UINT32] else 32
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"general.alignment {alignment} is not a power of two")
+    start = -(-cursor.offset // alignment) * alignment
+    tensors, names = [], set()
+    for name, shape, kind, offset in infos:
+        if name in names:
+            raise ValueError(f"tensor {name!r} appears twice")
+        names.add(name)
+        n_elements = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        block, block_bytes = GGML_QUANT_SIZES[kind]
+        if shape and shape[0] % block:
+            raise ValueError(f"tensor {name!r}: {shape[0]} values per row is not a whole number of {kind.name} blocks")
+        n_bytes = n_elements // block * block_bytes
+        begin = start + offset
+        _Cursor(data, begin)._need(n_bytes)
+        numpy_shape = tuple(reversed(shape))
+        if kind in _VALUE_DTYPES:
+            array = np.frombuffer(data, _VALUE_DTYPES[kind], n_elements, begin).reshape(numpy_shape)
+        else:
+            array = data[begin : begin + n_bytes].reshape(*numpy_shape[:-1], shape[0] // block * block_bytes)
+        tensors.append(GGUFTensorInfo(name, kind, shape, n_elements, n_bytes, begin, array))
+    return fields, tensors
 
 
 class GGUFFile:
     """An open GGUF file: typed access to its metadata and its tensor descriptions (data mapped, not read)."""
 
-    def __init__(self, path: Path, reader: GGUFReader):
+    def __init__(self, path: Path, fields: dict[str, GGUFField], tensors: list[GGUFTensorInfo]):
         self.path = path
-        self.reader = reader
-        self.tensors: list[ReaderTensor] = reader.tensors
+        self.fields = fields
+        self.tensors = tensors
         self.architecture: str = self.value("general.architecture", str)
 
     def has(self, key: str) -> bool:
-        return key in self.reader.fields
+        return key in self.fields
 
     def _field(self, key: str, default: Any):
         """The key's field, or None when it is absent and has a default."""
-        field = self.reader.fields.get(key)
+        field = self.fields.get(key)
         if field is None and default is _REQUIRED:
             raise CheckpointError(f"{self.path}: missing required metadata key {key!r}")
         return field
@@ -168,15 +294,15 @@ def open_gguf(path: str | Path) -> GGUFFile:
         supported = ", ".join(str(v) for v in READER_SUPPORTED_VERSIONS)
         raise CheckpointError(f"{path}: unsupported GGUF version {version} (supported: {supported})")
     try:
-        reader = _BoundsCheckedReader(path)
+        fields, tensors = _read_header(path)
     except _TruncationError as e:
         raise CheckpointError(
             f"{path}: truncated GGUF file (needs bytes up to {e.end}, the file has {size}){byte_chunk_hint(path)}"
         ) from None
     except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError, OverflowError, MemoryError) as e:
-        # the gguf package trusts the file: bad counts, types and shapes surface as any of these
+        # unknown value or tensor types, bad names, counts too large for memory
         raise CheckpointError(f"{path}: corrupt GGUF file ({_one_line(e)})") from None
-    return GGUFFile(path, reader)
+    return GGUFFile(path, fields, tensors)
 
 
 def cached_gguf(path: str | Path) -> GGUFFile:

@@ -165,7 +165,7 @@ def model_tensors(gguf_file: GGUFFile, config: ModelConfig) -> dict[str, GGUFTen
             tensor_type=t.tensor_type,
             raw=t.data,
             data_offset=int(t.data_offset),
-            shape=tuple(int(d) for d in reversed(t.shape.tolist())),
+            shape=tuple(reversed(t.shape)),
             unpermute_heads=heads,
             transpose=transpose,
             norm_shift=1.0 if arch == "gemma3" and base in _GEMMA3_NORMS else 0.0,

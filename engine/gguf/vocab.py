@@ -47,8 +47,7 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, base: Path, vocab_size: int)
 
 
 def _copy_gguf_tokenizer(writer: gguf.GGUFWriter, base: Path) -> None:
-    reader = open_gguf(base).reader
-    for key, field in reader.fields.items():
+    for key, field in open_gguf(base).fields.items():
         if not key.startswith(TOKENIZER_PREFIX) or not field.types:
             continue
         kind = field.types[0]

@@ -14,7 +14,7 @@ from engine.fused_decode import FUSED_DECODE_ENV
 from engine.generate import decode_one_token, prefill
 from engine.kernels import ISA_ENV, quant_ops
 from engine.kv_cache import KVCache
-from engine.quant import quant_kernels_available
+from engine.quant import QuantizedLinear, quant_kernels_available
 from gguf_files import Q, write_gguf
 
 pytestmark = pytest.mark.skipif(not quant_kernels_available(), reason="the quantized kernels need AVX2 and a C++ compiler")
@@ -126,7 +126,13 @@ def test_dense_weights_and_the_off_switch_decode_through_the_modules(checkpoint_
     config = read_model_config(path)
     assert load_model(path, config, CPU, torch.float32).fused_decode is None  # dequantized: dense Linear layers
     monkeypatch.setenv(FUSED_DECODE_ENV, "0")
-    assert load_model(path, config, CPU, torch.float32, keep_blocks=True).fused_decode is None
+    model = load_model(path, config, CPU, torch.float32, keep_blocks=True)
+    assert model.fused_decode is None
+    for layer in model.model.layers:  # the module path fuses q/k/v and gate/up, the parts views of the fused blocks
+        fused = layer.self_attn.fused_qkv
+        assert type(fused) is QuantizedLinear
+        assert layer.self_attn.q_proj.blocks.data_ptr() == fused.blocks.data_ptr()
+        assert type(layer.mlp.fused_gate_up) is QuantizedLinear
 
 
 def test_watched_attention_and_other_caches_take_the_module_path(checkpoint_factory, tmp_path):
