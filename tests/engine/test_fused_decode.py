@@ -78,6 +78,30 @@ def test_one_step_equals_the_module_path(checkpoint_factory, tmp_path, family, w
         assert errors.max() <= 0.1, errors
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_long_contexts_split_positions_between_threads_and_merge_the_softmax(checkpoint_factory, tmp_path, threads):
+    """From 128 cached positions on, each thread attends over its share of the positions for every head and
+    the parts merge into one softmax: the same as the module path's attention over all of them."""
+    model = _model(checkpoint_factory, tmp_path, "qwen2", Q.Q8_0, {}, None)
+    ids = torch.randint(3, 400, (200,), generator=torch.Generator().manual_seed(4))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            modules = KVCache.for_model(model.config, 200, torch.float32, CPU)
+            prefill(model, ids[:150], 0, modules)
+            fused = KVCache.for_model(model.config, 200, torch.float32, CPU)
+            fused.k.copy_(modules.k), fused.v.copy_(modules.v)
+            errors = []
+            for t in range(150, 199):  # each path decodes the same tokens on its own cache
+                expected = model(ids[t : t + 1][None], start=t, cache=modules, last_only=True)[0, -1]
+                errors.append(_relative(model.fused_decode(ids[t : t + 1], t, fused), expected))
+    finally:
+        torch.set_num_threads(previous)
+    errors = torch.tensor(errors)
+    assert (errors <= 1e-4).float().mean() >= 0.9 and errors.max() <= 0.1, errors
+
+
 def test_the_avx2_path_runs_the_same_step(checkpoint_factory, tmp_path, monkeypatch):
     monkeypatch.setenv(ISA_ENV, "avx2")
     model = _model(checkpoint_factory, tmp_path, "qwen2", Q.Q4_0, {}, None)
