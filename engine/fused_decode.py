@@ -1,14 +1,19 @@
-"""A whole decode step of a Llama-family model on GGUF blocks in one kernel call.
+"""A whole decode step of a Llama-family model in one kernel call.
 
 engine.kernels' quant_decode_step runs every layer and then the output layer in one parallel region:
 at 135M parameters a step streams ~100 MB of weights in a few milliseconds, and the module path's ~45
-PyTorch ops per layer (each a dispatch and a wake of the thread pool) cost as much again. It applies
-where every linear layer is a QuantizedLinear on the compiled kernels, activations and the KV cache are
-float32 on CPU and the MLP is SwiGLU (Llama, Mistral, Qwen2, Qwen3 GGUF files), and only while nobody
-watches attention (live attention capture needs the module path's queries and keys); everywhere else
-decode_one_token runs the modules. Its logits are the module path's up to summation order in attention
-and the softmax's exp (tests/engine/test_fused_decode.py). CHATTUI_FUSED_DECODE=0 turns it off, to
-measure what it gains.
+PyTorch ops per layer (each a dispatch and a wake of the thread pool) cost as much again. It applies on
+CPU where every linear layer is a QuantizedLinear on the compiled kernels (GGUF blocks) or a plain
+float32 / bfloat16 Linear (no LoRA adapter), the MLP is SwiGLU (Llama, Mistral, Qwen2, Qwen3), and only
+while nobody watches attention (live attention capture needs the module path's queries and keys);
+everywhere else decode_one_token runs the modules.
+
+It computes in float32 whatever the weights (GGUF blocks, float32, bfloat16), as llama.cpp does. For
+float32 models and GGUF blocks that is the module path's arithmetic up to summation order in attention
+and the softmax's exp (tests/engine/test_fused_decode.py); a bfloat16 model's module path rounds every
+activation to bfloat16 (as transformers does), this path only the keys and values it writes to the
+bfloat16 cache, so it is the more exact of the two. CHATTUI_FUSED_DECODE=0 turns it off, to measure what
+it gains.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from engine.quant import QuantizedEmbedding, QuantizedLinear
 from models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, rope_cos_sin
 
 FUSED_DECODE_ENV = "CHATTUI_FUSED_DECODE"
+DENSE_TYPES = {torch.float32: 0, torch.bfloat16: 30}  # the kernel's codes for dense rows (GGML's F32, BF16)
+CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _linears(model: LlamaForCausalLM) -> list[nn.Module]:
@@ -45,23 +52,44 @@ def _norms(model: LlamaForCausalLM) -> list[torch.Tensor]:
     return [*weights, model.model.norm.weight]
 
 
-def _embeds_float32(embedding: nn.Module) -> bool:
-    if isinstance(embedding, QuantizedEmbedding):
-        return embedding.dtype == torch.float32
-    return type(embedding) is nn.Embedding and embedding.weight.dtype == torch.float32
+def _kernel_slot(layer: nn.Module) -> bool:
+    """GGUF blocks on the kernels, or a plain dense Linear of a dtype the kernel reads."""
+    if type(layer) is QuantizedLinear:
+        return layer.isa is not None
+    return type(layer) is nn.Linear and layer.weight.dtype in DENSE_TYPES and layer.in_features % 16 == 0
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether the fused step can run `model` (as loaded, before engine.inference swaps in its CPU layer
+    classes): see the module docstring. False where CHATTUI_FUSED_DECODE=0."""
+    if os.environ.get(FUSED_DECODE_ENV, "1") == "0" or type(model) is not LlamaForCausalLM or quant_ops() is None:
+        return False
+    config, layers = model.config, model.model.layers
+    if config.hidden_act != "silu" or config.head_dim % 8 or config.intermediate_size % 8:
+        return False
+    if any(type(layer) is not LlamaDecoderLayer or type(layer.self_attn) is not LlamaAttention
+           or type(layer.mlp) is not LlamaMLP or layer.self_attn.spec != layers[0].self_attn.spec
+           for layer in layers):
+        return False
+    embedding = model.model.embed_tokens
+    if type(embedding) not in (nn.Embedding, QuantizedEmbedding):
+        return False
+    tensors = _norms(model) + [p for p in model.parameters()]
+    return all(_kernel_slot(s) for s in _linears(model)) and all(t.device.type == "cpu" for t in tensors)
 
 
 class FusedDecode:
-    """decode_one_token's fast path for one prepared model (build with for_model)."""
+    """decode_one_token's fast path for one prepared model (built by engine.inference where supports())."""
 
     def __init__(self, model: LlamaForCausalLM):
         config = model.config
         slots = _linears(model)
-        self._blocks = [s.blocks for s in slots]
-        self._qtypes = [int(s.qtype) for s in slots]
+        # dense weights must be (out, in)-contiguous rows: engine.inference keeps them so under this path
+        self._blocks = [s.blocks if isinstance(s, QuantizedLinear) else s.weight.detach() for s in slots]
+        self._qtypes = [int(s.qtype) if isinstance(s, QuantizedLinear) else DENSE_TYPES[s.weight.dtype] for s in slots]
         no_bias = torch.empty(0)
-        self._biases = [no_bias if s.bias is None else s.bias.detach() for s in slots]
-        self._norms = [w.detach() for w in _norms(model)]
+        self._biases = [no_bias if s.bias is None else s.bias.detach().float() for s in slots]
+        self._norms = [w.detach().float() for w in _norms(model)]
         self._embed = model.model.embed_tokens
         self._inv_freq = model.inv_freq
         self._attention = [layer.self_attn for layer in model.model.layers]
@@ -72,36 +100,16 @@ class FusedDecode:
         self._cos = self._sin = torch.empty(0, config.head_dim)  # (positions, head_dim), grown on demand
         self._step, self._isa = quant_ops().quant_decode_step, quant_isa()
 
-    @classmethod
-    def for_model(cls, model: nn.Module) -> FusedDecode | None:
-        """The fast path for `model` where it applies (see the module docstring), else None."""
-        if os.environ.get(FUSED_DECODE_ENV, "1") == "0" or type(model) is not LlamaForCausalLM:
-            return None
-        config, layers = model.config, model.model.layers
-        if config.hidden_act != "silu" or config.head_dim % 8 or config.intermediate_size % 8:
-            return None
-        if any(type(layer) is not LlamaDecoderLayer or type(layer.self_attn) is not LlamaAttention
-               or type(layer.mlp) is not LlamaMLP or layer.self_attn.spec != layers[0].self_attn.spec
-               for layer in layers):
-            return None
-        if any(type(s) is not QuantizedLinear or s.isa is None for s in _linears(model)):
-            return None  # dense or LoRA-wrapped layers, or no compiled kernels
-        if not _embeds_float32(model.model.embed_tokens):
-            return None
-        if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in _norms(model)):
-            return None
-        return cls(model)
-
     def applies(self, cache) -> bool:
-        """Whether this step can run on `cache` now: float32, one sequence, attention not watched."""
-        return (cache.k.dtype == torch.float32 and cache.k.shape[1] == 1
+        """Whether this step can run on `cache` now: float32 or bfloat16, one sequence, attention not watched."""
+        return (cache.k.dtype in CACHE_DTYPES and cache.k.shape[1] == 1
                 and all(a.observer is None for a in self._attention))
 
     def __call__(self, token: torch.Tensor, position: int, cache) -> torch.Tensor:
-        """Feed one token (1,) at position, writing its keys and values into cache; next-token logits (V,)."""
+        """Feed one token (1,) at position, writing its keys and values into cache; next-token logits (V,) float32."""
         if self._cos.shape[0] <= position:
             cos, sin = rope_cos_sin(self._inv_freq, 0, max(cache.capacity, position + 1), torch.float32)
             self._cos, self._sin = cos[0, 0], sin[0, 0]  # (positions, head_dim)
-        x = self._embed(token).reshape(-1)  # (D,) float32
+        x = self._embed(token).reshape(-1).float()  # (D,)
         return self._step(x, self._blocks, self._qtypes, self._biases, self._norms, self._eps, self._cos, self._sin,
                           cache.k, cache.v, position, self._heads, self._scale, self._window, self._isa)

@@ -9,9 +9,10 @@
   linear_bf16, which streams the weights about twice as fast as PyTorch's kernel, with the same
   rounding steps (float32 sums in another order: rare last-bit differences), and so does each
   single-position RMSNorm (rms_norm_bf16, one op instead of eight); prefill keeps PyTorch's kernels.
-- A Llama-family model all on GGUF blocks gets `fused_decode` (engine.fused_decode): its whole decode
-  step in one kernel call, reading each layer's blocks where they are; other models get None and
-  decode through their modules.
+- A Llama-family model on GGUF blocks or dense float32 / bfloat16 weights gets `fused_decode`
+  (engine.fused_decode): its whole decode step in one kernel call, reading each layer's weights where
+  they are ((out, in)-contiguous rows: no oneDNN layout then); other models get None and decode
+  through their modules.
 - GGUF weights kept in their blocks (engine.quant's QuantizedLinear) of other models fuse like dense
   ones where the parts share one GGUF type (a Q4_K_M file's Q6_K v_proj stays separate); under
   `fused_decode` they stay apart: fusing copies the blocks out of the file's memory map, and the
@@ -27,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from engine.fused_decode import FusedDecode
+from engine.fused_decode import FusedDecode, supports as fused_decode_supports
 from engine.kernels import bf16_decode_ops
 from engine.layers import recast, swap_layers
 from engine.lora import is_lora_layer
@@ -148,8 +149,9 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
     The last step of loading (build, load weights, apply an adapter if any, prepare): moving the model
     afterwards would break the shared storage, and nothing undoes it (fine-tuning loads unprepared)."""
     model.eval().requires_grad_(False)
-    model.fused_decode = FusedDecode.for_model(model) if device.type == "cpu" else None
-    fused = _fuse(model, family_of(model.config).fusions, blocks=model.fused_decode is None)
+    model.fused_decode = None
+    fused_decode = device.type == "cpu" and fused_decode_supports(model)
+    fused = _fuse(model, family_of(model.config).fusions, blocks=not fused_decode)
     if device.type != "cpu":
         return model
     fused_parts = {id(getattr(module, name)) for module, fusion in fused for name in fusion.parts}
@@ -160,7 +162,8 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
         """The plain layer on the fastest CPU kernel for dtype, its weight laid out as that kernel reads it."""
         if type(layer) is nn.Linear:
             if onednn:
-                layer.weight.data = _store_for_onednn(layer.weight.data)
+                if not fused_decode:  # which reads (out, in)-contiguous rows
+                    layer.weight.data = _store_for_onednn(layer.weight.data)
                 return recast(layer, OneDNNLinear)
             if bf16_kernels and layer.weight.is_contiguous():
                 return recast(layer, DecodeBF16Linear)
@@ -184,4 +187,6 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
     swap_layers(model, replace)
     for module, fusion in fused:
         object.__setattr__(module, fusion.into, on_cpu_kernel(getattr(module, fusion.into)))
+    if fused_decode:
+        model.fused_decode = FusedDecode(model)
     return model
