@@ -4,16 +4,15 @@ engine.kernels' quant_decode_step runs every layer and then the output layer in 
 at 135M parameters a step streams ~100 MB of weights in a few milliseconds, and the module path's ~45
 PyTorch ops per layer (each a dispatch and a wake of the thread pool) cost as much again. It applies on
 CPU where every linear layer is a QuantizedLinear on the compiled kernels (GGUF blocks) or a plain
-float32 / bfloat16 Linear (no LoRA adapter), the MLP is SwiGLU (Llama, Mistral, Qwen2, Qwen3), and only
-while nobody watches attention (live attention capture needs the module path's queries and keys);
-everywhere else decode_one_token runs the modules.
+float32 Linear (no LoRA adapter), activations are float32, the MLP is SwiGLU (Llama, Mistral, Qwen2,
+Qwen3), and only while nobody watches attention (live attention capture needs the module path's
+queries and keys); everywhere else decode_one_token runs the modules.
 
-It computes in float32 whatever the weights (GGUF blocks, float32, bfloat16), as llama.cpp does. For
-float32 models and GGUF blocks that is the module path's arithmetic up to summation order in attention
-and the softmax's exp (tests/engine/test_fused_decode.py); a bfloat16 model's module path rounds every
-activation to bfloat16 (as transformers does), this path only the keys and values it writes to the
-bfloat16 cache, so it is the more exact of the two. CHATTUI_FUSED_DECODE=0 turns it off, to measure what
-it gains.
+Its arithmetic is the module path's up to summation order in RMSNorm, attention and the softmax's exp
+(tests/engine/test_fused_decode.py). bfloat16 models keep the module path: this kernel computes in
+float32 (as llama.cpp does on bfloat16 weights), and its greedy runs part from transformers' bfloat16
+ones, which the module path follows token for token. CHATTUI_FUSED_DECODE=0 turns it off, to measure
+what it gains.
 """
 
 from __future__ import annotations
@@ -28,8 +27,7 @@ from engine.quant import QuantizedEmbedding, QuantizedLinear
 from models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, rope_cos_sin
 
 FUSED_DECODE_ENV = "CHATTUI_FUSED_DECODE"
-DENSE_TYPES = {torch.float32: 0, torch.bfloat16: 30}  # the kernel's codes for dense rows (GGML's F32, BF16)
-CACHE_DTYPES = (torch.float32, torch.bfloat16)
+DENSE_F32 = 0  # the kernel's code for dense float32 rows (GGML's F32)
 
 
 def _linears(model: LlamaForCausalLM) -> list[nn.Module]:
@@ -53,10 +51,10 @@ def _norms(model: LlamaForCausalLM) -> list[torch.Tensor]:
 
 
 def _kernel_slot(layer: nn.Module) -> bool:
-    """GGUF blocks on the kernels, or a plain dense Linear of a dtype the kernel reads."""
+    """GGUF blocks on the kernels, or a plain float32 Linear."""
     if type(layer) is QuantizedLinear:
         return layer.isa is not None
-    return type(layer) is nn.Linear and layer.weight.dtype in DENSE_TYPES and layer.in_features % 16 == 0
+    return type(layer) is nn.Linear and layer.weight.dtype == torch.float32 and layer.in_features % 16 == 0
 
 
 def supports(model: nn.Module) -> bool:
@@ -72,10 +70,13 @@ def supports(model: nn.Module) -> bool:
            for layer in layers):
         return False
     embedding = model.model.embed_tokens
-    if type(embedding) not in (nn.Embedding, QuantizedEmbedding):
-        return False
+    if isinstance(embedding, QuantizedEmbedding):
+        embeds_float32 = embedding.dtype == torch.float32
+    else:
+        embeds_float32 = type(embedding) is nn.Embedding and embedding.weight.dtype == torch.float32
     tensors = _norms(model) + [p for p in model.parameters()]
-    return all(_kernel_slot(s) for s in _linears(model)) and all(t.device.type == "cpu" for t in tensors)
+    return (embeds_float32 and all(_kernel_slot(s) for s in _linears(model))
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
 
 
 class FusedDecode:
@@ -86,10 +87,10 @@ class FusedDecode:
         slots = _linears(model)
         # dense weights must be (out, in)-contiguous rows: engine.inference keeps them so under this path
         self._blocks = [s.blocks if isinstance(s, QuantizedLinear) else s.weight.detach() for s in slots]
-        self._qtypes = [int(s.qtype) if isinstance(s, QuantizedLinear) else DENSE_TYPES[s.weight.dtype] for s in slots]
+        self._qtypes = [int(s.qtype) if isinstance(s, QuantizedLinear) else DENSE_F32 for s in slots]
         no_bias = torch.empty(0)
-        self._biases = [no_bias if s.bias is None else s.bias.detach().float() for s in slots]
-        self._norms = [w.detach().float() for w in _norms(model)]
+        self._biases = [no_bias if s.bias is None else s.bias.detach() for s in slots]
+        self._norms = [w.detach() for w in _norms(model)]
         self._embed = model.model.embed_tokens
         self._inv_freq = model.inv_freq
         self._attention = [layer.self_attn for layer in model.model.layers]
@@ -101,15 +102,15 @@ class FusedDecode:
         self._step, self._isa = quant_ops().quant_decode_step, quant_isa()
 
     def applies(self, cache) -> bool:
-        """Whether this step can run on `cache` now: float32 or bfloat16, one sequence, attention not watched."""
-        return (cache.k.dtype in CACHE_DTYPES and cache.k.shape[1] == 1
+        """Whether this step can run on `cache` now: float32, one sequence, attention not watched."""
+        return (cache.k.dtype == torch.float32 and cache.k.shape[1] == 1
                 and all(a.observer is None for a in self._attention))
 
     def __call__(self, token: torch.Tensor, position: int, cache) -> torch.Tensor:
-        """Feed one token (1,) at position, writing its keys and values into cache; next-token logits (V,) float32."""
+        """Feed one token (1,) at position, writing its keys and values into cache; next-token logits (V,)."""
         if self._cos.shape[0] <= position:
             cos, sin = rope_cos_sin(self._inv_freq, 0, max(cache.capacity, position + 1), torch.float32)
             self._cos, self._sin = cos[0, 0], sin[0, 0]  # (positions, head_dim)
-        x = self._embed(token).reshape(-1).float()  # (D,)
+        x = self._embed(token).reshape(-1)  # (D,) float32
         return self._step(x, self._blocks, self._qtypes, self._biases, self._norms, self._eps, self._cos, self._sin,
                           cache.k, cache.v, position, self._heads, self._scale, self._window, self._isa)

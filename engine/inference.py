@@ -9,7 +9,7 @@
   linear_bf16, which streams the weights about twice as fast as PyTorch's kernel, with the same
   rounding steps (float32 sums in another order: rare last-bit differences), and so does each
   single-position RMSNorm (rms_norm_bf16, one op instead of eight); prefill keeps PyTorch's kernels.
-- A Llama-family model on GGUF blocks or dense float32 / bfloat16 weights gets `fused_decode`
+- A Llama-family model on GGUF blocks or dense float32 weights gets `fused_decode`
   (engine.fused_decode): its whole decode step in one kernel call, reading each layer's weights where
   they are ((out, in)-contiguous rows: no oneDNN layout then); other models get None and decode
   through their modules.
