@@ -23,6 +23,16 @@ def _one_cpu_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def float32_prefill(monkeypatch):
+    """Prefill on GGUF blocks in float32 tiles even where the CPU multiplies bfloat16 natively (where
+    engine.quant.prefill_dtype picks bfloat16): for the tests that compare it with float32 references
+    exactly. tests/engine/test_quant_kernels.py and test_gguf_smollm2.py check the bfloat16 tiles."""
+    import engine.quant
+
+    monkeypatch.setattr(engine.quant, "BFLOAT16_PREFILL", False)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_tokenizer()

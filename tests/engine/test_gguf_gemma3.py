@@ -89,7 +89,7 @@ def test_quantized_gguf_matches_transformers_on_its_dequantized_weights(gemma3_c
 
 
 @pytest.mark.skipif(not quant_kernels_available(), reason="the quantized kernels need AVX2 and a C++ compiler")
-def test_auto_keeps_the_blocks_and_prefill_equals_the_dequantized_model(gemma3_checkpoint, tmp_path):
+def test_auto_keeps_the_blocks_and_prefill_equals_the_dequantized_model(gemma3_checkpoint, tmp_path, float32_prefill):
     path, _ = write_gguf(gemma3_checkpoint, tmp_path / "gemma3.gguf", "gemma3", Q.Q8_0)
     model = Engine.load(path, device="cpu", dtype="auto").model
     assert type(model.model.embed_tokens) is QuantizedEmbedding
@@ -107,7 +107,7 @@ def test_q4_k_m_mix_matches_transformers_on_its_dequantized_weights(wide_gemma3_
 
 
 @pytest.mark.skipif(not quant_kernels_available(), reason="the quantized kernels need AVX2 and a C++ compiler")
-def test_q4_k_m_mix_on_the_blocks_prefills_as_the_dequantized_model(wide_gemma3_checkpoint, tmp_path):
+def test_q4_k_m_mix_on_the_blocks_prefills_as_the_dequantized_model(wide_gemma3_checkpoint, tmp_path, float32_prefill):
     path, _ = write_gguf(wide_gemma3_checkpoint, tmp_path / "mix.gguf", "gemma3", types_by_name=Q4_K_M_MIX)
     model = Engine.load(path, device="cpu", dtype="auto").model
     layer = model.model.layers[0]

@@ -30,6 +30,7 @@ CASES = [("llama", q, {}) for q in LEGACY] + [("llama", q, K_SHAPE) for q in K_Q
 CASE_IDS = [f"{family}-{q.name}" for family, q, _ in CASES]
 
 needs_kernels = pytest.mark.skipif(not quant_kernels_available(), reason="the quantized kernels need AVX2 and a C++ compiler")
+pytestmark = pytest.mark.usefixtures("float32_prefill")  # compared with float32 references exactly
 
 
 def _gguf(checkpoint_factory, tmp_path, family, weight_type, overrides):

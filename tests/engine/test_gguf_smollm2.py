@@ -175,6 +175,27 @@ def test_quantized_perplexity_is_within_one_percent_of_the_dequantized_float32_p
     assert abs(quantized / dense - 1) <= 0.01
 
 
+def test_quantized_prefill_perplexity_is_within_one_percent_of_the_dequantized_float32_path(engine, quantized_engine):
+    """The prefill path: one forward over the whole text (bfloat16 tiles where the CPU multiplies bfloat16
+    natively, engine.quant.prefill_dtype; float32 tiles elsewhere)."""
+    from engine.quant import prefill_dtype
+
+    ids = engine.tokenizer.encode(HELD_OUT_TEXT)
+    tokens = torch.tensor(ids)
+
+    def perplexity(model) -> float:
+        with torch.inference_mode():
+            logits = model(tokens[None])[0, :-1].float()  # (T - 1, V)
+        return math.exp(torch.nn.functional.cross_entropy(logits, tokens[1:]).item())
+
+    with torch.inference_mode():
+        tiles = str(prefill_dtype(torch.float32)).removeprefix("torch.")
+    dense, quantized = perplexity(engine.model), perplexity(quantized_engine.model)
+    print(f"\nSmolLM2 Q4_1 prefill perplexity on {len(ids)} held-out tokens: dequantized float32 {dense:.4f}, "
+          f"blocks in {tiles} tiles {quantized:.4f} ({quantized / dense - 1:+.2%})")
+    assert abs(quantized / dense - 1) <= 0.01
+
+
 def test_exported_again_as_q4_1_every_tensor_has_llama_cpps_bytes(smollm2_path, tmp_path):
     """Dequantized, Q/K rows un-permuted, then written by chattui's exporter (rows permuted back, our quantizer),
     every tensor is byte for byte what llama.cpp wrote, the tied embedding kept in Q8_0 as it kept it; the

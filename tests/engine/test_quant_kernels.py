@@ -169,7 +169,7 @@ def test_kernels_reject_what_they_cannot_compute():
 
 @needs_kernels
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q6_K], ids=lambda t: t.name)
-def test_quantized_linear_decode_uses_the_kernel_and_prefill_the_dequantized_gemm(qtype, monkeypatch):
+def test_quantized_linear_decode_uses_the_kernel_and_prefill_the_dequantized_gemm(qtype, monkeypatch, float32_prefill):
     """One row: within the activation bound. Many rows: dequantized float32 weights and PyTorch's GEMM,
     so float32 accuracy; a small CHUNK_VALUES makes several chunks and a short last one."""
     monkeypatch.setattr(quant, "CHUNK_VALUES", 3 * 512)
@@ -189,6 +189,32 @@ def test_quantized_linear_decode_uses_the_kernel_and_prefill_the_dequantized_gem
     assert (np.abs(y1 - expected[0, 0]) <= activation_error_bound(w, one.double().numpy().reshape(-1))).all()
     kernel = kernels.quant_ops().quant_linear
     assert torch.equal(layer(one), kernel(one, layer.blocks, int(qtype), layer.bias, layer.isa))
+
+
+@needs_kernels
+def test_prefill_multiplies_bfloat16_tiles_where_the_cpu_does_natively(monkeypatch):
+    """float32 inference on a CPU with AVX512-BF16 or AMX: bfloat16 tiles and activations (float32
+    accumulation, a bfloat16 result); float32 tiles elsewhere and under autograd (fine-tuning)."""
+    monkeypatch.setattr(quant, "CHUNK_VALUES", 3 * 512)
+    blocks = torch.from_numpy(random_blocks(T.Q4_K, 11, 512, seed=6))
+    bias = torch.randn(11)
+    layer = QuantizedLinear(512, 11, T.Q4_K, blocks, bias)
+    x = torch.randn(2, 5, 512)
+    w = quant.dequantize(layer.blocks, T.Q4_K, torch.float32)
+    for fast in (True, False):
+        monkeypatch.setattr(quant, "cpu_has_fast_bfloat16", lambda: fast)
+        with torch.inference_mode():
+            y, dtype = layer(x), quant.prefill_dtype(torch.float32)
+        assert dtype == (torch.bfloat16 if fast else torch.float32)
+        tiles = torch.nn.functional.linear(x.to(dtype), w.to(dtype)).float() + bias  # the definition
+        torch.testing.assert_close(y, tiles, rtol=1e-6, atol=1e-6 * tiles.abs().max().item())
+        assert quant.prefill_dtype(torch.float32) == torch.float32  # autograd on: the float32 tiles
+    # bfloat16 rounding of weights, inputs and outputs: ~2^-8 of the sums' scale
+    exact = x.double() @ w.double().T + bias.double()
+    with torch.inference_mode():
+        monkeypatch.setattr(quant, "cpu_has_fast_bfloat16", lambda: True)
+        error = (layer(x).double() - exact).abs().max() / exact.abs().max()
+    assert 1e-5 < error < 2e-2
 
 
 @needs_kernels
@@ -267,7 +293,7 @@ def test_fused_quantized_linears_compute_the_parts_and_share_their_blocks():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: tied embeddings, q/k/v biases
-def test_quantized_transformers_model_matches_its_dequantized_twin(checkpoint_factory, family):
+def test_quantized_transformers_model_matches_its_dequantized_twin(checkpoint_factory, family, float32_prefill):
     """The swap on a real module tree (transformers' own model): prefill through the dequantized GEMM
     equals the dense twin to float32 accuracy, a one-token step through the kernels is within 2%."""
     from tests.checkpoints import hf_model
