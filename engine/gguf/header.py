@@ -10,6 +10,7 @@ the file's end. This module does not import torch; the model picker and `chattui
 from __future__ import annotations
 
 import functools
+import math
 import re
 import struct
 from collections import Counter
@@ -170,7 +171,7 @@ def _read_header(path: Path) -> tuple[dict[str, GGUFField], list[GGUFTensorInfo]
         if name in names:
             raise ValueError(f"tensor {name!r} appears twice")
         names.add(name)
-        n_elements = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        n_elements = math.prod(shape)  # Python ints: a corrupt size cannot overflow, the bounds check refuses it
         block, block_bytes = GGML_QUANT_SIZES[kind]
         if shape and shape[0] % block:
             raise ValueError(f"tensor {name!r}: {shape[0]} values per row is not a whole number of {kind.name} blocks")
