@@ -4,8 +4,9 @@ puts them into a model in place of nn.Linear and nn.Embedding.
 Decode (one activation row) runs engine.kernels' quant_linear on the blocks as they are: a 4-bit
 matrix streams a quarter of the bytes of bfloat16. Prefill (many rows) dequantizes the weight in
 chunks of rows, each chunk transiently (CHUNK_VALUES values at most, 16 MB in float32), and runs
-PyTorch's GEMM on it (in bfloat16 on CPUs that multiply it natively: prefill_dtype): the GEMM does ~T multiply-adds per dequantized value, so the dequantization
-costs little next to it, and no dense copy of the weight is ever kept. Under no_grad/inference_mode
+PyTorch's GEMM on it (in bfloat16 on CPUs that multiply it natively: prefill_dtype): the GEMM does
+~T multiply-adds per dequantized value, so the dequantization costs little next to it, and no dense
+copy of the weight is ever kept. Under no_grad/inference_mode
 the chunks go to one buffer per thread, reused by every layer (no fresh pages to fault in).
 
 Without the compiled kernels (no compiler, no AVX2), every call dequantizes with gguf.quants (numpy)
@@ -75,19 +76,20 @@ def dequantize(blocks: torch.Tensor, qtype: GGMLQuantizationType, dtype: torch.d
     return torch.from_numpy(gguf_dequantize(blocks.numpy(), qtype)).to(dtype)
 
 
-def prefill_dtype(x_dtype: torch.dtype) -> torch.dtype:
+BFLOAT16_PREFILL = True  # tests turn it off to check the float32 tiles exactly
+
+
+def prefill_dtype(x_dtype: torch.dtype, keep_float: bool = False) -> torch.dtype:
     """What a many-row (prefill) call on the blocks multiplies in: bfloat16 tiles and activations (float32
     accumulation, bfloat16 result) for float32 inference on a CPU that multiplies bfloat16 natively
     (AVX512-BF16, AMX), where that GEMM ran 3-5x the float32 one (SmolLM-135M's shapes, 128 and 1,024
-    rows, AMD Zen 5); x's own dtype otherwise, and under autograd (fine-tuning), float32 for other dtypes.
-    The rounding (2^-9 of each weight, input and output) is of the order of the 8-bit activation rounding
-    decode does on the blocks, as llama.cpp's prefill rounds its activations to 8 bits too."""
-    if x_dtype == torch.float32 and not torch.is_grad_enabled() and BFLOAT16_PREFILL and cpu_has_fast_bfloat16():
+    rows, AMD Zen 5). Otherwise, under autograd (fine-tuning) and where keep_float (the output layer, whose
+    decode input stays float too), x's dtype if the kernels take it, else float32. The rounding (2^-9 of each weight, input and output) is of the order of the 8-bit activation
+    rounding decode does on the blocks, as llama.cpp's prefill rounds its activations to 8 bits too."""
+    if (x_dtype == torch.float32 and not keep_float and not torch.is_grad_enabled() and BFLOAT16_PREFILL
+            and cpu_has_fast_bfloat16()):
         return torch.bfloat16
     return x_dtype if x_dtype in KERNEL_DTYPES else torch.float32
-
-
-BFLOAT16_PREFILL = True  # tests turn it off to check the float32 tiles exactly
 
 
 _scratch_buffers = threading.local()  # per thread: the generation worker and the UI's never share one
@@ -127,10 +129,7 @@ class QuantizedLinear(nn.Module):
         if self._kernel is not None and x.numel() == self.in_features and x.dtype in KERNEL_DTYPES:
             return self._kernel(x, self.blocks, self._qtype_code, self.bias, self.isa, self.float_activation)
         rows_per_chunk = max(1, CHUNK_VALUES // self.in_features)
-        if self.float_activation:  # the output layer's tiles stay in x's dtype, as its decode input stays float
-            gemm_dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.float32
-        else:
-            gemm_dtype = prefill_dtype(x.dtype)
+        gemm_dtype = prefill_dtype(x.dtype, keep_float=self.float_activation)
         # Autograd would keep each chunk for the backward pass, so only inference reuses one buffer.
         scratch = None if torch.is_grad_enabled() else _scratch(rows_per_chunk * self.in_features, gemm_dtype)
         x_gemm = x.to(gemm_dtype)

@@ -112,9 +112,12 @@ class Engine:
         defaults = read_defaults(model_dir)
         # LoRA layers wrap dense Linear layers: an adapter gets the dequantized base.
         wants_blocks = lora is None and dtype == "auto" and torch_device.type == "cpu" and is_gguf_path(model_dir)
-        cpu_bf16 = torch_device.type == "cpu" and torch_dtype == torch.bfloat16
-        build = kernels.quant_ops if wants_blocks else kernels.bf16_decode_ops if cpu_bf16 else None
-        if progress and build and kernels.needs_build(kernels.QUANT if wants_blocks else kernels.BF16):
+        on_cpu = torch_device.type == "cpu"
+        # The quantized-weight library also holds the fused decode step of float32 models (engine.fused_decode).
+        library, build = ((kernels.QUANT, kernels.quant_ops) if wants_blocks or (on_cpu and torch_dtype == torch.float32)
+                          else (kernels.BF16, kernels.bf16_decode_ops) if on_cpu and torch_dtype == torch.bfloat16
+                          else (None, None))
+        if progress and build and kernels.needs_build(library):
             progress(0, 0, kernels.BUILD_NOTE)  # compile now, while the note shows, not after the weights at 100%
             build()
         keep_blocks = wants_blocks and keeps_gguf_blocks(model_dir, dtype, torch_device)

@@ -174,6 +174,26 @@ def kernels_unbuilt(monkeypatch, tmp_path):
     kernels.bf16_decode_ops.cache_clear()
 
 
+def test_loading_in_float32_says_when_the_fused_decode_kernels_compile(monkeypatch, tmp_path, checkpoint_factory):
+    """A float32 Llama-family model decodes through engine.fused_decode, whose kernel lives in the quantized
+    library: its first build is announced too, and without a compiler the model decodes through its modules."""
+    from engine import Engine
+
+    monkeypatch.setenv(kernels.KERNEL_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    kernels.quant_ops.cache_clear()
+    try:
+        calls = []
+        engine = Engine.load(checkpoint_factory("llama"), device="cpu", dtype="float32",
+                             progress=lambda *a: calls.append(a))
+        assert calls[0] == (0, 0, kernels.BUILD_NOTE)
+        assert engine.model.fused_decode is None
+    finally:  # the real library again, cached, before later tests point the kernel folder elsewhere
+        monkeypatch.undo()
+        kernels.quant_ops.cache_clear()
+        kernels.quant_ops()
+
+
 def test_loading_in_bfloat16_says_when_the_kernels_compile(kernels_unbuilt, checkpoint_factory):
     from engine import Engine
 
