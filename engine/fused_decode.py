@@ -74,9 +74,9 @@ def supports(model: nn.Module) -> bool:
         embeds_float32 = embedding.dtype == torch.float32
     else:
         embeds_float32 = type(embedding) is nn.Embedding and embedding.weight.dtype == torch.float32
-    tensors = _norms(model) + [p for p in model.parameters()]
+    # the norm weights are parameters: this covers them and any dense weight
     return (embeds_float32 and all(_kernel_slot(s) for s in _linears(model))
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
+            and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters()))
 
 
 class FusedDecode:
@@ -87,7 +87,7 @@ class FusedDecode:
         slots = _linears(model)
         # dense weights must be (out, in)-contiguous rows: engine.inference keeps them so under this path
         self._blocks = [s.blocks if isinstance(s, QuantizedLinear) else s.weight.detach() for s in slots]
-        self._qtypes = [int(s.qtype) if isinstance(s, QuantizedLinear) else DENSE_F32 for s in slots]
+        self._qtypes = [s.kernel_code if isinstance(s, QuantizedLinear) else DENSE_F32 for s in slots]
         no_bias = torch.empty(0)
         self._biases = [no_bias if s.bias is None else s.bias.detach() for s in slots]
         self._norms = [w.detach() for w in _norms(model)]

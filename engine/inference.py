@@ -32,7 +32,7 @@ from engine.fused_decode import FusedDecode, supports as fused_decode_supports
 from engine.kernels import bf16_decode_ops
 from engine.layers import recast, swap_layers
 from engine.lora import is_lora_layer
-from engine.quant import QuantizedLinear, fuse_quantized_linears
+from engine.quant import QuantizedLinear, fuse_quantized_linears, interleave_blocks
 from models.gpt2 import Conv1D
 from models.llama import RMSNorm
 from models.registry import Fusion, family_of
@@ -151,6 +151,7 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
     model.eval().requires_grad_(False)
     model.fused_decode = None
     fused_decode = device.type == "cpu" and fused_decode_supports(model)
+    interleave_blocks(model)  # before fusing: fused parts then share one layout
     fused = _fuse(model, family_of(model.config).fusions, blocks=not fused_decode)
     if device.type != "cpu":
         return model

@@ -1,0 +1,142 @@
+"""The kernels' interleaved layout of Q4_0, Q4_1 and Q8_0 blocks (16 rows side by side, engine/kernels/quant.cpp):
+the rearrangement, its decode kernel on both instruction sets, prefill tiles from it, and where loading uses it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+import engine.kernels as kernels
+import engine.quant as quant
+from engine.errors import EngineError
+from engine.quant import INTERLEAVED, QuantizedLinear, fuse_quantized_linears, interleave_blocks
+from tests.engine.test_quant_kernels import (
+    ISAS,
+    activation_error_bound,
+    linear_case,
+    needs_kernels,
+    quantized_activation,
+    random_blocks,
+)
+
+T = GGMLQuantizationType
+INTERLEAVED_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
+
+pytestmark = needs_kernels
+
+
+def interleaved(blocks: np.ndarray, qtype: T) -> torch.Tensor:
+    return kernels.quant_ops().quant_interleave(torch.from_numpy(blocks.copy()), int(qtype))
+
+
+@pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("isa", ISAS)
+def test_interleaving_rearranges_the_bytes_and_dequantizes_to_the_same_values(qtype, isa):
+    blocks = random_blocks(qtype, 48, 96, seed=11)
+    rearranged = interleaved(blocks, qtype)
+    assert not torch.equal(rearranged, torch.from_numpy(blocks))
+    assert sorted(rearranged.flatten().tolist()) == sorted(blocks.flatten().tolist())  # the same bytes
+    # each group of 16 rows keeps its own bytes: the layout is local to a group
+    assert sorted(rearranged[16:32].flatten().tolist()) == sorted(blocks[16:32].flatten().tolist())
+    expected = torch.from_numpy(quants.dequantize(blocks, qtype))
+    ops = kernels.quant_ops()
+    code = int(qtype) | INTERLEAVED
+    assert torch.equal(ops.quant_dequantize(rearranged, code, torch.float32, isa), expected)
+    assert torch.equal(ops.quant_dequantize(rearranged, code, torch.bfloat16, isa), expected.bfloat16())
+    assert torch.equal(ops.quant_dequantize(rearranged[16:48], code, torch.float32, isa), expected[16:48])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows_blocks", [(16, 1), (48, 3), (32, 18)], ids=lambda s: f"{s[0]}x{s[1]}blocks")
+def test_interleaved_kernel_matches_the_dequantized_reference(qtype, rows_blocks, isa):
+    """The smallest K (one block per row), one and three groups, and SmolLM's 576 columns (18 blocks): within
+    the activation's rounding bound of the exact product, and within float32 rounding of the product with the
+    activation rounded as the kernel does (a wrong scale, offset or word order fails the second)."""
+    blocks, w, bias, xs = linear_case(qtype, *rows_blocks)
+    rearranged = interleaved(blocks, qtype)
+    for x in xs:
+        y = kernels.quant_ops().quant_linear(x, rearranged, int(qtype) | INTERLEAVED, bias, isa)
+        assert y.shape == (*x.shape[:-1], len(blocks)) and y.dtype == x.dtype
+        x64 = x.double().numpy().reshape(-1)
+        expected = w @ x64 + bias.double().numpy()
+        rounding = np.abs(expected) * 2**-8 if x.dtype == torch.bfloat16 else 0.0  # a bfloat16 output's
+        got = y.double().numpy().reshape(-1)
+        assert (np.abs(got - expected) <= activation_error_bound(w, x64) + rounding).all()
+        same_rounding = w @ quantized_activation(x64) + bias.double().numpy()
+        tight = 1e-5 * (np.abs(w) @ np.abs(quantized_activation(x64)) + np.abs(same_rounding)) + 1e-30 + rounding
+        assert (np.abs(got - same_rounding) <= tight).all(), np.abs(got - same_rounding).max()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
+def test_interleaved_and_row_kernels_agree_to_float32_rounding(qtype, isa):
+    blocks = random_blocks(qtype, 64, 576, seed=12)
+    x = torch.randn(576, generator=torch.Generator().manual_seed(3))
+    ops = kernels.quant_ops()
+    rows = ops.quant_linear(x, torch.from_numpy(blocks), int(qtype), None, isa)
+    groups = ops.quant_linear(x, interleaved(blocks, qtype), int(qtype) | INTERLEAVED, None, isa)
+    torch.testing.assert_close(groups, rows, rtol=1e-5, atol=1e-5 * rows.abs().max().item())
+
+
+def test_the_kernels_refuse_what_the_layout_does_not_cover():
+    ops = kernels.quant_ops()
+    with pytest.raises(RuntimeError, match="whole groups of 16 rows"):
+        ops.quant_interleave(torch.from_numpy(random_blocks(T.Q4_0, 24, 64, seed=1)), int(T.Q4_0))
+    with pytest.raises(RuntimeError, match="no interleaved layout"):
+        ops.quant_interleave(torch.from_numpy(random_blocks(T.Q5_0, 16, 64, seed=1)), int(T.Q5_0))
+    rearranged = interleaved(random_blocks(T.Q8_0, 16, 64, seed=1), T.Q8_0)
+    with pytest.raises(RuntimeError, match="float_activation reads blocks in row order"):
+        ops.quant_linear(torch.randn(64), rearranged, int(T.Q8_0) | INTERLEAVED, None, 0, True)
+    with pytest.raises(RuntimeError, match="whole groups of 16 rows"):
+        ops.quant_linear(torch.randn(64), rearranged[:8], int(T.Q8_0) | INTERLEAVED, None, 0)
+
+
+@pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
+def test_an_interleaved_layer_decodes_and_prefills_as_before(qtype, monkeypatch, float32_prefill):
+    """One row through the interleaved kernel, to float32 rounding of the row kernel's; many rows (prefill)
+    dequantize whole groups per chunk (a CHUNK_VALUES of 1.5 groups still takes whole ones), exactly."""
+    monkeypatch.setattr(quant, "CHUNK_VALUES", 24 * 512)
+    blocks, bias = random_blocks(qtype, 48, 512, seed=5), torch.randn(48)
+    rows, layer = QuantizedLinear(512, 48, qtype, blocks, bias), QuantizedLinear(512, 48, qtype, blocks.copy(), bias)
+    assert layer.can_interleave()
+    layer.interleave()
+    assert layer.interleaved and layer.kernel_code == int(qtype) | INTERLEAVED and "interleaved=True" in repr(layer)
+    assert not layer.can_interleave()  # once
+    x = torch.randn(2, 5, 512)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), rows(x))
+        one = x[:1, :1]
+        torch.testing.assert_close(layer(one), rows(one), rtol=1e-5, atol=1e-5 * rows(one).abs().max().item())
+
+
+def test_only_layers_the_kernel_covers_are_interleaved(monkeypatch):
+    odd = QuantizedLinear(64, 24, T.Q4_0, random_blocks(T.Q4_0, 24, 64, seed=1))
+    k_quant = QuantizedLinear(256, 16, T.Q6_K, random_blocks(T.Q6_K, 16, 256, seed=1))
+    output = QuantizedLinear(64, 32, T.Q8_0, random_blocks(T.Q8_0, 32, 64, seed=1), float_activation=True)
+    covered = QuantizedLinear(64, 32, T.Q4_1, random_blocks(T.Q4_1, 32, 64, seed=1))
+    model = torch.nn.ModuleList([odd, k_quant, output, covered])
+    monkeypatch.setenv(quant.INTERLEAVED_BLOCKS_ENV, "0")
+    interleave_blocks(model)
+    assert not any(layer.interleaved for layer in model)
+    monkeypatch.delenv(quant.INTERLEAVED_BLOCKS_ENV)
+    interleave_blocks(model)
+    assert [layer.interleaved for layer in model] == [False, False, False, True]
+    with pytest.raises(EngineError, match="cannot interleave"):
+        odd.interleave()
+
+
+def test_interleaved_parts_fuse_into_an_interleaved_layer():
+    parts = [QuantizedLinear(64, n, T.Q8_0, random_blocks(T.Q8_0, n, 64, seed=n), torch.randn(n)) for n in (32, 16, 16)]
+    x = torch.randn(1, 1, 64)
+    for p in parts:
+        p.interleave()
+    separate = torch.cat([p(x) for p in parts], dim=-1)
+    fused = fuse_quantized_linears(parts)
+    assert fused.interleaved and fused.kernel_code == parts[0].kernel_code
+    torch.testing.assert_close(fused(x), separate, rtol=1e-6, atol=1e-6)
+    rows = QuantizedLinear(64, 16, T.Q8_0, random_blocks(T.Q8_0, 16, 64, seed=2))
+    assert fuse_quantized_linears([parts[1], rows]) is None  # layouts differ
+
