@@ -153,16 +153,14 @@ class QuantizedLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def can_interleave(self) -> bool:
-        """Whether interleave() applies: a type with that layout, whole groups of rows, the kernels built, and
-        an input the kernels round to int8 (the float_activation kernel reads rows in order)."""
-        return (self.isa is not None and not self.interleaved and not self.float_activation
-                and self.qtype in INTERLEAVED_TYPES and self.out_features % GROUP_ROWS == 0)
+        """Whether interleave() applies: the kernels built, a type with that layout, whole groups of rows."""
+        return self.isa is not None and _interleavable(self.qtype, self.out_features, self.interleaved)
 
     def interleave(self) -> None:
         """Rearrange the blocks in place into the kernels' interleaved layout (see can_interleave)."""
-        if not self.can_interleave():
-            raise EngineError(f"cannot interleave {self.extra_repr()}")
-        quant_ops().quant_interleave(self.blocks, int(self.qtype))
+        _interleave([self])
+
+    def mark_interleaved(self) -> None:  # the blocks are in the interleaved layout from now on
         self.interleaved, self.kernel_code = True, int(self.qtype) | INTERLEAVED
 
     def extra_repr(self) -> str:
@@ -182,12 +180,42 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("blocks", as_block_rows(blocks, self.qtype, (num_embeddings, embedding_dim)),
                              persistent=False)
 
+        self.interleaved = False  # shared with a tied output layer, the blocks may be interleaved
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., dim)
-        rows = self.blocks.index_select(0, ids.reshape(-1))  # (n, bytes per row)
-        return dequantize(rows, self.qtype, self.dtype).view(*ids.shape, self.embedding_dim)
+        flat = ids.reshape(-1)
+        if not self.interleaved:
+            rows = self.blocks.index_select(0, flat)  # (n, bytes per row)
+            return dequantize(rows, self.qtype, self.dtype).view(*ids.shape, self.embedding_dim)
+        # the groups holding the rows, each dequantized once (16 rows for one: a few microseconds)
+        groups, which = torch.unique(flat // GROUP_ROWS, return_inverse=True)
+        grouped = self.blocks.view(-1, GROUP_ROWS, self.blocks.shape[1])  # (groups, 16, bytes per row)
+        rows = dequantize(grouped[groups].flatten(0, 1), self.qtype, self.dtype, interleaved=True)
+        values = rows.view(-1, GROUP_ROWS, self.embedding_dim)[which, flat % GROUP_ROWS]  # (n, dim)
+        return values.view(*ids.shape, self.embedding_dim)
+
+    def can_interleave(self) -> bool:
+        return quant_kernels_available() and _interleavable(self.qtype, self.num_embeddings, self.interleaved)
+
+    def mark_interleaved(self) -> None:
+        self.interleaved = True
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"
+        layout = ", interleaved=True" if self.interleaved else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}{layout}"
+
+
+def _interleavable(qtype: GGMLQuantizationType, rows: int, interleaved: bool) -> bool:
+    return not interleaved and qtype in INTERLEAVED_TYPES and rows % GROUP_ROWS == 0
+
+
+def _interleave(layers: list[QuantizedLinear | QuantizedEmbedding]) -> None:
+    """Rearrange the blocks the layers share (one tensor: a tied embedding and output layer) in place."""
+    if not all(layer.can_interleave() for layer in layers):
+        raise EngineError(f"cannot interleave {', '.join(layer.extra_repr() for layer in layers)}")
+    quant_ops().quant_interleave(layers[0].blocks, int(layers[0].qtype))
+    for layer in layers:
+        layer.mark_interleaved()
 
 
 def fuse_quantized_linears(parts: list[QuantizedLinear]) -> QuantizedLinear | None:
@@ -215,13 +243,18 @@ def fuse_quantized_linears(parts: list[QuantizedLinear]) -> QuantizedLinear | No
 
 
 def interleave_blocks(model: nn.Module) -> None:
-    """Every QuantizedLinear of the model that can (see QuantizedLinear.can_interleave) in the kernels'
-    interleaved layout, in place; nothing where CHATTUI_INTERLEAVED_BLOCKS=0 (to measure what it gains)."""
+    """The model's GGUF blocks in the kernels' interleaved layout, in place, wherever every layer reading them
+    can (can_interleave; a tied embedding and output layer share theirs); nothing where
+    CHATTUI_INTERLEAVED_BLOCKS=0 (to measure what it gains)."""
     if os.environ.get(INTERLEAVED_BLOCKS_ENV, "1") == "0":
         return
+    readers: dict[int, list[QuantizedLinear | QuantizedEmbedding]] = {}
     for layer in model.modules():
-        if type(layer) is QuantizedLinear and layer.can_interleave():
-            layer.interleave()
+        if type(layer) in (QuantizedLinear, QuantizedEmbedding):
+            readers.setdefault(layer.blocks.data_ptr(), []).append(layer)
+    for layers in readers.values():
+        if all(layer.can_interleave() for layer in layers):
+            _interleave(layers)
 
 
 def count_weights(model: nn.Module) -> int:

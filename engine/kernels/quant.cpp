@@ -190,7 +190,6 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t q
                         const std::optional<at::Tensor>& bias, int64_t isa, bool float_activation) {
   check_isa(isa);
   const int64_t in = check_blocks(blocks, qtype), out = blocks.size(0);
-  TORCH_CHECK(!(float_activation && is_interleaved(qtype)), "quant_linear: float_activation reads blocks in row order");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "quant_linear: x must be float32 or bfloat16");
   TORCH_CHECK(x.numel() == in && x.size(-1) == in, "quant_linear: x must be one row of ", in, " values");
@@ -332,8 +331,6 @@ at::Tensor quant_decode_step(const at::Tensor& x, at::TensorList blocks, at::Int
     }
     TORCH_CHECK(w.size(0) == out && check_blocks(w, qtypes[i]) == in, "quant_decode_step: weight ", i,
                 " must be ", out, " rows of ", in, " values");
-    TORCH_CHECK(!(last && is_interleaved(qtypes[i])), "quant_decode_step: the output layer's blocks must be in row "
-                "order (it reads them with float activations)");
     slots[i] = {w.const_data_ptr<uint8_t>(), w.size(1), qtypes[i], out, bias_or_null(biases[i], out, "a layer")};
   }
   const int64_t norms_count = static_cast<int64_t>(norms.size());

@@ -100,10 +100,11 @@ def test_auto_keeps_the_blocks_and_no_dense_copy(checkpoint_factory, tmp_path, f
     linears = [m for m in model.modules() if isinstance(m, (nn.Linear, QuantizedLinear))]
     assert linears and all(type(m) is QuantizedLinear and m.qtype == weight_type for m in linears)
     assert type(model.model.embed_tokens) is QuantizedEmbedding
-    # the kernels' interleaved layout wherever it applies; never the output layer (float activations)
-    assert all(m.interleaved == (m.qtype in INTERLEAVED_TYPES and m is not model.lm_head and m.out_features % 16 == 0)
-               for m in linears)
+    # the kernels' interleaved layout wherever it applies (a tied embedding's blocks too, with its output layer)
+    assert all(m.interleaved == (m.qtype in INTERLEAVED_TYPES and m.out_features % 16 == 0) for m in linears)
     assert any(m.interleaved for m in linears) == (weight_type in INTERLEAVED_TYPES)
+    if model.config.tie_word_embeddings:
+        assert model.model.embed_tokens.interleaved == model.lm_head.interleaved
     if model.config.tie_word_embeddings:  # the output projection reads the embedding's very blocks
         assert model.lm_head.blocks.data_ptr() == model.model.embed_tokens.blocks.data_ptr()
     assert model.fused_decode is not None  # which reads every part's blocks where they are: nothing fused

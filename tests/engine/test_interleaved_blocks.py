@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType, quants
 import engine.kernels as kernels
 import engine.quant as quant
 from engine.errors import EngineError
-from engine.quant import INTERLEAVED, QuantizedLinear, fuse_quantized_linears, interleave_blocks
+from engine.quant import INTERLEAVED, QuantizedEmbedding, QuantizedLinear, fuse_quantized_linears, interleave_blocks
 from tests.engine.test_quant_kernels import (
     ISAS,
     activation_error_bound,
@@ -72,13 +72,34 @@ def test_interleaved_kernel_matches_the_dequantized_reference(qtype, rows_blocks
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows_blocks", [(16, 1), (48, 3), (32, 18)], ids=lambda s: f"{s[0]}x{s[1]}blocks")
+def test_interleaved_float_activation_kernel_matches_the_exact_product(qtype, rows_blocks, isa):
+    """The output layer's path on interleaved blocks (a tied embedding's): x as it is, so the exact product of
+    the dequantized weights and x within float32 rounding (a bfloat16 output: its own rounding)."""
+    blocks, w, bias, xs = linear_case(qtype, *rows_blocks)
+    rearranged = interleaved(blocks, qtype)
+    for x in xs:
+        y = kernels.quant_ops().quant_linear(x, rearranged, int(qtype) | INTERLEAVED, bias, isa, True)
+        assert y.shape == (*x.shape[:-1], len(blocks)) and y.dtype == x.dtype
+        x64 = x.double().numpy().reshape(-1)
+        expected = w @ x64 + bias.double().numpy()
+        tight = 1e-5 * (np.abs(w) @ np.abs(x64) + np.abs(expected)) + 1e-30
+        if x.dtype == torch.bfloat16:
+            tight = tight + np.abs(expected) * 2**-8
+        got = y.double().numpy().reshape(-1)
+        assert (np.abs(got - expected) <= tight).all(), np.abs(got - expected).max()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
 def test_interleaved_and_row_kernels_agree_to_float32_rounding(qtype, isa):
     blocks = random_blocks(qtype, 64, 576, seed=12)
     x = torch.randn(576, generator=torch.Generator().manual_seed(3))
     ops = kernels.quant_ops()
-    rows = ops.quant_linear(x, torch.from_numpy(blocks), int(qtype), None, isa)
-    groups = ops.quant_linear(x, interleaved(blocks, qtype), int(qtype) | INTERLEAVED, None, isa)
-    torch.testing.assert_close(groups, rows, rtol=1e-5, atol=1e-5 * rows.abs().max().item())
+    for float_activation in (False, True):
+        rows = ops.quant_linear(x, torch.from_numpy(blocks), int(qtype), None, isa, float_activation)
+        groups = ops.quant_linear(x, interleaved(blocks, qtype), int(qtype) | INTERLEAVED, None, isa, float_activation)
+        torch.testing.assert_close(groups, rows, rtol=1e-5, atol=1e-5 * rows.abs().max().item())
 
 
 def test_the_kernels_refuse_what_the_layout_does_not_cover():
@@ -88,8 +109,6 @@ def test_the_kernels_refuse_what_the_layout_does_not_cover():
     with pytest.raises(RuntimeError, match="no interleaved layout"):
         ops.quant_interleave(torch.from_numpy(random_blocks(T.Q5_0, 16, 64, seed=1)), int(T.Q5_0))
     rearranged = interleaved(random_blocks(T.Q8_0, 16, 64, seed=1), T.Q8_0)
-    with pytest.raises(RuntimeError, match="float_activation reads blocks in row order"):
-        ops.quant_linear(torch.randn(64), rearranged, int(T.Q8_0) | INTERLEAVED, None, 0, True)
     with pytest.raises(RuntimeError, match="whole groups of 16 rows"):
         ops.quant_linear(torch.randn(64), rearranged[:8], int(T.Q8_0) | INTERLEAVED, None, 0)
 
@@ -112,18 +131,30 @@ def test_an_interleaved_layer_decodes_and_prefills_as_before(qtype, monkeypatch,
         torch.testing.assert_close(layer(one), rows(one), rtol=1e-5, atol=1e-5 * rows(one).abs().max().item())
 
 
-def test_only_layers_the_kernel_covers_are_interleaved(monkeypatch):
+def test_only_blocks_every_reader_covers_are_interleaved(monkeypatch):
+    """A tied embedding and output layer share one tensor of blocks: interleaved for both, or for neither."""
     odd = QuantizedLinear(64, 24, T.Q4_0, random_blocks(T.Q4_0, 24, 64, seed=1))
     k_quant = QuantizedLinear(256, 16, T.Q6_K, random_blocks(T.Q6_K, 16, 256, seed=1))
-    output = QuantizedLinear(64, 32, T.Q8_0, random_blocks(T.Q8_0, 32, 64, seed=1), float_activation=True)
     covered = QuantizedLinear(64, 32, T.Q4_1, random_blocks(T.Q4_1, 32, 64, seed=1))
-    model = torch.nn.ModuleList([odd, k_quant, output, covered])
+    table = torch.from_numpy(random_blocks(T.Q8_0, 48, 64, seed=2))
+    embedding = QuantizedEmbedding(48, 64, T.Q8_0, table)
+    output = QuantizedLinear(64, 48, T.Q8_0, table, float_activation=True)
+    assert output.blocks.data_ptr() == embedding.blocks.data_ptr()
+    odd_table = torch.from_numpy(random_blocks(T.Q8_0, 24, 64, seed=3))
+    odd_embedding, odd_output = QuantizedEmbedding(24, 64, T.Q8_0, odd_table), QuantizedLinear(64, 24, T.Q8_0, odd_table)
+    model = torch.nn.ModuleList([odd, k_quant, covered, embedding, output, odd_embedding, odd_output])
+    ids = torch.tensor([[0, 47, 17, 17, 30]])
+    x = torch.randn(1, 64)
+    before_lookup, before_logits = embedding(ids), output(x)
     monkeypatch.setenv(quant.INTERLEAVED_BLOCKS_ENV, "0")
     interleave_blocks(model)
     assert not any(layer.interleaved for layer in model)
     monkeypatch.delenv(quant.INTERLEAVED_BLOCKS_ENV)
     interleave_blocks(model)
-    assert [layer.interleaved for layer in model] == [False, False, False, True]
+    assert [layer.interleaved for layer in model] == [False, False, True, True, True, False, False]
+    assert "interleaved=True" in repr(embedding)
+    assert torch.equal(embedding(ids), before_lookup)  # rows looked up through their groups
+    torch.testing.assert_close(output(x), before_logits, rtol=1e-5, atol=1e-5 * before_logits.abs().max().item())
     with pytest.raises(EngineError, match="cannot interleave"):
         odd.interleave()
 
