@@ -13,6 +13,8 @@
   (engine.fused_decode): its whole decode step in one kernel call, reading each layer's weights where
   they are ((out, in)-contiguous rows: no oneDNN layout then); other models get None and decode
   through their modules.
+- On CPU, GGUF blocks of Q4_0, Q4_1 and Q8_0 (engine.quant's QuantizedLinear, a tied QuantizedEmbedding
+  with them) are first rearranged in place into the kernels' interleaved 16-row groups (interleave_blocks).
 - GGUF weights kept in their blocks (engine.quant's QuantizedLinear) of other models fuse like dense
   ones where the parts share one GGUF type (a Q4_K_M file's Q6_K v_proj stays separate); under
   `fused_decode` they stay apart: fusing copies the blocks out of the file's memory map, and the

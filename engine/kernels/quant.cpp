@@ -23,6 +23,9 @@
 //
 // quant_dequantize: whole rows to float32 or bfloat16, for prefill tiles and embedding lookups.
 //
+// quant_interleave: Q4_0, Q4_1, Q8_0 blocks rearranged in place into 16-row groups (convert_group), which
+// every op above reads given the type code plus kInterleaved.
+//
 // quant_decode_step: a whole decode step of a Llama-family model on such blocks (every layer, then the
 // output layer's logits) in one call and one parallel region (decode_isa.inc says why).
 
@@ -85,8 +88,8 @@ int64_t stored_offset(int64_t code) {  // types storing q + offset: Q4_0 stores 
 // Q4_1's m) of the 16 rows side by side (32 bytes a field), then the quants as 4-byte words, word w of row
 // r at 64 * w + 4 * r. One 512-bit load is then word w of all 16 rows, which one vpdpbusd multiplies by the
 // same 4 activation bytes, and one float16 load is the 16 rows' scales: no per-row horizontal sums or scale
-// shuffles (llama.cpp's repacked layouts do the same). 2.5x the row-by-row kernel in a prototype on a
-// Sapphire Rapids-class core, from cache.
+// shuffles (llama.cpp's repacked layouts do the same). In the model (2 threads, an Intel Xeon with AMX,
+// SmolLM2-135M-Instruct Q4_1): decode 107 -> 237 tok/s against the row-by-row kernels.
 // convert_group copies one group from rows to the interleaved layout (to_interleaved) or back.
 void convert_group(const uint8_t* from, uint8_t* to, int64_t row_bytes, int64_t block_bytes, int64_t head_bytes,
                    bool to_interleaved) {
