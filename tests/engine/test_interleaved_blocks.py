@@ -15,6 +15,7 @@ from engine.quant import INTERLEAVED, QuantizedEmbedding, QuantizedLinear, fuse_
 from tests.engine.test_quant_kernels import (
     ISAS,
     activation_error_bound,
+    assert_within_float32_rounding,
     linear_case,
     needs_kernels,
     quantized_activation,
@@ -65,9 +66,7 @@ def test_interleaved_kernel_matches_the_dequantized_reference(qtype, rows_blocks
         rounding = np.abs(expected) * 2**-8 if x.dtype == torch.bfloat16 else 0.0  # a bfloat16 output's
         got = y.double().numpy().reshape(-1)
         assert (np.abs(got - expected) <= activation_error_bound(w, x64) + rounding).all()
-        same_rounding = w @ quantized_activation(x64) + bias.double().numpy()
-        tight = 1e-5 * (np.abs(w) @ np.abs(quantized_activation(x64)) + np.abs(same_rounding)) + 1e-30 + rounding
-        assert (np.abs(got - same_rounding) <= tight).all(), np.abs(got - same_rounding).max()
+        assert_within_float32_rounding(y, w, quantized_activation(x64), bias)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -81,13 +80,7 @@ def test_interleaved_float_activation_kernel_matches_the_exact_product(qtype, ro
     for x in xs:
         y = kernels.quant_ops().quant_linear(x, rearranged, int(qtype) | INTERLEAVED, bias, isa, True)
         assert y.shape == (*x.shape[:-1], len(blocks)) and y.dtype == x.dtype
-        x64 = x.double().numpy().reshape(-1)
-        expected = w @ x64 + bias.double().numpy()
-        tight = 1e-5 * (np.abs(w) @ np.abs(x64) + np.abs(expected)) + 1e-30
-        if x.dtype == torch.bfloat16:
-            tight = tight + np.abs(expected) * 2**-8
-        got = y.double().numpy().reshape(-1)
-        assert (np.abs(got - expected) <= tight).all(), np.abs(got - expected).max()
+        assert_within_float32_rounding(y, w, x.double().numpy().reshape(-1), bias)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -76,6 +76,16 @@ def linear_case(qtype, rows: int, n_blocks: int):
     return blocks, reference(blocks, qtype), bias, xs
 
 
+def assert_within_float32_rounding(y: torch.Tensor, w: np.ndarray, x: np.ndarray, bias: torch.Tensor) -> None:
+    """y is w @ x + bias within float32 rounding (1e-5 of sum |w x|), and a bfloat16 y within its own rounding."""
+    expected = w @ x + bias.double().numpy()
+    tight = 1e-5 * (np.abs(w) @ np.abs(x) + np.abs(expected)) + 1e-30
+    if y.dtype == torch.bfloat16:
+        tight = tight + np.abs(expected) * 2**-8
+    error = np.abs(y.double().numpy().reshape(-1) - expected)
+    assert (error <= tight).all(), f"worst error {error.max():.3g} against {tight[error.argmax()]:.3g}"
+
+
 @needs_kernels
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -96,12 +106,7 @@ def test_quant_linear_matches_the_dequantized_reference(qtype, rows_blocks, isa)
         got = y.double().numpy().reshape(-1)
         error = np.abs(got - expected)
         assert (error <= bound).all(), f"worst error {error.max():.3g} against bound {bound[error.argmax()]:.3g}"
-        x_q = quantized_activation(x64)
-        same_rounding = w @ x_q + bias.double().numpy()
-        tight = 1e-5 * (np.abs(w) @ np.abs(x_q) + np.abs(same_rounding)) + 1e-30
-        if x.dtype == torch.bfloat16:
-            tight = tight + np.abs(same_rounding) * 2**-8
-        assert (np.abs(got - same_rounding) <= tight).all()
+        assert_within_float32_rounding(y, w, quantized_activation(x64), bias)
 
 
 @needs_kernels
@@ -115,13 +120,7 @@ def test_quant_linear_with_float_activation_matches_the_exact_product(qtype, row
     for x in xs:
         y = kernels.quant_ops().quant_linear(x, torch.from_numpy(blocks), int(qtype), bias, isa, True)
         assert y.shape == (*x.shape[:-1], len(blocks)) and y.dtype == x.dtype
-        x64 = x.double().numpy().reshape(-1)
-        expected = w @ x64 + bias.double().numpy()
-        tight = 1e-5 * (np.abs(w) @ np.abs(x64) + np.abs(expected)) + 1e-30
-        if x.dtype == torch.bfloat16:
-            tight = tight + np.abs(expected) * 2**-8
-        got = y.double().numpy().reshape(-1)
-        assert (np.abs(got - expected) <= tight).all(), np.abs(got - expected).max()
+        assert_within_float32_rounding(y, w, x.double().numpy().reshape(-1), bias)
         if x.dtype == torch.float32:  # and not the int8 path, off by the activation's rounding (float32 shows it)
             int8 = kernels.quant_ops().quant_linear(x, torch.from_numpy(blocks), int(qtype), bias, isa)
             assert not torch.equal(int8, y)
