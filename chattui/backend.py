@@ -217,7 +217,7 @@ class EngineBackend:
 
     def _generate(self, reply: Reply, prompt: Prompt, settings: GenerationSettings, cancel: threading.Event,
                   use_adapter: bool, stop: Sequence[str], on_attention: AttentionCallback | None) -> Iterator[str]:
-        from engine import EngineError
+        from engine import EngineError, RenderCancelled
 
         engine = self._engine
         if engine is None:
@@ -230,7 +230,15 @@ class EngineBackend:
                 if isinstance(prompt, str):
                     ids = engine.raw_prompt(prompt)
                 else:
-                    chat = engine.chat_prompt(prompt, max_new)
+                    try:
+                        chat = engine.chat_prompt(prompt, max_new, cancel)
+                    except RenderCancelled:  # stopped before there was a prompt: nothing was generated
+                        reply.result = ReplyResult(
+                            text="", token_ids=[], finish_reason="cancelled", prompt_tokens=0, generated_tokens=0,
+                            reused_prompt_tokens=0, ttft_s=0.0, prefill_tokens_per_s=0.0, decode_tokens_per_s=0.0,
+                            seed=settings.sampling.seed or 0,
+                        )
+                        return
                     ids, max_new, dropped = chat.token_ids, chat.max_new_tokens, chat.dropped_messages
                 if max_new < 1:
                     raise BackendError(f"the prompt fills the model's context window ({engine.context_length} tokens)")

@@ -19,13 +19,14 @@ _EXPORTS = {
     "GenerationResult": "engine.params",
     "GenerationSettings": "engine.params",
     "PromptTooLongError": "engine.errors",
+    "RenderCancelled": "engine.errors",
     "SamplingParams": "engine.params",
     "TemplateError": "engine.errors",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from engine.errors import CheckpointError, EngineError, PromptTooLongError, TemplateError
+    from engine.errors import CheckpointError, EngineError, PromptTooLongError, RenderCancelled, TemplateError
     from engine.params import Generation, GenerationResult, GenerationSettings, SamplingParams
     from engine.session import ChatPrompt, Engine
 

@@ -13,6 +13,10 @@ class TemplateError(EngineError):
     """A chat template that fails to render, raises on purpose, or tries to leave the sandbox."""
 
 
+class RenderCancelled(EngineError):
+    """The request was cancelled while its chat template was still rendering."""
+
+
 class PromptTooLongError(EngineError):
     """A prompt that cannot fit in the model's context window."""
 

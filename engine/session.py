@@ -179,13 +179,15 @@ class Engine:
             )
         return ids
 
-    def chat_prompt(self, messages: list[dict], max_new_tokens: int) -> ChatPrompt:
+    def chat_prompt(self, messages: list[dict], max_new_tokens: int,
+                    cancel: threading.Event | None = None) -> ChatPrompt:
         """Render messages with the chat template, dropping the oldest non-system turns if needed
-        so that the prompt plus max_new_tokens fits the context window."""
+        so that the prompt plus max_new_tokens fits the context window. Setting cancel stops a slow render
+        (RenderCancelled)."""
         messages = list(messages)
         dropped = 0
         while True:
-            text = self.tokenizer.render_chat(messages, add_generation_prompt=True)
+            text = self.tokenizer.render_chat(messages, add_generation_prompt=True, cancel=cancel)
             ids = self.tokenizer.encode(text, add_special_tokens=False)
             turn = _oldest_turn(messages)
             if len(ids) + max_new_tokens <= self.context_length or turn is None:

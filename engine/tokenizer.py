@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from functools import cached_property
@@ -37,7 +38,7 @@ import jinja2.utils
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 
 from engine.checkpoint import MAX_JSON_BYTES, check_regular_file, read_json
-from engine.errors import CheckpointError, TemplateError
+from engine.errors import CheckpointError, RenderCancelled, TemplateError
 from engine.gguf.header import cached_gguf, is_gguf_path
 from engine.gguf.tokenizer import build_tokenizer
 
@@ -56,6 +57,7 @@ CHATML_FALLBACK_TEMPLATE = (
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 TEMPLATE_TIME_LIMIT_S = 5.0  # a real chat template renders in milliseconds
+CANCEL_POLL_S = 0.05  # how often a render looks at its request's cancel event (Esc stops it this soon)
 MAX_TEMPLATE_CHARS = 8_000_000  # ~2M tokens: above any context window; also the cap on any value built
 MAX_TEMPLATE_INT_BITS = 4096  # numbers a template computes (10**10**9 would take minutes of CPU)
 MAX_TOJSON_INDENT = 16
@@ -141,12 +143,14 @@ class ChatTokenizer:
         return [self._tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
     def render_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None, **extra: Any
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None, *,
+        cancel: threading.Event | None = None, **extra: Any
     ) -> str:
         """The prompt text for messages, as transformers' `apply_chat_template(..., tokenize=False)` renders it.
 
         tools are JSON schemas (dicts); extra (e.g. `documents`, `enable_thinking`) is passed to the template
-        as variables and overrides the special tokens of the same name.
+        as variables and overrides the special tokens of the same name. Setting `cancel` stops a render that
+        is still running within CANCEL_POLL_S (RenderCancelled).
         """
         context = {
             **self._special_tokens,
@@ -158,9 +162,9 @@ class ChatTokenizer:
         }
         template = self._template
         try:
-            return _render_bounded(template, context)
-        except TemplateError:
-            raise  # from raise_exception(): the template's own message
+            return _render_bounded(template, context, cancel)
+        except (TemplateError, RenderCancelled):
+            raise  # TemplateError from raise_exception(): the template's own message
         except jinja2.exceptions.SecurityError as e:
             where = _at_line(e.__traceback__)
             raise TemplateError(f"chat template tried an unsafe operation{where}: {_one_line(e)}") from None
@@ -322,8 +326,13 @@ class _RenderTimeout(BaseException):
     """Raised into the rendering thread at the deadline; a BaseException so nothing on the way catches it."""
 
 
-def _render_bounded(template: jinja2.Template, context: dict[str, Any]) -> str:
-    """template.render(context), stopped at TEMPLATE_TIME_LIMIT_S or MAX_TEMPLATE_CHARS of output."""
+class _RenderCancelled(BaseException):
+    """Raised into the rendering thread once its request is cancelled."""
+
+
+def _render_bounded(template: jinja2.Template, context: dict[str, Any], cancel: threading.Event | None) -> str:
+    """template.render(context), stopped at TEMPLATE_TIME_LIMIT_S, at MAX_TEMPLATE_CHARS of output or once
+    cancel is set."""
     pieces, size = [], 0
 
     def render() -> str:
@@ -336,39 +345,51 @@ def _render_bounded(template: jinja2.Template, context: dict[str, Any]) -> str:
         return "".join(pieces)
 
     try:
-        return _with_deadline(render, TEMPLATE_TIME_LIMIT_S)
+        return _with_deadline(render, TEMPLATE_TIME_LIMIT_S, cancel)
     except _RenderTimeout:
         raise TemplateError(
             f"chat template took more than {TEMPLATE_TIME_LIMIT_S:g} s to render (an endless or huge loop?)"
         ) from None
+    except _RenderCancelled:
+        raise RenderCancelled("cancelled while the chat template was rendering") from None
 
 
-def _with_deadline(run: Callable[[], str], seconds: float) -> str:
-    """run() in this thread, interrupted with _RenderTimeout once seconds have passed.
+def _with_deadline(run: Callable[[], str], seconds: float, cancel: threading.Event | None = None) -> str:
+    """run() in this thread, interrupted with _RenderTimeout once seconds have passed, or with _RenderCancelled
+    within CANCEL_POLL_S of cancel being set.
 
-    A watchdog timer raises the exception asynchronously in this thread (PyThreadState_SetAsyncExc), which
+    A watchdog thread raises the exception asynchronously in this thread (PyThreadState_SetAsyncExc), which
     stops pure-Python work such as a template's loops wherever it is; single huge C operations are what the
     value limits below prevent."""
     thread_id = threading.get_ident()
     lock = threading.Lock()
-    state = {"done": False, "fired": False}
+    finished = threading.Event()
+    fired = False
 
-    def fire() -> None:
+    def fire(exception: type[BaseException]) -> None:
+        nonlocal fired
         with lock:
-            if not state["done"]:
-                state["fired"] = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(_RenderTimeout))
+            if not finished.is_set():
+                fired = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exception))
 
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
+    def watch() -> None:
+        deadline = time.monotonic() + seconds
+        step = seconds if cancel is None else CANCEL_POLL_S
+        while not finished.wait(max(0.0, min(step, deadline - time.monotonic()))):
+            if cancel is not None and cancel.is_set():
+                return fire(_RenderCancelled)
+            if time.monotonic() >= deadline:
+                return fire(_RenderTimeout)
+
+    watchdog = threading.Thread(target=watch, name="template-watchdog", daemon=True)
+    watchdog.start()
     try:
         return run()
     finally:
-        timer.cancel()
         with lock:
-            state["done"] = True
-            if state["fired"]:  # fired after run() ended: take back the exception not yet raised
+            finished.set()
+            if fired:  # fired after run() ended: take back the exception not yet raised
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
 
 

@@ -312,7 +312,7 @@ class ChatScreen(Screen):
 
     def on_chat_view_reply_finished(self, message: ChatView.ReplyFinished) -> None:
         result = message.result
-        if result is not None:
+        if result is not None and message.record is not None:  # no record: stopped before its first token
             model = self.context.model
             self.status.show_speed(result.ttft_s, result.decode_tokens_per_s)
             self.status.show_context(result.prompt_tokens + result.generated_tokens,

@@ -141,7 +141,10 @@ def test_a_locked_database_is_one_notice_and_the_app_keeps_running(tmp_path, mon
 
 def test_the_app_stays_responsive_to_esc_and_reports_a_template_timeout(checkpoint_factory, tmp_path,
                                                                           monkeypatch):
-    monkeypatch.setattr(engine.tokenizer, "TEMPLATE_TIME_LIMIT_S", 2.0)
+    """Esc stops a reply whose template is still rendering within moments, not at the render's time limit;
+    a render that reaches its limit is one notice. (The pilot's key presses wait for the process to idle, up
+    to a second or two while the render runs, so the limit for the Esc part is far above that.)"""
+    monkeypatch.setattr(engine.tokenizer, "TEMPLATE_TIME_LIMIT_S", 30.0)
     folder = shutil.copytree(checkpoint_factory("qwen2"), tmp_path / "model")
     (folder / "chat_template.jinja").write_text(
         "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
@@ -152,20 +155,20 @@ def test_the_app_stays_responsive_to_esc_and_reports_a_template_timeout(checkpoi
     async def scenario(pilot):
         chat = app.chat
         await wait_until(pilot, lambda: app.model is not None, timeout=60, what="the model to load")
-        for text, key in (("first", "escape"), ("second", None)):
-            chat.prompt.load_text(text)
-            chat.prompt.focus()
-            await pilot.press("enter")
-            await wait_until(pilot, lambda: chat.reply is not None, what="the reply to start")
-            if key:
-                started = time.monotonic()
-                await pilot.press(key)  # the template is still rendering in the worker thread
-                await wait_until(pilot, lambda: chat.reply is None, timeout=3,
-                                 what="Esc to stop the reply (before the 5 s template limit)")
-                assert time.monotonic() - started < 1
-                await pilot.pause(2.5)  # the abandoned render ends at its time limit, unseen
-        await wait_until(pilot, lambda: any("took more than 2 s" in s for s in shown), timeout=10,
+        started = time.monotonic()
+        await send(pilot, "first")
+        assert chat.reply is not None  # the template is rendering in the worker thread
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: chat.reply is None, timeout=20, what="Esc to stop the reply")
+        assert time.monotonic() - started < 10, "Esc waited for the render's time limit"
+        await wait_until(pilot, lambda: ": Stopped before the first token" in shown, what="the stopped notice")
+        assert chat.messages and [m.role for m in chat.messages] == ["user"]  # no empty reply kept
+
+        monkeypatch.setattr(engine.tokenizer, "TEMPLATE_TIME_LIMIT_S", 2.0)
+        await send(pilot, "second")
+        await wait_until(pilot, lambda: any("took more than 2 s" in s for s in shown), timeout=30,
                          what="the template error notice")
+        await wait_until(pilot, lambda: chat.reply is None, what="the failed reply to end")
         assert app.is_running
 
     async def main():

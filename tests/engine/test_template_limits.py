@@ -1,7 +1,7 @@
 """Hostile chat templates are bounded: endless loops stop at the time limit, huge values are refused before
 they are allocated, the prompt has a size limit; each is one TemplateError line, the process stays alive and
-the next render works. The same errors reach `chattui generate`, the app's backend and fine-tune data prep,
-and data prep stops when asked to."""
+the next render works. Setting the request's cancel event stops a slow render within moments. The same
+errors reach `chattui generate`, the app's backend and fine-tune data prep, and data prep stops when asked to."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import tracemalloc
 import pytest
 
 import engine.tokenizer
-from engine.errors import TemplateError
+from engine.errors import RenderCancelled, TemplateError
 from engine.finetune_data import DataCancelled, DataError, prepare_data
 from engine.tokenizer import ChatTokenizer
 
@@ -53,6 +53,35 @@ def test_the_time_limit_also_stops_a_render_in_a_worker_thread(with_template, sh
     worker.start()
     worker.join(timeout=5)
     assert not worker.is_alive() and errors and "took more than 0.5 s" in errors[0]
+
+
+def test_cancel_stops_a_slow_render_long_before_its_time_limit_and_the_next_render_works(with_template):
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    started = time.monotonic()
+    with pytest.raises(RenderCancelled, match="^cancelled while the chat template was rendering$"):
+        with_template(NESTED_LOOPS).render_chat(MESSAGES, cancel=cancel)
+    assert time.monotonic() - started < engine.tokenizer.TEMPLATE_TIME_LIMIT_S - 2
+    time.sleep(2 * engine.tokenizer.CANCEL_POLL_S)  # no stray exception is left pending for this thread
+    assert with_template("{{ messages[0]['content'] }}").render_chat(MESSAGES, cancel=cancel) == "hi"
+
+
+def test_a_cancelled_render_ends_the_backend_reply_as_cancelled(checkpoint_factory, tmp_path):
+    import shutil
+
+    from chattui.backend import EngineBackend
+
+    folder = shutil.copytree(checkpoint_factory("qwen2"), tmp_path / "model")
+    (folder / "chat_template.jinja").write_text(NESTED_LOOPS)
+    backend = EngineBackend()
+    info = backend.load(str(folder), device="cpu", dtype="float32")
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    started = time.monotonic()
+    with backend.stream(MESSAGES, info.defaults.updated({"max_new_tokens": 2}), cancel) as reply:
+        assert list(reply) == []
+    assert time.monotonic() - started < engine.tokenizer.TEMPLATE_TIME_LIMIT_S - 2
+    assert reply.result.finish_reason == "cancelled" and reply.result.generated_tokens == 0
 
 
 @pytest.mark.parametrize(("template", "needle"), [
