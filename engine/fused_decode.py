@@ -4,15 +4,17 @@ engine.kernels' quant_decode_step runs every layer and then the output layer in 
 at 135M parameters a step streams ~100 MB of weights in a few milliseconds, and the module path's ~45
 PyTorch ops per layer (each a dispatch and a wake of the thread pool) cost as much again. It applies on
 CPU where every linear layer is a QuantizedLinear on the compiled kernels (GGUF blocks) or a plain
-float32 Linear (no LoRA adapter), activations are float32, the MLP is SwiGLU (Llama, Mistral, Qwen2,
-Qwen3), and only while nobody watches attention (live attention capture needs the module path's
-queries and keys); everywhere else decode_one_token runs the modules.
+float32 or bfloat16 Linear (no LoRA adapter), the MLP is SwiGLU (Llama, Mistral, Qwen2, Qwen3), and only
+while nobody watches attention (live attention capture needs the module path's queries and keys);
+everywhere else decode_one_token runs the modules.
 
-Its arithmetic is the module path's up to summation order in RMSNorm, attention and the softmax's exp
-(tests/engine/test_fused_decode.py). bfloat16 models keep the module path: this kernel computes in
-float32 (as llama.cpp does on bfloat16 weights), and its greedy runs part from transformers' bfloat16
-ones, which the module path follows token for token. CHATTUI_FUSED_DECODE=0 turns it off, to measure
-what it gains.
+It computes in float32: GGUF blocks as engine.quant's kernels do, bfloat16 weights and KV cache widened
+in registers (the new key and value rounded once into the cache). On float32 models its arithmetic is the
+module path's up to summation order in RMSNorm, attention and the softmax's exp; on bfloat16 models it is
+nearer the float32 model than the module path, which rounds every activation to bfloat16 as transformers
+does and so follows transformers' bfloat16 greedy tokens where this step parts from them at near-ties
+(tests/engine/test_fused_decode.py). CHATTUI_FUSED_DECODE=0 turns it off: the module path, to compare
+with transformers or to measure what the step gains.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from engine.quant import QuantizedEmbedding, QuantizedLinear
 from models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, rope_cos_sin
 
 FUSED_DECODE_ENV = "CHATTUI_FUSED_DECODE"
-DENSE_F32 = 0  # the kernel's code for dense float32 rows (GGML's F32)
+DENSE_CODES = {torch.float32: 0, torch.bfloat16: 30}  # the kernel's codes for dense rows (GGML's F32 and BF16)
 
 
 def _linears(model: LlamaForCausalLM) -> list[nn.Module]:
@@ -51,10 +53,10 @@ def _norms(model: LlamaForCausalLM) -> list[torch.Tensor]:
 
 
 def _kernel_slot(layer: nn.Module) -> bool:
-    """GGUF blocks on the kernels, or a plain float32 Linear."""
+    """GGUF blocks on the kernels, or a plain float32 or bfloat16 Linear."""
     if type(layer) is QuantizedLinear:
         return layer.isa is not None
-    return type(layer) is nn.Linear and layer.weight.dtype == torch.float32 and layer.in_features % 16 == 0
+    return type(layer) is nn.Linear and layer.weight.dtype in DENSE_CODES and layer.in_features % 16 == 0
 
 
 def supports(model: nn.Module) -> bool:
@@ -71,12 +73,12 @@ def supports(model: nn.Module) -> bool:
         return False
     embedding = model.model.embed_tokens
     if isinstance(embedding, QuantizedEmbedding):
-        embeds_float32 = embedding.dtype == torch.float32
+        embeds = embedding.dtype == torch.float32
     else:
-        embeds_float32 = type(embedding) is nn.Embedding and embedding.weight.dtype == torch.float32
+        embeds = type(embedding) is nn.Embedding and embedding.weight.dtype in DENSE_CODES
     # the norm weights are parameters: this covers them and any dense weight
-    return (embeds_float32 and all(_kernel_slot(s) for s in _linears(model))
-            and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters()))
+    return (embeds and all(_kernel_slot(s) for s in _linears(model))
+            and all(p.device.type == "cpu" and p.dtype in DENSE_CODES for p in model.parameters()))
 
 
 class FusedDecode:
@@ -87,10 +89,11 @@ class FusedDecode:
         slots = _linears(model)
         # dense weights must be (out, in)-contiguous rows: engine.inference keeps them so under this path
         self._blocks = [s.blocks if isinstance(s, QuantizedLinear) else s.weight.detach() for s in slots]
-        self._qtypes = [s.kernel_code if isinstance(s, QuantizedLinear) else DENSE_F32 for s in slots]
+        self._qtypes = [s.kernel_code if isinstance(s, QuantizedLinear) else DENSE_CODES[s.weight.dtype] for s in slots]
         no_bias = torch.empty(0)
-        self._biases = [no_bias if s.bias is None else s.bias.detach() for s in slots]
-        self._norms = [w.detach() for w in _norms(model)]
+        # the kernel computes in float32: a bfloat16 model's biases and norm weights widened once (a copy)
+        self._biases = [no_bias if s.bias is None else s.bias.detach().float() for s in slots]
+        self._norms = [w.detach().float() for w in _norms(model)]
         self._embed = model.model.embed_tokens
         self._inv_freq = model.inv_freq
         self._attention = [layer.self_attn for layer in model.model.layers]
@@ -102,8 +105,8 @@ class FusedDecode:
         self._step, self._isa = quant_ops().quant_decode_step, quant_isa()
 
     def applies(self, cache) -> bool:
-        """Whether this step can run on `cache` now: float32, one sequence, attention not watched."""
-        return (cache.k.dtype == torch.float32 and cache.k.shape[1] == 1
+        """Whether this step can run on `cache` now: float32 or bfloat16, one sequence, attention not watched."""
+        return (cache.k.dtype in DENSE_CODES and cache.k.shape[1] == 1
                 and all(a.observer is None for a in self._attention))
 
     def __call__(self, token: torch.Tensor, position: int, cache) -> torch.Tensor:
@@ -111,6 +114,6 @@ class FusedDecode:
         if self._cos.shape[0] <= position:
             cos, sin = rope_cos_sin(self._inv_freq, 0, max(cache.capacity, position + 1), torch.float32)
             self._cos, self._sin = cos[0, 0], sin[0, 0]  # (positions, head_dim)
-        x = self._embed(token).reshape(-1)  # (D,) float32
+        x = self._embed(token).reshape(-1).float()  # (D,)
         return self._step(x, self._blocks, self._qtypes, self._biases, self._norms, self._eps, self._cos, self._sin,
                           cache.k, cache.v, position, self._heads, self._scale, self._window, self._isa)

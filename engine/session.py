@@ -113,13 +113,15 @@ class Engine:
         # LoRA layers wrap dense Linear layers: an adapter gets the dequantized base.
         wants_blocks = lora is None and dtype == "auto" and torch_device.type == "cpu" and is_gguf_path(model_dir)
         on_cpu = torch_device.type == "cpu"
-        # The quantized-weight library also holds the fused decode step of float32 models (engine.fused_decode).
-        library, build = ((kernels.QUANT, kernels.quant_ops) if wants_blocks or (on_cpu and torch_dtype == torch.float32)
-                          else (kernels.BF16, kernels.bf16_decode_ops) if on_cpu and torch_dtype == torch.bfloat16
-                          else (None, None))
-        if progress and build and kernels.needs_build(library):
+        # The quantized-weight library also holds the fused decode step of float32 and bfloat16 models
+        # (engine.fused_decode); bfloat16 decoding off that step runs the bfloat16 library's kernels.
+        builds = ({kernels.QUANT: kernels.quant_ops} if wants_blocks or (on_cpu and torch_dtype == torch.float32)
+                  else {kernels.QUANT: kernels.quant_ops, kernels.BF16: kernels.bf16_decode_ops}
+                  if on_cpu and torch_dtype == torch.bfloat16 else {})
+        if progress and any(kernels.needs_build(library) for library in builds):
             progress(0, 0, kernels.BUILD_NOTE)  # compile now, while the note shows, not after the weights at 100%
-            build()
+            for build in builds.values():
+                build()
         keep_blocks = wants_blocks and keeps_gguf_blocks(model_dir, dtype, torch_device)
         if keep_blocks:
             torch_dtype = BLOCKS_COMPUTE_DTYPE

@@ -49,7 +49,7 @@ namespace {
 
 // GGMLQuantizationType values (gguf/constants.py)
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
-constexpr int64_t kF32 = 0;  // dense float32 rows, in quant_decode_step only
+constexpr int64_t kF32 = 0, kBF16 = 30;  // dense float32 or bfloat16 rows (GGML's codes), in quant_decode_step only
 constexpr int64_t kRowsPerStep = 4;  // weight rows whose blocks are read in one pass over x
 constexpr int64_t kIsaAvx2 = 0, kIsaAvx512 = 1;
 // A type's code plus kInterleaved: its blocks are in the interleaved layout of 16-row groups (below).
@@ -284,9 +284,9 @@ const float* bias_or_null(const at::Tensor& bias, int64_t out, const char* what)
 
 // x: the token's embedding (dim) float32; blocks, qtypes, biases: 7 per layer (q, k, v, o, gate, up, down)
 // then the output layer, a bias of no elements meaning none; a weight is GGUF blocks of its GGML type, or
-// dense float32 (out, in) rows of type 0 (GGML's F32); norms: per layer the input and post-attention
+// dense (out, in) rows of float32 (type 0, GGML's F32) or bfloat16 (type 30, GGML's BF16); norms: per layer the input and post-attention
 // RMSNorm weights (then q_norm, k_norm where the model has them), then the final norm, all float32;
-// cos, sin: (positions, head_dim) RoPE tables; keys, values: the float32 KV cache (layers, 1, kv_heads,
+// cos, sin: (positions, head_dim) RoPE tables; keys, values: the float32 or bfloat16 KV cache (layers, 1, kv_heads,
 // capacity, head_dim), written at `position`; window: sliding-window length, 0 for none.
 // Returns the next token's logits (vocab) float32.
 at::Tensor quant_decode_step(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef qtypes,
@@ -294,9 +294,12 @@ at::Tensor quant_decode_step(const at::Tensor& x, at::TensorList blocks, at::Int
                              const at::Tensor& sin, at::Tensor& keys, at::Tensor& values, int64_t position,
                              int64_t heads, double scale, int64_t window, int64_t isa) {
   check_isa(isa);
-  TORCH_CHECK(keys.scalar_type() == at::kFloat && keys.dim() == 5 && keys.size(1) == 1 && keys.is_contiguous() &&
-                  values.sizes() == keys.sizes() && values.scalar_type() == at::kFloat && values.is_contiguous(),
-              "quant_decode_step: keys and values must be contiguous float32 (layers, 1, kv_heads, capacity, head_dim)");
+  const bool bf16_cache = keys.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((bf16_cache || keys.scalar_type() == at::kFloat) && keys.dim() == 5 && keys.size(1) == 1 &&
+                  keys.is_contiguous() && values.sizes() == keys.sizes() && values.scalar_type() == keys.scalar_type() &&
+                  values.is_contiguous(),
+              "quant_decode_step: keys and values must be contiguous float32 or bfloat16, both the same, (layers, 1, "
+              "kv_heads, capacity, head_dim)");
   StepShape m{};
   m.layers = keys.size(0), m.kv_heads = keys.size(2), m.capacity = keys.size(3), m.head_dim = keys.size(4);
   m.heads = heads, m.position = position, m.window = window, m.eps = static_cast<float>(eps);
@@ -323,13 +326,14 @@ at::Tensor quant_decode_step(const at::Tensor& x, at::TensorList blocks, at::Int
     const bool last = i == slot_count - 1;
     const int64_t out = last ? m.vocab : shapes[i % 7][0], in = last ? m.dim : shapes[i % 7][1];
     const at::Tensor& w = blocks[i];
-    if (qtypes[i] == kF32) {  // dense rows, in a multiple of 16 (the dense dot's step)
-      TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous() && w.size(0) == out &&
+    if (qtypes[i] == kF32 || qtypes[i] == kBF16) {  // dense rows, in a multiple of 16 (the dense dot's step)
+      const auto dtype = qtypes[i] == kF32 ? at::kFloat : at::kBFloat16;
+      TORCH_CHECK(w.scalar_type() == dtype && w.dim() == 2 && w.is_contiguous() && w.size(0) == out &&
                       w.size(1) == in && in % 16 == 0,
-                  "quant_decode_step: dense weight ", i, " must be (", out, ", ", in,
-                  ") contiguous float32, in a multiple of 16");
-      slots[i] = {static_cast<const uint8_t*>(w.const_data_ptr()), in * 4, kF32, out,
-                  bias_or_null(biases[i], out, "a layer")};
+                  "quant_decode_step: dense weight ", i, " must be (", out, ", ", in, ") contiguous ",
+                  qtypes[i] == kF32 ? "float32" : "bfloat16", ", in a multiple of 16");
+      slots[i] = {static_cast<const uint8_t*>(w.const_data_ptr()), in * static_cast<int64_t>(w.element_size()),
+                  qtypes[i], out, bias_or_null(biases[i], out, "a layer")};
       continue;
     }
     TORCH_CHECK(w.size(0) == out && check_blocks(w, qtypes[i]) == in, "quant_decode_step: weight ", i,
@@ -354,9 +358,18 @@ at::Tensor quant_decode_step(const at::Tensor& x, at::TensorList blocks, at::Int
                 "quant_decode_step: cos and sin must be contiguous float32 (positions > ", position, ", ", m.head_dim, ")");
   }
   at::Tensor logits = at::empty({m.vocab}, x.options());
-  const auto step = isa == kIsaAvx512 ? &avx512::decode_step : &avx2::decode_step;
-  step(m, slots, norm_weights, cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), keys.mutable_data_ptr<float>(),
-       values.mutable_data_ptr<float>(), x.const_data_ptr<float>(), logits.mutable_data_ptr<float>());
+  const float* cos_table = cos.const_data_ptr<float>();
+  const float* sin_table = sin.const_data_ptr<float>();
+  if (bf16_cache) {
+    using C = c10::BFloat16;
+    const auto step = isa == kIsaAvx512 ? &avx512::decode_step<C> : &avx2::decode_step<C>;
+    step(m, slots, norm_weights, cos_table, sin_table, keys.mutable_data_ptr<C>(), values.mutable_data_ptr<C>(),
+         x.const_data_ptr<float>(), logits.mutable_data_ptr<float>());
+  } else {
+    const auto step = isa == kIsaAvx512 ? &avx512::decode_step<float> : &avx2::decode_step<float>;
+    step(m, slots, norm_weights, cos_table, sin_table, keys.mutable_data_ptr<float>(), values.mutable_data_ptr<float>(),
+         x.const_data_ptr<float>(), logits.mutable_data_ptr<float>());
+  }
   return logits;
 }
 

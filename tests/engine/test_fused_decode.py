@@ -1,6 +1,6 @@
 """engine.fused_decode: a Llama-family model's whole decode step in one kernel call (quant_decode_step),
-against the module path it replaces, on tiny GGUF models of every kind it covers and on dense float32
-weights; and where it must not apply (other families, bfloat16, LoRA, watched attention)."""
+against the module path it replaces, on tiny GGUF models of every kind it covers and on dense float32 and
+bfloat16 weights; and where it must not apply (other families, LoRA, watched attention)."""
 
 from __future__ import annotations
 
@@ -114,10 +114,48 @@ def test_dense_float32_weights_step_as_the_module_path(checkpoint_factory, famil
     assert max(max(e) for e in errors) <= 1e-5, errors  # no int8 rounding here: only summation order differs
 
 
-def test_bfloat16_models_decode_through_the_modules(checkpoint_factory):
-    """Their module path follows transformers' bfloat16 arithmetic (tests/engine/test_kernels.py)."""
-    folder = checkpoint_factory("llama")
-    assert load_model(folder, read_model_config(folder), CPU, torch.bfloat16).fused_decode is None
+@pytest.mark.parametrize(("family", "isa"), [("llama", None), ("qwen2", None), ("qwen3", None), ("mistral", None),
+                                           ("llama_tied_llama3_rope", None), ("qwen2", "avx2")])
+def test_bfloat16_weights_step_in_float32(checkpoint_factory, family, isa, monkeypatch):
+    """A bfloat16 model's step reads its bfloat16 rows and cache and computes in float32 (as llama.cpp does on
+    BF16 weights): on the same cache it is the float32 module path on the same weights up to summation order
+    and the new key and value's rounding into the bfloat16 cache, and so nearer that float32 result than the
+    bfloat16 module path (which rounds every activation to bfloat16) is."""
+    if isa:
+        monkeypatch.setenv(ISA_ENV, isa)
+    folder = checkpoint_factory(family)
+    config = read_model_config(folder)
+    model = load_model(folder, config, CPU, torch.bfloat16)
+    assert model.fused_decode is not None and set(model.fused_decode._qtypes) == {30}  # BF16 rows
+    assert isa != "avx2" or model.fused_decode._isa == 0
+    reference = load_model(folder, config, CPU, torch.float32)
+    with torch.no_grad():  # the float32 model on exactly the bfloat16 weights
+        for p in reference.parameters():
+            p.copy_(p.bfloat16())
+    ids = torch.randint(3, 400, (25,), generator=torch.Generator().manual_seed(6))
+    fused_errors, module_errors = [], []
+    with torch.inference_mode():
+        for t in range(1, len(ids)):
+            exact = KVCache.for_model(config, t + 1, torch.float32, CPU)
+            prefill(reference, ids[:t], 0, exact)
+            exact.k.copy_(exact.k.bfloat16()), exact.v.copy_(exact.v.bfloat16())  # what a bfloat16 cache holds
+            ours, modules = (KVCache.for_model(config, t + 1, torch.bfloat16, CPU) for _ in range(2))
+            for cache in (ours, modules):
+                cache.k.copy_(exact.k), cache.v.copy_(exact.v)
+            expected = reference(ids[t : t + 1][None], start=t, cache=exact, last_only=True)[0, -1]
+            fused_errors.append(_relative(model.fused_decode(ids[t : t + 1], t, ours), expected))
+            module_logits = model(ids[t : t + 1][None], start=t, cache=modules, last_only=True)[0, -1]
+            module_errors.append(_relative(module_logits.float(), expected))
+            # the first layer's new key: the float32 one rounded once to bfloat16 (half a unit in the last place,
+            # 2**-8 of each value), up to float32 summation order (a little on values near zero, so scaled by
+            # the row); later layers attend to the rounded key and value, and differ by more
+            new_key, exact_key = ours.k[0, :, :, t].float(), exact.k[0, :, :, t]
+            assert ((new_key - exact_key).abs() <= exact_key.abs() * 2**-8
+                    + exact_key.abs().amax(-1, keepdim=True) * 2**-12).all(), (new_key - exact_key).abs().max()
+            assert torch.equal(ours.k[:, :, :, :t], modules.k[:, :, :, :t])  # the cached positions untouched
+    fused_errors, module_errors = torch.tensor(fused_errors), torch.tensor(module_errors)
+    assert fused_errors.max() <= 1e-2, fused_errors
+    assert fused_errors.median() * 4 <= module_errors.median(), (fused_errors, module_errors)
 
 
 def test_lora_layers_decode_through_the_modules(checkpoint_factory, tmp_path):

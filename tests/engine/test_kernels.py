@@ -143,11 +143,16 @@ def test_no_compiler_means_pytorch_kernels_and_a_warning(monkeypatch, tmp_path, 
 
 @needs_kernel
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma3"])
-def test_bfloat16_greedy_ids_equal_transformers_in_bfloat16(checkpoint_factory, family):
-    """What a user compares: `--dtype bfloat16 --temperature 0` against transformers loaded in bfloat16."""
+def test_bfloat16_greedy_ids_equal_transformers_in_bfloat16(checkpoint_factory, family, monkeypatch):
+    """What a user compares: `--dtype bfloat16 --temperature 0` against transformers loaded in bfloat16, on the
+    module path. (Llama-family models decode through engine.fused_decode's float32 step by default, which is
+    nearer the float32 model than either: tests/engine/test_fused_decode.py; CHATTUI_FUSED_DECODE=0 is this.)"""
     import transformers
 
     from engine import Engine, SamplingParams
+    from engine.fused_decode import FUSED_DECODE_ENV
+
+    monkeypatch.setenv(FUSED_DECODE_ENV, "0")
 
     folder = checkpoint_factory(family)
     engine = Engine.load(folder, device="cpu", dtype="bfloat16")
