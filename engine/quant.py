@@ -2,8 +2,9 @@
 puts them into a model in place of nn.Linear and nn.Embedding.
 
 Decode (one activation row) runs engine.kernels' quant_linear on the blocks: a 4-bit matrix streams a
-quarter of the bytes of bfloat16. interleave_blocks (engine.inference, at load) rearranges Q4_0, Q4_1 and
-Q8_0 blocks in place into the kernels' interleaved 16-row groups, which they read ~2x as fast as rows. Prefill (many rows) dequantizes the weight in
+quarter of the bytes of bfloat16. interleave_blocks (engine.inference, at load) rearranges Q4_0, Q4_1,
+Q8_0 and Q4_K blocks in place into the kernels' interleaved 16-row groups, which they read ~1.5-2x as fast
+as rows (an output layer in Q4_K keeps its rows: its float-activation kernel reads rows only). Prefill (many rows) dequantizes the weight in
 chunks of rows, each chunk transiently (CHUNK_VALUES values at most, 16 MB in float32), and runs
 PyTorch's GEMM on it (in bfloat16 on CPUs that multiply it natively: prefill_dtype): the GEMM does
 ~T multiply-adds per dequantized value, so the dequantization costs little next to it, and no dense
@@ -39,7 +40,9 @@ SUPPORTED_TYPES = frozenset({
 CHUNK_VALUES = 1 << 22  # weight values dequantized at once for a many-row call
 # The kernels' interleaved layout (engine/kernels/quant.cpp): 16 rows' blocks side by side, read by a
 # decode kernel ~2x as fast as rows one by one; a type code plus INTERLEAVED says the blocks are so.
-INTERLEAVED_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0})
+FLOAT_INTERLEAVED_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0})
+# Q4_K's interleaved kernel takes int8 activations only: an output layer (float activations) keeps its rows.
+INTERLEAVED_TYPES = FLOAT_INTERLEAVED_TYPES | {GGMLQuantizationType.Q4_K}
 INTERLEAVED, GROUP_ROWS = 256, 16
 INTERLEAVED_BLOCKS_ENV = "CHATTUI_INTERLEAVED_BLOCKS"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations the kernels take
@@ -155,7 +158,8 @@ class QuantizedLinear(nn.Module):
 
     def can_interleave(self) -> bool:
         """Whether interleave() applies: the kernels built, a type with that layout, whole groups of rows."""
-        return self.isa is not None and _interleavable(self.qtype, self.out_features, self.interleaved)
+        return self.isa is not None and _interleavable(self.qtype, self.out_features, self.interleaved,
+                                                       self.float_activation)
 
     def interleave(self) -> None:
         """Rearrange the blocks in place into the kernels' interleaved layout (see can_interleave)."""
@@ -206,8 +210,9 @@ class QuantizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}{layout}"
 
 
-def _interleavable(qtype: GGMLQuantizationType, rows: int, interleaved: bool) -> bool:
-    return not interleaved and qtype in INTERLEAVED_TYPES and rows % GROUP_ROWS == 0
+def _interleavable(qtype: GGMLQuantizationType, rows: int, interleaved: bool, float_activation: bool = False) -> bool:
+    types = FLOAT_INTERLEAVED_TYPES if float_activation else INTERLEAVED_TYPES
+    return not interleaved and qtype in types and rows % GROUP_ROWS == 0
 
 
 def _interleave(layers: list[QuantizedLinear | QuantizedEmbedding]) -> None:

@@ -23,7 +23,7 @@
 //
 // quant_dequantize: whole rows to float32 or bfloat16, for prefill tiles and embedding lookups.
 //
-// quant_interleave: Q4_0, Q4_1, Q8_0 blocks rearranged in place into 16-row groups (convert_group), which
+// quant_interleave: Q4_0, Q4_1, Q8_0 and Q4_K blocks rearranged in place into 16-row groups (convert_group), which
 // every op above reads given the type code plus kInterleaved.
 //
 // quant_decode_step: a whole decode step of a Llama-family model on such blocks (every layer, then the
@@ -57,7 +57,12 @@ constexpr int64_t kInterleaved = 256, kGroupRows = 16;
 
 inline int64_t base_type(int64_t code) { return code & (kInterleaved - 1); }
 inline bool is_interleaved(int64_t code) { return (code & kInterleaved) != 0; }
-inline bool interleavable(int64_t qtype) { return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0; }
+inline bool interleavable(int64_t qtype) { return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 || qtype == kQ4_K; }
+// Interleaved Q4_K has no float-activation kernel (the output layer's path): engine.quant keeps such layers in rows.
+inline bool has_float_kernel(int64_t code) { return !is_interleaved(code) || base_type(code) != kQ4_K; }
+// The bytes before a block's quants, laid out as 2-byte fields in the interleaved layout: float16 d (and
+// Q4_1's m; Q4_K's dmin and 12 bytes of scales).
+inline int64_t head_bytes(int64_t qtype) { return qtype == kQ4_K ? 16 : qtype == kQ4_1 ? 4 : 2; }
 
 struct TypeSize {
   int64_t values, bytes;  // per block
@@ -83,9 +88,10 @@ int64_t stored_offset(int64_t code) {  // types storing q + offset: Q4_0 stores 
   return qtype == kQ4_0 ? 8 : qtype == kQ5_0 ? 16 : qtype == kQ6_K ? 32 : 0;
 }
 
-// The interleaved layout of a group of 16 rows (Q4_0, Q4_1, Q8_0) holds the same bytes as the 16 rows, in
-// another order: block column j of all 16 rows at j * 16 * block_bytes, first each float16 field (d, then
-// Q4_1's m) of the 16 rows side by side (32 bytes a field), then the quants as 4-byte words, word w of row
+// The interleaved layout of a group of 16 rows (Q4_0, Q4_1, Q8_0, Q4_K) holds the same bytes as the 16 rows,
+// in another order: block column j of all 16 rows at j * 16 * block_bytes, first each 2-byte field of the
+// block's head (d; Q4_1's m; Q4_K's dmin and its scales, 2 bytes a field) of the 16 rows side by side (32
+// bytes a field), then the quants as 4-byte words, word w of row
 // r at 64 * w + 4 * r. One 512-bit load is then word w of all 16 rows, which one vpdpbusd multiplies by the
 // same 4 activation bytes, and one float16 load is the 16 rows' scales: no per-row horizontal sums or scale
 // shuffles (llama.cpp's repacked layouts do the same). In the model (2 threads, an Intel Xeon with AMX,
@@ -182,7 +188,7 @@ int64_t check_blocks(const at::Tensor& blocks, int64_t qtype) {  // -> values pe
   TORCH_CHECK(blocks.size(1) > 0 && blocks.size(1) % size.bytes == 0, "quantized matmul: ", blocks.size(1),
               " bytes per row is not a whole number of ", size.bytes, "-byte blocks");
   TORCH_CHECK(!is_interleaved(qtype) || (interleavable(base_type(qtype)) && blocks.size(0) % kGroupRows == 0),
-              "quantized matmul: the interleaved layout is for Q4_0, Q4_1 and Q8_0 in whole groups of ", kGroupRows,
+              "quantized matmul: the interleaved layout is for Q4_0, Q4_1, Q8_0 and Q4_K in whole groups of ", kGroupRows,
               " rows (type code ", qtype, ", ", blocks.size(0), " rows)");
   return blocks.size(1) / size.bytes * size.values;
 }
@@ -202,6 +208,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t q
                 "quant_linear: bias must be (", out, ") contiguous float32");
     bias_ptr = bias->const_data_ptr<float>();
   }
+  TORCH_CHECK(!float_activation || has_float_kernel(qtype), "quant_linear: interleaved Q4_K blocks have no float-activation kernel");
   const at::Tensor row = x.contiguous();
   auto shape = x.sizes().vec();
   shape.back() = out;
@@ -256,20 +263,19 @@ at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, at::ScalarT
   return y;
 }
 
-// blocks (rows, bytes per row) of Q4_0, Q4_1 or Q8_0, rows a multiple of 16, rearranged in place into the
+// blocks (rows, bytes per row) of Q4_0, Q4_1, Q8_0 or Q4_K, rows a multiple of 16, rearranged in place into the
 // interleaved layout (convert_group): from then on their type code is qtype + 256 (kInterleaved).
 at::Tensor& quant_interleave(at::Tensor& blocks, int64_t qtype) {
-  TORCH_CHECK(interleavable(qtype), "quant_interleave: GGML type ", qtype, " has no interleaved layout (Q4_0, Q4_1, Q8_0 do)");
+  TORCH_CHECK(interleavable(qtype), "quant_interleave: GGML type ", qtype, " has no interleaved layout (Q4_0, Q4_1, Q8_0, Q4_K do)");
   check_blocks(blocks, qtype | kInterleaved);
   const int64_t row_bytes = blocks.size(1), group_bytes = kGroupRows * row_bytes;
   const TypeSize size = type_size(qtype);
-  const int64_t head_bytes = qtype == kQ4_1 ? 4 : 2;  // float16 d (and Q4_1's m) before the quants
   uint8_t* w = blocks.mutable_data_ptr<uint8_t>();
   at::parallel_for(0, blocks.size(0) / kGroupRows, 1, [&](int64_t g0, int64_t g1) {
     std::vector<uint8_t> plain(group_bytes);
     for (int64_t g = g0; g < g1; ++g) {
       std::memcpy(plain.data(), w + g * group_bytes, group_bytes);
-      convert_group(plain.data(), w + g * group_bytes, row_bytes, size.bytes, head_bytes, /*to_interleaved=*/true);
+      convert_group(plain.data(), w + g * group_bytes, row_bytes, size.bytes, head_bytes(qtype), /*to_interleaved=*/true);
     }
   });
   return blocks;
@@ -338,6 +344,8 @@ at::Tensor quant_decode_step(const at::Tensor& x, at::TensorList blocks, at::Int
     }
     TORCH_CHECK(w.size(0) == out && check_blocks(w, qtypes[i]) == in, "quant_decode_step: weight ", i,
                 " must be ", out, " rows of ", in, " values");
+    TORCH_CHECK(i + 1 < slot_count || has_float_kernel(qtypes[i]),
+                "quant_decode_step: the output layer's interleaved Q4_K blocks have no float-activation kernel");
     slots[i] = {w.const_data_ptr<uint8_t>(), w.size(1), qtypes[i], out, bias_or_null(biases[i], out, "a layer")};
   }
   const int64_t norms_count = static_cast<int64_t>(norms.size());

@@ -15,7 +15,7 @@ from engine import Engine, SamplingParams
 from engine.checkpoint import load_model, load_weights, read_model_config
 from engine.generate import decode_one_token, generate_tokens, prefill
 from engine.kv_cache import KVCache
-from engine.quant import INTERLEAVED_TYPES, QuantizedEmbedding, QuantizedLinear, quant_kernels_available
+from engine.quant import FLOAT_INTERLEAVED_TYPES, INTERLEAVED_TYPES, QuantizedEmbedding, QuantizedLinear, quant_kernels_available
 from gguf_files import Q, write_gguf
 
 CPU = torch.device("cpu")
@@ -101,7 +101,8 @@ def test_auto_keeps_the_blocks_and_no_dense_copy(checkpoint_factory, tmp_path, f
     assert linears and all(type(m) is QuantizedLinear and m.qtype == weight_type for m in linears)
     assert type(model.model.embed_tokens) is QuantizedEmbedding
     # the kernels' interleaved layout wherever it applies (a tied embedding's blocks too, with its output layer)
-    assert all(m.interleaved == (m.qtype in INTERLEAVED_TYPES and m.out_features % 16 == 0) for m in linears)
+    assert all(m.interleaved == (m.qtype in (FLOAT_INTERLEAVED_TYPES if m.float_activation else INTERLEAVED_TYPES)
+                                 and m.out_features % 16 == 0) for m in linears)
     assert any(m.interleaved for m in linears) == (weight_type in INTERLEAVED_TYPES)
     if model.config.tie_word_embeddings:
         assert model.model.embed_tokens.interleaved == model.lm_head.interleaved

@@ -1,5 +1,6 @@
-"""The kernels' interleaved layout of Q4_0, Q4_1 and Q8_0 blocks (16 rows side by side, engine/kernels/quant.cpp):
-the rearrangement, its decode kernel on both instruction sets, prefill tiles from it, and where loading uses it."""
+"""The kernels' interleaved layout of Q4_0, Q4_1, Q8_0 and Q4_K blocks (16 rows side by side,
+engine/kernels/quant.cpp): the rearrangement, its decode kernels on both instruction sets (the float-activation
+one of the output layer for the 32-value types), prefill tiles from it, and where loading uses it."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from tests.engine.test_quant_kernels import (
 )
 
 T = GGMLQuantizationType
-INTERLEAVED_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
+FLOAT_INTERLEAVED_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
+INTERLEAVED_TYPES = [*FLOAT_INTERLEAVED_TYPES, T.Q4_K]
 
 pytestmark = needs_kernels
 
@@ -35,7 +37,7 @@ def interleaved(blocks: np.ndarray, qtype: T) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("isa", ISAS)
 def test_interleaving_rearranges_the_bytes_and_dequantizes_to_the_same_values(qtype, isa):
-    blocks = random_blocks(qtype, 48, 96, seed=11)
+    blocks = random_blocks(qtype, 48, 512 if qtype == T.Q4_K else 96, seed=11)  # 2 superblocks, 3 blocks
     rearranged = interleaved(blocks, qtype)
     assert not torch.equal(rearranged, torch.from_numpy(blocks))
     assert sorted(rearranged.flatten().tolist()) == sorted(blocks.flatten().tolist())  # the same bytes
@@ -70,7 +72,7 @@ def test_interleaved_kernel_matches_the_dequantized_reference(qtype, rows_blocks
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", FLOAT_INTERLEAVED_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows_blocks", [(16, 1), (48, 3), (32, 18)], ids=lambda s: f"{s[0]}x{s[1]}blocks")
 def test_interleaved_float_activation_kernel_matches_the_exact_product(qtype, rows_blocks, isa):
     """The output layer's path on interleaved blocks (a tied embedding's): x as it is, so the exact product of
@@ -86,10 +88,11 @@ def test_interleaved_float_activation_kernel_matches_the_exact_product(qtype, ro
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
 def test_interleaved_and_row_kernels_agree_to_float32_rounding(qtype, isa):
-    blocks = random_blocks(qtype, 64, 576, seed=12)
-    x = torch.randn(576, generator=torch.Generator().manual_seed(3))
+    cols = 768 if qtype == T.Q4_K else 576
+    blocks = random_blocks(qtype, 64, cols, seed=12)
+    x = torch.randn(cols, generator=torch.Generator().manual_seed(3))
     ops = kernels.quant_ops()
-    for float_activation in (False, True):
+    for float_activation in (False, True) if qtype in FLOAT_INTERLEAVED_TYPES else (False,):
         rows = ops.quant_linear(x, torch.from_numpy(blocks), int(qtype), None, isa, float_activation)
         groups = ops.quant_linear(x, interleaved(blocks, qtype), int(qtype) | INTERLEAVED, None, isa, float_activation)
         torch.testing.assert_close(groups, rows, rtol=1e-5, atol=1e-5 * rows.abs().max().item())
@@ -104,6 +107,9 @@ def test_the_kernels_refuse_what_the_layout_does_not_cover():
     rearranged = interleaved(random_blocks(T.Q8_0, 16, 64, seed=1), T.Q8_0)
     with pytest.raises(RuntimeError, match="whole groups of 16 rows"):
         ops.quant_linear(torch.randn(64), rearranged[:8], int(T.Q8_0) | INTERLEAVED, None, 0)
+    k_groups = interleaved(random_blocks(T.Q4_K, 16, 256, seed=1), T.Q4_K)
+    with pytest.raises(RuntimeError, match="interleaved Q4_K blocks have no float-activation kernel"):
+        ops.quant_linear(torch.randn(256), k_groups, int(T.Q4_K) | INTERLEAVED, None, 0, True)
 
 
 @pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
@@ -128,6 +134,8 @@ def test_only_blocks_every_reader_covers_are_interleaved(monkeypatch):
     """A tied embedding and output layer share one tensor of blocks: interleaved for both, or for neither."""
     odd = QuantizedLinear(64, 24, T.Q4_0, random_blocks(T.Q4_0, 24, 64, seed=1))
     k_quant = QuantizedLinear(256, 16, T.Q6_K, random_blocks(T.Q6_K, 16, 256, seed=1))
+    q4_k = QuantizedLinear(256, 16, T.Q4_K, random_blocks(T.Q4_K, 16, 256, seed=1))
+    q4_k_output = QuantizedLinear(256, 16, T.Q4_K, random_blocks(T.Q4_K, 16, 256, seed=4), float_activation=True)
     covered = QuantizedLinear(64, 32, T.Q4_1, random_blocks(T.Q4_1, 32, 64, seed=1))
     table = torch.from_numpy(random_blocks(T.Q8_0, 48, 64, seed=2))
     embedding = QuantizedEmbedding(48, 64, T.Q8_0, table)
@@ -135,7 +143,7 @@ def test_only_blocks_every_reader_covers_are_interleaved(monkeypatch):
     assert output.blocks.data_ptr() == embedding.blocks.data_ptr()
     odd_table = torch.from_numpy(random_blocks(T.Q8_0, 24, 64, seed=3))
     odd_embedding, odd_output = QuantizedEmbedding(24, 64, T.Q8_0, odd_table), QuantizedLinear(64, 24, T.Q8_0, odd_table)
-    model = torch.nn.ModuleList([odd, k_quant, covered, embedding, output, odd_embedding, odd_output])
+    model = torch.nn.ModuleList([odd, k_quant, covered, embedding, output, odd_embedding, odd_output, q4_k, q4_k_output])
     ids = torch.tensor([[0, 47, 17, 17, 30]])
     x = torch.randn(1, 64)
     before_lookup, before_logits = embedding(ids), output(x)
@@ -144,7 +152,8 @@ def test_only_blocks_every_reader_covers_are_interleaved(monkeypatch):
     assert not any(layer.interleaved for layer in model)
     monkeypatch.delenv(quant.INTERLEAVED_BLOCKS_ENV)
     interleave_blocks(model)
-    assert [layer.interleaved for layer in model] == [False, False, True, True, True, False, False]
+    # Q4_K: its int8-activation layer, not an output layer (no float-activation kernel on groups)
+    assert [layer.interleaved for layer in model] == [False, False, True, True, True, False, False, True, False]
     assert "interleaved=True" in repr(embedding)
     assert torch.equal(embedding(ids), before_lookup)  # rows looked up through their groups
     torch.testing.assert_close(output(x), before_logits, rtol=1e-5, atol=1e-5 * before_logits.abs().max().item())
