@@ -3,8 +3,8 @@ puts them into a model in place of nn.Linear and nn.Embedding.
 
 Decode (one activation row) runs engine.kernels' quant_linear on the blocks: a 4-bit matrix streams a
 quarter of the bytes of bfloat16. interleave_blocks (engine.inference, at load) rearranges Q4_0, Q4_1,
-Q8_0 and Q4_K blocks in place into the kernels' interleaved 16-row groups, which they read ~1.5-2x as fast
-as rows (an output layer in Q4_K keeps its rows: its float-activation kernel reads rows only). Prefill (many rows) dequantizes the weight in
+Q8_0, Q4_K and Q6_K blocks in place into the kernels' interleaved 16-row groups, which they read ~1.5-2x as
+fast as rows (an output layer in a K-quant keeps its rows: its float-activation kernel reads rows only). Prefill (many rows) dequantizes the weight in
 chunks of rows, each chunk transiently (CHUNK_VALUES values at most, 16 MB in float32), and runs
 PyTorch's GEMM on it (in bfloat16 on CPUs that multiply it natively: prefill_dtype): the GEMM does
 ~T multiply-adds per dequantized value, so the dequantization costs little next to it, and no dense
@@ -41,8 +41,8 @@ CHUNK_VALUES = 1 << 22  # weight values dequantized at once for a many-row call
 # The kernels' interleaved layout (engine/kernels/quant.cpp): 16 rows' blocks side by side, read by a
 # decode kernel ~2x as fast as rows one by one; a type code plus INTERLEAVED says the blocks are so.
 FLOAT_INTERLEAVED_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0})
-# Q4_K's interleaved kernel takes int8 activations only: an output layer (float activations) keeps its rows.
-INTERLEAVED_TYPES = FLOAT_INTERLEAVED_TYPES | {GGMLQuantizationType.Q4_K}
+# The K-quants' interleaved kernels take int8 activations only: an output layer (float activations) keeps its rows.
+INTERLEAVED_TYPES = FLOAT_INTERLEAVED_TYPES | {GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K}
 INTERLEAVED, GROUP_ROWS = 256, 16
 INTERLEAVED_BLOCKS_ENV = "CHATTUI_INTERLEAVED_BLOCKS"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations the kernels take

@@ -23,7 +23,7 @@
 //
 // quant_dequantize: whole rows to float32 or bfloat16, for prefill tiles and embedding lookups.
 //
-// quant_interleave: Q4_0, Q4_1, Q8_0 and Q4_K blocks rearranged in place into 16-row groups (convert_group), which
+// quant_interleave: Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks rearranged in place into 16-row groups (convert_group), which
 // every op above reads given the type code plus kInterleaved.
 //
 // quant_decode_step: a whole decode step of a Llama-family model on such blocks (every layer, then the
@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -57,12 +58,31 @@ constexpr int64_t kInterleaved = 256, kGroupRows = 16;
 
 inline int64_t base_type(int64_t code) { return code & (kInterleaved - 1); }
 inline bool is_interleaved(int64_t code) { return (code & kInterleaved) != 0; }
-inline bool interleavable(int64_t qtype) { return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 || qtype == kQ4_K; }
-// Interleaved Q4_K has no float-activation kernel (the output layer's path): engine.quant keeps such layers in rows.
-inline bool has_float_kernel(int64_t code) { return !is_interleaved(code) || base_type(code) != kQ4_K; }
-// The bytes before a block's quants, laid out as 2-byte fields in the interleaved layout: float16 d (and
-// Q4_1's m; Q4_K's dmin and 12 bytes of scales).
-inline int64_t head_bytes(int64_t qtype) { return qtype == kQ4_K ? 16 : qtype == kQ4_1 ? 4 : 2; }
+inline bool interleavable(int64_t qtype) {
+  return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 || qtype == kQ4_K || qtype == kQ6_K;
+}
+// Interleaved K-quants have no float-activation kernel (the output layer's path): engine.quant keeps such
+// layers in rows.
+inline bool has_float_kernel(int64_t code) {
+  return !is_interleaved(code) || (base_type(code) != kQ4_K && base_type(code) != kQ6_K);
+}
+
+// Where a block's quants lie (the interleaved layout moves them as 4-byte words); its other bytes, the head,
+// are float16 scales and such (moved as 2-byte fields): before the quants (d; Q4_1's m; Q4_K's dmin and
+// 12 bytes of 6-bit scales), or after them (Q6_K's 16 int8 scales and d).
+struct QuantBytes {
+  int64_t at, bytes;
+};
+
+inline QuantBytes quants_of(int64_t qtype) {
+  switch (qtype) {
+    case kQ4_1: return {4, 16};
+    case kQ4_K: return {16, 128};
+    case kQ6_K: return {0, 192};
+    case kQ8_0: return {2, 32};
+  }
+  return {2, 16};  // Q4_0
+}
 
 struct TypeSize {
   int64_t values, bytes;  // per block
@@ -88,18 +108,19 @@ int64_t stored_offset(int64_t code) {  // types storing q + offset: Q4_0 stores 
   return qtype == kQ4_0 ? 8 : qtype == kQ5_0 ? 16 : qtype == kQ6_K ? 32 : 0;
 }
 
-// The interleaved layout of a group of 16 rows (Q4_0, Q4_1, Q8_0, Q4_K) holds the same bytes as the 16 rows,
-// in another order: block column j of all 16 rows at j * 16 * block_bytes, first each 2-byte field of the
-// block's head (d; Q4_1's m; Q4_K's dmin and its scales, 2 bytes a field) of the 16 rows side by side (32
-// bytes a field), then the quants as 4-byte words, word w of row
-// r at 64 * w + 4 * r. One 512-bit load is then word w of all 16 rows, which one vpdpbusd multiplies by the
-// same 4 activation bytes, and one float16 load is the 16 rows' scales: no per-row horizontal sums or scale
-// shuffles (llama.cpp's repacked layouts do the same). In the model (2 threads, an Intel Xeon with AMX,
-// SmolLM2-135M-Instruct Q4_1): decode 107 -> 237 tok/s against the row-by-row kernels.
+// The interleaved layout of a group of 16 rows (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) holds the same bytes as the
+// 16 rows, in another order: block column j of all 16 rows at j * 16 * block_bytes, first each 2-byte field
+// of the blocks' heads (quants_of) of the 16 rows side by side (32 bytes a field), then the quants as 4-byte
+// words, word w of row r at 64 * w + 4 * r. One 512-bit load is then word w of all 16 rows, which one
+// vpdpbusd multiplies by the same 4 activation bytes, and one float16 load is the 16 rows' scales: no
+// per-row horizontal sums or scale shuffles (llama.cpp's repacked layouts do the same). In the model (2
+// threads, an Intel Xeon with AMX, SmolLM2-135M-Instruct Q4_1): decode 107 -> 237 tok/s against the
+// row-by-row kernels.
 // convert_group copies one group from rows to the interleaved layout (to_interleaved) or back.
-void convert_group(const uint8_t* from, uint8_t* to, int64_t row_bytes, int64_t block_bytes, int64_t head_bytes,
+void convert_group(const uint8_t* from, uint8_t* to, int64_t row_bytes, int64_t block_bytes, QuantBytes quants,
                    bool to_interleaved) {
-  const int64_t blocks = row_bytes / block_bytes, words = (block_bytes - head_bytes) / 4;
+  const int64_t blocks = row_bytes / block_bytes, words = quants.bytes / 4, head_bytes = block_bytes - quants.bytes;
+  const int64_t head_at = quants.at == 0 ? quants.bytes : 0;
   for (int64_t j = 0; j < blocks; ++j) {
     for (int64_t r = 0; r < kGroupRows; ++r) {
       const int64_t row_at = r * row_bytes + j * block_bytes, column_at = j * kGroupRows * block_bytes;
@@ -107,8 +128,8 @@ void convert_group(const uint8_t* from, uint8_t* to, int64_t row_bytes, int64_t 
         if (to_interleaved) std::memcpy(to + column_at + in_column, from + row_at + in_row, bytes);
         else std::memcpy(to + row_at + in_row, from + column_at + in_column, bytes);
       };
-      for (int64_t f = 0; f < head_bytes / 2; ++f) move(2, 2 * f, 2 * kGroupRows * f + 2 * r);
-      for (int64_t w = 0; w < words; ++w) move(4, head_bytes + 4 * w, kGroupRows * head_bytes + 64 * w + 4 * r);
+      for (int64_t f = 0; f < head_bytes / 2; ++f) move(2, head_at + 2 * f, 2 * kGroupRows * f + 2 * r);
+      for (int64_t w = 0; w < words; ++w) move(4, quants.at + 4 * w, kGroupRows * head_bytes + 64 * w + 4 * r);
     }
   }
 }
@@ -188,7 +209,7 @@ int64_t check_blocks(const at::Tensor& blocks, int64_t qtype) {  // -> values pe
   TORCH_CHECK(blocks.size(1) > 0 && blocks.size(1) % size.bytes == 0, "quantized matmul: ", blocks.size(1),
               " bytes per row is not a whole number of ", size.bytes, "-byte blocks");
   TORCH_CHECK(!is_interleaved(qtype) || (interleavable(base_type(qtype)) && blocks.size(0) % kGroupRows == 0),
-              "quantized matmul: the interleaved layout is for Q4_0, Q4_1, Q8_0 and Q4_K in whole groups of ", kGroupRows,
+              "quantized matmul: the interleaved layout is for Q4_0, Q4_1, Q8_0, Q4_K and Q6_K in whole groups of ", kGroupRows,
               " rows (type code ", qtype, ", ", blocks.size(0), " rows)");
   return blocks.size(1) / size.bytes * size.values;
 }
@@ -208,7 +229,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t q
                 "quant_linear: bias must be (", out, ") contiguous float32");
     bias_ptr = bias->const_data_ptr<float>();
   }
-  TORCH_CHECK(!float_activation || has_float_kernel(qtype), "quant_linear: interleaved Q4_K blocks have no float-activation kernel");
+  TORCH_CHECK(!float_activation || has_float_kernel(qtype), "quant_linear: interleaved K-quant blocks have no float-activation kernel");
   const at::Tensor row = x.contiguous();
   auto shape = x.sizes().vec();
   shape.back() = out;
@@ -263,10 +284,10 @@ at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, at::ScalarT
   return y;
 }
 
-// blocks (rows, bytes per row) of Q4_0, Q4_1, Q8_0 or Q4_K, rows a multiple of 16, rearranged in place into the
+// blocks (rows, bytes per row) of Q4_0, Q4_1, Q8_0, Q4_K or Q6_K, rows a multiple of 16, rearranged in place into the
 // interleaved layout (convert_group): from then on their type code is qtype + 256 (kInterleaved).
 at::Tensor& quant_interleave(at::Tensor& blocks, int64_t qtype) {
-  TORCH_CHECK(interleavable(qtype), "quant_interleave: GGML type ", qtype, " has no interleaved layout (Q4_0, Q4_1, Q8_0, Q4_K do)");
+  TORCH_CHECK(interleavable(qtype), "quant_interleave: GGML type ", qtype, " has no interleaved layout (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K do)");
   check_blocks(blocks, qtype | kInterleaved);
   const int64_t row_bytes = blocks.size(1), group_bytes = kGroupRows * row_bytes;
   const TypeSize size = type_size(qtype);
@@ -275,7 +296,7 @@ at::Tensor& quant_interleave(at::Tensor& blocks, int64_t qtype) {
     std::vector<uint8_t> plain(group_bytes);
     for (int64_t g = g0; g < g1; ++g) {
       std::memcpy(plain.data(), w + g * group_bytes, group_bytes);
-      convert_group(plain.data(), w + g * group_bytes, row_bytes, size.bytes, head_bytes(qtype), /*to_interleaved=*/true);
+      convert_group(plain.data(), w + g * group_bytes, row_bytes, size.bytes, quants_of(qtype), /*to_interleaved=*/true);
     }
   });
   return blocks;
@@ -345,7 +366,7 @@ at::Tensor quant_decode_step(const at::Tensor& x, at::TensorList blocks, at::Int
     TORCH_CHECK(w.size(0) == out && check_blocks(w, qtypes[i]) == in, "quant_decode_step: weight ", i,
                 " must be ", out, " rows of ", in, " values");
     TORCH_CHECK(i + 1 < slot_count || has_float_kernel(qtypes[i]),
-                "quant_decode_step: the output layer's interleaved Q4_K blocks have no float-activation kernel");
+                "quant_decode_step: the output layer's interleaved K-quant blocks have no float-activation kernel");
     slots[i] = {w.const_data_ptr<uint8_t>(), w.size(1), qtypes[i], out, bias_or_null(biases[i], out, "a layer")};
   }
   const int64_t norms_count = static_cast<int64_t>(norms.size());

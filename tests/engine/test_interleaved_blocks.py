@@ -1,4 +1,4 @@
-"""The kernels' interleaved layout of Q4_0, Q4_1, Q8_0 and Q4_K blocks (16 rows side by side,
+"""The kernels' interleaved layout of Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks (16 rows side by side,
 engine/kernels/quant.cpp): the rearrangement, its decode kernels on both instruction sets (the float-activation
 one of the output layer for the 32-value types), prefill tiles from it, and where loading uses it."""
 
@@ -25,7 +25,8 @@ from tests.engine.test_quant_kernels import (
 
 T = GGMLQuantizationType
 FLOAT_INTERLEAVED_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
-INTERLEAVED_TYPES = [*FLOAT_INTERLEAVED_TYPES, T.Q4_K]
+K_QUANTS = [T.Q4_K, T.Q6_K]
+INTERLEAVED_TYPES = [*FLOAT_INTERLEAVED_TYPES, *K_QUANTS]
 
 pytestmark = needs_kernels
 
@@ -37,7 +38,7 @@ def interleaved(blocks: np.ndarray, qtype: T) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("isa", ISAS)
 def test_interleaving_rearranges_the_bytes_and_dequantizes_to_the_same_values(qtype, isa):
-    blocks = random_blocks(qtype, 48, 512 if qtype == T.Q4_K else 96, seed=11)  # 2 superblocks, 3 blocks
+    blocks = random_blocks(qtype, 48, 512 if qtype in K_QUANTS else 96, seed=11)  # 2 superblocks, 3 blocks
     rearranged = interleaved(blocks, qtype)
     assert not torch.equal(rearranged, torch.from_numpy(blocks))
     assert sorted(rearranged.flatten().tolist()) == sorted(blocks.flatten().tolist())  # the same bytes
@@ -88,7 +89,7 @@ def test_interleaved_float_activation_kernel_matches_the_exact_product(qtype, ro
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
 def test_interleaved_and_row_kernels_agree_to_float32_rounding(qtype, isa):
-    cols = 768 if qtype == T.Q4_K else 576
+    cols = 768 if qtype in K_QUANTS else 576
     blocks = random_blocks(qtype, 64, cols, seed=12)
     x = torch.randn(cols, generator=torch.Generator().manual_seed(3))
     ops = kernels.quant_ops()
@@ -107,9 +108,10 @@ def test_the_kernels_refuse_what_the_layout_does_not_cover():
     rearranged = interleaved(random_blocks(T.Q8_0, 16, 64, seed=1), T.Q8_0)
     with pytest.raises(RuntimeError, match="whole groups of 16 rows"):
         ops.quant_linear(torch.randn(64), rearranged[:8], int(T.Q8_0) | INTERLEAVED, None, 0)
-    k_groups = interleaved(random_blocks(T.Q4_K, 16, 256, seed=1), T.Q4_K)
-    with pytest.raises(RuntimeError, match="interleaved Q4_K blocks have no float-activation kernel"):
-        ops.quant_linear(torch.randn(256), k_groups, int(T.Q4_K) | INTERLEAVED, None, 0, True)
+    for k_quant in K_QUANTS:
+        k_groups = interleaved(random_blocks(k_quant, 16, 256, seed=1), k_quant)
+        with pytest.raises(RuntimeError, match="interleaved K-quant blocks have no float-activation kernel"):
+            ops.quant_linear(torch.randn(256), k_groups, int(k_quant) | INTERLEAVED, None, 0, True)
 
 
 @pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
@@ -133,7 +135,7 @@ def test_an_interleaved_layer_decodes_and_prefills_as_before(qtype, monkeypatch,
 def test_only_blocks_every_reader_covers_are_interleaved(monkeypatch):
     """A tied embedding and output layer share one tensor of blocks: interleaved for both, or for neither."""
     odd = QuantizedLinear(64, 24, T.Q4_0, random_blocks(T.Q4_0, 24, 64, seed=1))
-    k_quant = QuantizedLinear(256, 16, T.Q6_K, random_blocks(T.Q6_K, 16, 256, seed=1))
+    k_quant = QuantizedLinear(256, 16, T.Q5_K, random_blocks(T.Q5_K, 16, 256, seed=1))
     q4_k = QuantizedLinear(256, 16, T.Q4_K, random_blocks(T.Q4_K, 16, 256, seed=1))
     q4_k_output = QuantizedLinear(256, 16, T.Q4_K, random_blocks(T.Q4_K, 16, 256, seed=4), float_activation=True)
     covered = QuantizedLinear(64, 32, T.Q4_1, random_blocks(T.Q4_1, 32, 64, seed=1))
@@ -152,7 +154,8 @@ def test_only_blocks_every_reader_covers_are_interleaved(monkeypatch):
     assert not any(layer.interleaved for layer in model)
     monkeypatch.delenv(quant.INTERLEAVED_BLOCKS_ENV)
     interleave_blocks(model)
-    # Q4_K: its int8-activation layer, not an output layer (no float-activation kernel on groups)
+    # Q5_K has no interleaved layout; Q4_K: its int8-activation layer, not an output layer (no float-activation
+    # kernel on groups)
     assert [layer.interleaved for layer in model] == [False, False, True, True, True, False, False, True, False]
     assert "interleaved=True" in repr(embedding)
     assert torch.equal(embedding(ids), before_lookup)  # rows looked up through their groups
