@@ -74,7 +74,7 @@ struct QuantBytes {
   int64_t at, bytes;
 };
 
-inline QuantBytes quants_of(int64_t qtype) {
+constexpr QuantBytes quants_of(int64_t qtype) {
   switch (qtype) {
     case kQ4_1: return {4, 16};
     case kQ4_K: return {16, 128};
