@@ -7,7 +7,8 @@ Two random-weight Llama checkpoints (transformers, seed 0, SmolLM2's tokenizer a
 smollm-shape/ (SmolLM-135M's widths: 576, 1536) and wide256-shape/ (768, 2048: multiples of 256,
 so K-quants do not fall back to Q5_0/Q8_0). convert_hf_to_gguf.py makes smollm-shape-{f32,bf16,q8_0}
 and wide256-shape-f32; llama_model_quantize (llama-cpp-python, the bench extra) makes
-smollm-shape-q4_0 and wide256-shape-{q4_k_m,q6_k} from the F32 files. Without --converter, the
+smollm-shape-{q4_0,q4_k_m,q5_k_m} (their K-quant mixes mostly Q5_0, Q5_1 and Q8_0 on these rows) and
+wide256-shape-{q4_k_m,q6_k} from the F32 files. Without --converter, the
 llama-cpp-python 0.3.36 sdist is fetched with pip and its vendored converter extracted. Files that
 exist are kept; each is written under a temporary name and renamed when complete.
 """
@@ -36,7 +37,8 @@ SHAPES = {
                           num_attention_heads=12, num_key_value_heads=4),
 }
 CONVERTED = {"smollm-shape": ("f32", "bf16", "q8_0"), "wide256-shape": ("f32",)}
-QUANTIZED = {"smollm-shape": ("q4_0",), "wide256-shape": ("q4_k_m", "q6_k")}  # from the F32 file
+# from the F32 file; on smollm-shape's 576-wide rows llama.cpp's K-quant mixes fall back to Q5_0, Q5_1 and Q8_0
+QUANTIZED = {"smollm-shape": ("q4_0", "q4_k_m", "q5_k_m"), "wide256-shape": ("q4_k_m", "q6_k")}
 
 
 def fetch_converter(out_dir: Path, sdist: Path | None = None) -> Path:

@@ -9,13 +9,13 @@
   linear_bf16, which streams the weights about twice as fast as PyTorch's kernel, with the same
   rounding steps (float32 sums in another order: rare last-bit differences), and so does each
   single-position RMSNorm (rms_norm_bf16, one op instead of eight); prefill keeps PyTorch's kernels.
-- A Llama-family model on GGUF blocks or dense float32 or bfloat16 weights gets `fused_decode`
+- A Llama-family or Gemma 3 model on GGUF blocks or dense float32 or bfloat16 weights gets `fused_decode`
   (engine.fused_decode): its whole decode step in one kernel call, reading each layer's weights where
   they are ((out, in)-contiguous rows: no oneDNN layout then); other models get None and decode
   through their modules.
-- On CPU, GGUF blocks of Q4_0, Q4_1, Q8_0, Q4_K and Q6_K (engine.quant's QuantizedLinear, a tied
-  QuantizedEmbedding with them; not a K-quant output layer) are first rearranged in place into the
-  kernels' interleaved 16-row groups (interleave_blocks).
+- On CPU, GGUF blocks of every type the kernels take (engine.quant's QuantizedLinear, a tied
+  QuantizedEmbedding with them; not an output layer in Q5_0, Q5_1, Q4_K or Q5_K) are first rearranged in
+  place into the kernels' interleaved 16-row groups (interleave_blocks).
 - GGUF weights kept in their blocks (engine.quant's QuantizedLinear) of other models fuse like dense
   ones where the parts share one GGUF type (a Q4_K_M file's Q6_K v_proj stays separate); under
   `fused_decode` they stay apart: fusing copies the blocks out of the file's memory map, and the

@@ -3,8 +3,9 @@ puts them into a model in place of nn.Linear and nn.Embedding.
 
 Decode (one activation row) runs engine.kernels' quant_linear on the blocks: a 4-bit matrix streams a
 quarter of the bytes of bfloat16. interleave_blocks (engine.inference, at load) rearranges Q4_0, Q4_1,
-Q8_0, Q4_K and Q6_K blocks in place into the kernels' interleaved 16-row groups, which they read ~1.5-2x as
-fast as rows (an output layer in a K-quant keeps its rows: its float-activation kernel reads rows only). Prefill (many rows) dequantizes the weight in
+Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K blocks in place into the kernels' interleaved 16-row groups, which they
+read ~1.5-2.5x as fast as rows (an output layer in Q5_0, Q5_1, Q4_K or Q5_K keeps its rows: its float-activation
+kernel reads rows only). Prefill (many rows) dequantizes the weight in
 chunks of rows, each chunk transiently (CHUNK_VALUES values at most, 16 MB in float32), and runs
 PyTorch's GEMM on it (in bfloat16 on CPUs that multiply it natively: prefill_dtype): the GEMM does
 ~T multiply-adds per dequantized value, so the dequantization costs little next to it, and no dense
@@ -40,9 +41,13 @@ SUPPORTED_TYPES = frozenset({
 CHUNK_VALUES = 1 << 22  # weight values dequantized at once for a many-row call
 # The kernels' interleaved layout (engine/kernels/quant.cpp): 16 rows' blocks side by side, read by a
 # decode kernel ~2x as fast as rows one by one; a type code plus INTERLEAVED says the blocks are so.
-FLOAT_INTERLEAVED_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0})
-# The K-quants' interleaved kernels take int8 activations only: an output layer (float activations) keeps its rows.
-INTERLEAVED_TYPES = FLOAT_INTERLEAVED_TYPES | {GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K}
+# Types whose groups have an output layer's (float_activation) kernel too: x as it is, or for Q6_K as two int8
+# parts (x's rounding and the rounding of its residual: 2^-8 of one int8 rounding's error).
+FLOAT_INTERLEAVED_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0,
+                                     GGMLQuantizationType.Q6_K})
+# The other interleaved kernels take int8 activations only: an output layer (float activations) keeps its rows.
+INTERLEAVED_TYPES = FLOAT_INTERLEAVED_TYPES | {GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1,
+                                               GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K}
 INTERLEAVED, GROUP_ROWS = 256, 16
 INTERLEAVED_BLOCKS_ENV = "CHATTUI_INTERLEAVED_BLOCKS"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations the kernels take
@@ -135,7 +140,8 @@ class QuantizedLinear(nn.Module):
         # to int8): its argmax picks the token, and int8 rounding there flips near-ties. Measured on
         # SmolLM2-135M Q4_1: 16 greedy tokens equal to the dequantized float32 path on 14 of 24 prompts with
         # int8, 20 of 24 without, and decoding no slower (104 vs 107 tok/s, AMD Zen 5: streaming the
-        # 49152x576 Q8_0 output layer's bytes decides, not the arithmetic).
+        # 49152x576 Q8_0 output layer's bytes decides, not the arithmetic). On interleaved Q6_K groups, x is
+        # two int8 parts instead (FLOAT_INTERLEAVED_TYPES), 254x finer than one.
         self.float_activation = float_activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)

@@ -19,15 +19,16 @@
 //
 // With float_activation, quant_linear keeps x as it is instead (weight rows dequantized in L1, float FMA):
 // for the output layer, where int8 rounding of the input flips near-tied tokens. More arithmetic per byte,
-// but on a layer that does not fit in cache reading the bytes decides (measured: no slower).
+// but on a layer that does not fit in cache reading the bytes decides (measured: no slower). On interleaved Q6_K
+// groups it takes x as two int8 parts instead (quant_isa.inc's interleaved_q6k_two_part_range).
 //
 // quant_dequantize: whole rows to float32 or bfloat16, for prefill tiles and embedding lookups.
 //
-// quant_interleave: Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks rearranged in place into 16-row groups (convert_group), which
+// quant_interleave: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K blocks rearranged in place into 16-row groups (convert_group), which
 // every op above reads given the type code plus kInterleaved.
 //
-// quant_decode_step: a whole decode step of a Llama-family model on such blocks (every layer, then the
-// output layer's logits) in one call and one parallel region (decode_isa.inc says why).
+// quant_decode_step: a whole decode step of a Llama-family model or of Gemma 3 on such blocks (every layer,
+// then the output layer's logits) in one call and one parallel region (decode_isa.inc says why).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -58,31 +59,66 @@ constexpr int64_t kInterleaved = 256, kGroupRows = 16;
 
 inline int64_t base_type(int64_t code) { return code & (kInterleaved - 1); }
 inline bool is_interleaved(int64_t code) { return (code & kInterleaved) != 0; }
+inline bool float_interleavable(int64_t qtype) { return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0; }
 inline bool interleavable(int64_t qtype) {
-  return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 || qtype == kQ4_K || qtype == kQ6_K;
+  return float_interleavable(qtype) || qtype == kQ5_0 || qtype == kQ5_1 || qtype == kQ4_K || qtype == kQ5_K ||
+         qtype == kQ6_K;
 }
-// Interleaved K-quants have no float-activation kernel (the output layer's path): engine.quant keeps such
-// layers in rows.
+// Of the interleaved types, Q4_0, Q4_1, Q8_0 and Q6_K (x as two int8 parts) have a float-activation kernel (the
+// output layer's path): engine.quant keeps an output layer of the other types in rows.
 inline bool has_float_kernel(int64_t code) {
-  return !is_interleaved(code) || (base_type(code) != kQ4_K && base_type(code) != kQ6_K);
+  return !is_interleaved(code) || float_interleavable(base_type(code)) || base_type(code) == kQ6_K;
 }
 
 // Where a block's quants lie (the interleaved layout moves them as 4-byte words); its other bytes, the head,
-// are float16 scales and such (moved as 2-byte fields): before the quants (d; Q4_1's m; Q4_K's dmin and
-// 12 bytes of 6-bit scales), or after them (Q6_K's 16 int8 scales and d).
+// are float16 scales and such (moved as 2-byte fields): before the quants (d; Q4_1's and Q5_1's m; Q4_K's
+// and Q5_K's dmin and 12 bytes of 6-bit scales), or after them (Q6_K's 16 int8 scales and d). Q5_0's and Q5_1's quants
+// start with the 32 fifth bits (fifth_bits: reordered in the interleaved layout, interleaved_fifth_bits).
 struct QuantBytes {
   int64_t at, bytes;
+  bool fifth_bits = false;
 };
 
 constexpr QuantBytes quants_of(int64_t qtype) {
   switch (qtype) {
     case kQ4_1: return {4, 16};
+    case kQ5_0: return {2, 20, true};
+    case kQ5_1: return {4, 20, true};
     case kQ4_K: return {16, 128};
+    case kQ5_K: return {16, 160};  // the 32 bytes of fifth bits, then the nibbles (not reordered: they need not be)
     case kQ6_K: return {0, 192};
     case kQ8_0: return {2, 32};
   }
   return {2, 16};  // Q4_0
 }
+
+// Q5's fifth bits as the interleaved kernels read them: bit 8k + w holds value 4w + k's and bit 8k + 4 + w value
+// 16 + 4w + k's (k, w < 4), where bit i of GGUF's holds value i's. Quant word w of a block holds values 4w + k
+// (low nibbles) and 16 + 4w + k (high nibbles) in byte k, so one shift and one mask put its fifth bits at bit 4
+// of each byte. Spreading 4 bits to bytes and back: multiplications whose partial products never overlap.
+constexpr uint32_t interleaved_fifth_bits(uint32_t bits) {
+  uint32_t out = 0;
+  for (int half = 0; half < 2; ++half) {
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t nibble = (bits >> (16 * half + 4 * w)) & 0xF;
+      out |= ((nibble * 0x00204081u) & 0x01010101u) << (4 * half + w);
+    }
+  }
+  return out;
+}
+
+constexpr uint32_t gguf_fifth_bits(uint32_t interleaved) {
+  uint32_t out = 0;
+  for (int half = 0; half < 2; ++half) {
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t spread = (interleaved >> (4 * half + w)) & 0x01010101u;
+      out |= (((spread * 0x01020408u) >> 24) & 0xF) << (16 * half + 4 * w);
+    }
+  }
+  return out;
+}
+static_assert(gguf_fifth_bits(interleaved_fifth_bits(0x9E3779B9u)) == 0x9E3779B9u &&
+              interleaved_fifth_bits(1u << 21) == 1u << 13);  // value 21 = 16 + 4 * 1 + 1: bit 8 * 1 + 4 + 1
 
 struct TypeSize {
   int64_t values, bytes;  // per block
@@ -108,7 +144,7 @@ int64_t stored_offset(int64_t code) {  // types storing q + offset: Q4_0 stores 
   return qtype == kQ4_0 ? 8 : qtype == kQ5_0 ? 16 : qtype == kQ6_K ? 32 : 0;
 }
 
-// The interleaved layout of a group of 16 rows (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) holds the same bytes as the
+// The interleaved layout of a group of 16 rows (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) holds the same bytes as the
 // 16 rows, in another order: block column j of all 16 rows at j * 16 * block_bytes, first each 2-byte field
 // of the blocks' heads (quants_of) of the 16 rows side by side (32 bytes a field), then the quants as 4-byte
 // words, word w of row r at 64 * w + 4 * r. One 512-bit load is then word w of all 16 rows, which one
@@ -130,6 +166,13 @@ void convert_group(const uint8_t* from, uint8_t* to, int64_t row_bytes, int64_t 
       };
       for (int64_t f = 0; f < head_bytes / 2; ++f) move(2, head_at + 2 * f, 2 * kGroupRows * f + 2 * r);
       for (int64_t w = 0; w < words; ++w) move(4, quants.at + 4 * w, kGroupRows * head_bytes + 64 * w + 4 * r);
+      if (quants.fifth_bits) {  // word 0, now in place, reordered
+        uint8_t* fifth = to + (to_interleaved ? column_at + kGroupRows * head_bytes + 4 * r : row_at + quants.at);
+        uint32_t bits;
+        std::memcpy(&bits, fifth, 4);
+        bits = to_interleaved ? interleaved_fifth_bits(bits) : gguf_fifth_bits(bits);
+        std::memcpy(fifth, &bits, 4);
+      }
     }
   }
 }
@@ -152,9 +195,14 @@ struct Slot {  // one linear layer: y (out) = W x + bias, W (out, row_bytes) GGU
 };
 
 struct StepShape {
-  int64_t layers, dim, heads, kv_heads, head_dim, hidden, vocab, capacity, position, window;
+  int64_t layers, dim, heads, kv_heads, head_dim, hidden, vocab, capacity, position;
   float eps, scale;
-  bool qk_norm;
+  bool qk_norm, post_norms, gelu;
+};
+
+struct LayerAttention {  // a layer's RoPE row at the step's position (head_dim each) and sliding window (0: none)
+  const float *cos, *sin;
+  int64_t window;
 };
 
 }  // namespace
@@ -209,7 +257,7 @@ int64_t check_blocks(const at::Tensor& blocks, int64_t qtype) {  // -> values pe
   TORCH_CHECK(blocks.size(1) > 0 && blocks.size(1) % size.bytes == 0, "quantized matmul: ", blocks.size(1),
               " bytes per row is not a whole number of ", size.bytes, "-byte blocks");
   TORCH_CHECK(!is_interleaved(qtype) || (interleavable(base_type(qtype)) && blocks.size(0) % kGroupRows == 0),
-              "quantized matmul: the interleaved layout is for Q4_0, Q4_1, Q8_0, Q4_K and Q6_K in whole groups of ", kGroupRows,
+              "quantized matmul: the interleaved layout is for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K in whole groups of ", kGroupRows,
               " rows (type code ", qtype, ", ", blocks.size(0), " rows)");
   return blocks.size(1) / size.bytes * size.values;
 }
@@ -229,7 +277,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t q
                 "quant_linear: bias must be (", out, ") contiguous float32");
     bias_ptr = bias->const_data_ptr<float>();
   }
-  TORCH_CHECK(!float_activation || has_float_kernel(qtype), "quant_linear: interleaved K-quant blocks have no float-activation kernel");
+  TORCH_CHECK(!float_activation || has_float_kernel(qtype), "quant_linear: interleaved blocks of this type have no float-activation kernel (Q4_0, Q4_1, Q8_0 and Q6_K do)");
   const at::Tensor row = x.contiguous();
   auto shape = x.sizes().vec();
   shape.back() = out;
@@ -284,10 +332,10 @@ at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, at::ScalarT
   return y;
 }
 
-// blocks (rows, bytes per row) of Q4_0, Q4_1, Q8_0, Q4_K or Q6_K, rows a multiple of 16, rearranged in place into the
+// blocks (rows, bytes per row) of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K, rows a multiple of 16, rearranged in place into the
 // interleaved layout (convert_group): from then on their type code is qtype + 256 (kInterleaved).
 at::Tensor& quant_interleave(at::Tensor& blocks, int64_t qtype) {
-  TORCH_CHECK(interleavable(qtype), "quant_interleave: GGML type ", qtype, " has no interleaved layout (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K do)");
+  TORCH_CHECK(interleavable(qtype), "quant_interleave: GGML type ", qtype, " has no interleaved layout (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K do)");
   check_blocks(blocks, qtype | kInterleaved);
   const int64_t row_bytes = blocks.size(1), group_bytes = kGroupRows * row_bytes;
   const TypeSize size = type_size(qtype);
@@ -311,15 +359,19 @@ const float* bias_or_null(const at::Tensor& bias, int64_t out, const char* what)
 
 // x: the token's embedding (dim) float32; blocks, qtypes, biases: 7 per layer (q, k, v, o, gate, up, down)
 // then the output layer, a bias of no elements meaning none; a weight is GGUF blocks of its GGML type, or
-// dense (out, in) rows of float32 (type 0, GGML's F32) or bfloat16 (type 30, GGML's BF16); norms: per layer the input and post-attention
-// RMSNorm weights (then q_norm, k_norm where the model has them), then the final norm, all float32;
-// cos, sin: (positions, head_dim) RoPE tables; keys, values: the float32 or bfloat16 KV cache (layers, 1, kv_heads,
-// capacity, head_dim), written at `position`; window: sliding-window length, 0 for none.
+// dense (out, in) rows of float32 (type 0, GGML's F32) or bfloat16 (type 30, GGML's BF16); norms: per layer
+// the input and pre-MLP RMSNorm weights (then q_norm, k_norm where the model has them, then the attention's
+// and the MLP's output norms where post_norms: Gemma 3), then the final norm, all float32 (a norm that
+// scales by 1 + w is given 1 + w); cos, sin: per layer its (positions, head_dim) RoPE tables; keys, values:
+// the float32 or bfloat16 KV cache (layers, 1, kv_heads, capacity, head_dim), written at `position`;
+// windows: per layer its sliding-window length, 0 for none; gelu: the MLP's gate through tanh GELU
+// (GeGLU) instead of SiLU.
 // Returns the next token's logits (vocab) float32.
 at::Tensor quant_decode_step(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef qtypes,
-                             at::TensorList biases, at::TensorList norms, double eps, const at::Tensor& cos,
-                             const at::Tensor& sin, at::Tensor& keys, at::Tensor& values, int64_t position,
-                             int64_t heads, double scale, int64_t window, int64_t isa) {
+                             at::TensorList biases, at::TensorList norms, double eps, at::TensorList cos,
+                             at::TensorList sin, at::Tensor& keys, at::Tensor& values, int64_t position,
+                             int64_t heads, double scale, at::IntArrayRef windows, bool post_norms, bool gelu,
+                             int64_t isa) {
   check_isa(isa);
   const bool bf16_cache = keys.scalar_type() == at::kBFloat16;
   TORCH_CHECK((bf16_cache || keys.scalar_type() == at::kFloat) && keys.dim() == 5 && keys.size(1) == 1 &&
@@ -329,8 +381,8 @@ at::Tensor quant_decode_step(const at::Tensor& x, at::TensorList blocks, at::Int
               "kv_heads, capacity, head_dim)");
   StepShape m{};
   m.layers = keys.size(0), m.kv_heads = keys.size(2), m.capacity = keys.size(3), m.head_dim = keys.size(4);
-  m.heads = heads, m.position = position, m.window = window, m.eps = static_cast<float>(eps);
-  m.scale = static_cast<float>(scale);
+  m.heads = heads, m.position = position, m.eps = static_cast<float>(eps);
+  m.scale = static_cast<float>(scale), m.post_norms = post_norms, m.gelu = gelu;
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "quant_decode_step: x must be contiguous float32");
   m.dim = x.numel();
   TORCH_CHECK(heads > 0 && heads % m.kv_heads == 0 && m.head_dim % 8 == 0,
@@ -366,37 +418,45 @@ at::Tensor quant_decode_step(const at::Tensor& x, at::TensorList blocks, at::Int
     TORCH_CHECK(w.size(0) == out && check_blocks(w, qtypes[i]) == in, "quant_decode_step: weight ", i,
                 " must be ", out, " rows of ", in, " values");
     TORCH_CHECK(i + 1 < slot_count || has_float_kernel(qtypes[i]),
-                "quant_decode_step: the output layer's interleaved K-quant blocks have no float-activation kernel");
+                "quant_decode_step: the output layer's interleaved blocks have no float-activation kernel (Q4_0, Q4_1, Q8_0 and Q6_K do)");
     slots[i] = {w.const_data_ptr<uint8_t>(), w.size(1), qtypes[i], out, bias_or_null(biases[i], out, "a layer")};
   }
-  const int64_t norms_count = static_cast<int64_t>(norms.size());
-  m.qk_norm = norms_count == 4 * m.layers + 1;
-  TORCH_CHECK(m.qk_norm || norms_count == 2 * m.layers + 1, "quant_decode_step: expected ", 2 * m.layers + 1, " or ",
-              4 * m.layers + 1, " norm weights");
+  const int64_t norms_count = static_cast<int64_t>(norms.size()), plain = post_norms ? 4 : 2;
+  m.qk_norm = norms_count == (plain + 2) * m.layers + 1;
+  TORCH_CHECK(m.qk_norm || norms_count == plain * m.layers + 1, "quant_decode_step: expected ", plain * m.layers + 1,
+              " or ", (plain + 2) * m.layers + 1, " norm weights");
+  const int64_t per_layer = m.qk_norm ? plain + 2 : plain;
   std::vector<const float*> norm_weights(norms_count);
   for (int64_t i = 0; i < norms_count; ++i) {
-    const bool per_head = m.qk_norm && i < norms_count - 1 && i % 4 >= 2;
+    const bool per_head = m.qk_norm && i < norms_count - 1 && (i % per_layer == 2 || i % per_layer == 3);
     TORCH_CHECK(norms[i].scalar_type() == at::kFloat && norms[i].is_contiguous() &&
                     norms[i].numel() == (per_head ? m.head_dim : m.dim),
                 "quant_decode_step: norm weight ", i, " must be contiguous float32 of ", per_head ? m.head_dim : m.dim);
     norm_weights[i] = norms[i].const_data_ptr<float>();
   }
-  for (const at::Tensor* table : {&cos, &sin}) {
-    TORCH_CHECK(table->scalar_type() == at::kFloat && table->is_contiguous() && table->dim() == 2 &&
-                    table->size(0) > position && table->size(1) == m.head_dim,
-                "quant_decode_step: cos and sin must be contiguous float32 (positions > ", position, ", ", m.head_dim, ")");
+  TORCH_CHECK(static_cast<int64_t>(cos.size()) == m.layers && static_cast<int64_t>(sin.size()) == m.layers &&
+                  static_cast<int64_t>(windows.size()) == m.layers,
+              "quant_decode_step: expected ", m.layers, " cos and sin tables and windows, one per layer");
+  std::vector<LayerAttention> attention(m.layers);
+  for (int64_t l = 0; l < m.layers; ++l) {
+    for (const at::Tensor* table : {&cos[l], &sin[l]}) {
+      TORCH_CHECK(table->scalar_type() == at::kFloat && table->is_contiguous() && table->dim() == 2 &&
+                      table->size(0) > position && table->size(1) == m.head_dim,
+                  "quant_decode_step: cos and sin must be contiguous float32 (positions > ", position, ", ", m.head_dim, ")");
+    }
+    TORCH_CHECK(windows[l] >= 0, "quant_decode_step: a sliding window must be 0 (none) or positive, got ", windows[l]);
+    attention[l] = {cos[l].const_data_ptr<float>() + position * m.head_dim,
+                    sin[l].const_data_ptr<float>() + position * m.head_dim, windows[l]};
   }
   at::Tensor logits = at::empty({m.vocab}, x.options());
-  const float* cos_table = cos.const_data_ptr<float>();
-  const float* sin_table = sin.const_data_ptr<float>();
   if (bf16_cache) {
     using C = c10::BFloat16;
     const auto step = isa == kIsaAvx512 ? &avx512::decode_step<C> : &avx2::decode_step<C>;
-    step(m, slots, norm_weights, cos_table, sin_table, keys.mutable_data_ptr<C>(), values.mutable_data_ptr<C>(),
+    step(m, slots, norm_weights, attention, keys.mutable_data_ptr<C>(), values.mutable_data_ptr<C>(),
          x.const_data_ptr<float>(), logits.mutable_data_ptr<float>());
   } else {
     const auto step = isa == kIsaAvx512 ? &avx512::decode_step<float> : &avx2::decode_step<float>;
-    step(m, slots, norm_weights, cos_table, sin_table, keys.mutable_data_ptr<float>(), values.mutable_data_ptr<float>(),
+    step(m, slots, norm_weights, attention, keys.mutable_data_ptr<float>(), values.mutable_data_ptr<float>(),
          x.const_data_ptr<float>(), logits.mutable_data_ptr<float>());
   }
   return logits;
@@ -410,8 +470,8 @@ TORCH_LIBRARY_FRAGMENT(chattui, m) {
   m.def("quant_dequantize(Tensor blocks, int qtype, ScalarType dtype, int isa, Tensor? scratch=None) -> Tensor");
   m.def("quant_interleave(Tensor(a!) blocks, int qtype) -> Tensor(a!)");
   m.def("quant_decode_step(Tensor x, Tensor[] blocks, int[] qtypes, Tensor[] biases, Tensor[] norms, float eps, "
-        "Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, int position, int heads, float scale, int window, "
-        "int isa) -> Tensor");
+        "Tensor[] cos, Tensor[] sin, Tensor(a!) keys, Tensor(b!) values, int position, int heads, float scale, "
+        "int[] windows, bool post_norms, bool gelu, int isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chattui, CPU, m) {

@@ -22,12 +22,16 @@ pytestmark = pytest.mark.skipif(not quant_kernels_available(), reason="the quant
 CPU = torch.device("cpu")
 K_SHAPE = dict(hidden_size=256, intermediate_size=256, head_dim=64)
 MIX = {"attn_v": Q.Q6_K, "ffn_down": Q.Q6_K}  # as a Q4_K_M file mixes them: v_proj apart from q and k
+GEMMA3 = dict(hidden_size=64, attn_logit_softcapping=None)  # 64: whole 32-value blocks
 # (family, weight type, overrides, per-name types): offsets (Q4_0, Q6_K), biases (Qwen2), per-head norms
-# (Qwen3), a sliding window shorter than the steps (Mistral's 24), tied embeddings, mixed types.
+# (Qwen3), a sliding window shorter than the steps (Mistral's 24), tied embeddings, mixed types; Gemma 3's
+# (1 + w) norms around each sublayer, GeGLU, local layers (a window of 8) with their own RoPE base between
+# global ones, scaled embeddings and soft-capped logits.
 CASES = [
     ("llama", Q.Q4_1, {}, None), ("llama", Q.Q4_0, {}, None), ("llama", Q.Q8_0, {}, None),
-    ("llama", Q.Q4_K, K_SHAPE, MIX), ("qwen2", Q.Q5_1, {}, None), ("qwen3", Q.Q8_0, {}, None),
+    ("llama", Q.Q4_K, K_SHAPE, MIX), ("llama", Q.Q6_K, K_SHAPE, None), ("llama", Q.Q5_K, K_SHAPE, None), ("qwen2", Q.Q5_1, {}, None), ("qwen3", Q.Q8_0, {}, None),
     ("mistral", Q.Q5_0, {}, None), ("llama_tied_llama3_rope", Q.Q4_1, {}, None),
+    ("gemma3", Q.Q8_0, GEMMA3, None), ("gemma3", Q.Q5_0, GEMMA3, None), ("gemma3", Q.Q4_K, {**GEMMA3, **K_SHAPE}, MIX),
 ]
 CASE_IDS = [f"{family}-{q.name}{'-mix' if mix else ''}" for family, q, _, mix in CASES]
 
@@ -103,7 +107,7 @@ def test_long_contexts_split_positions_between_threads_and_merge_the_softmax(che
     assert max(errors) <= 1e-5, errors
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "llama_tied_llama3_rope"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "llama_tied_llama3_rope", "gemma3"])
 def test_dense_float32_weights_step_as_the_module_path(checkpoint_factory, family):
     folder = checkpoint_factory(family)
     model = load_model(folder, read_model_config(folder), CPU, torch.float32)
@@ -115,7 +119,8 @@ def test_dense_float32_weights_step_as_the_module_path(checkpoint_factory, famil
 
 
 @pytest.mark.parametrize(("family", "isa"), [("llama", None), ("qwen2", None), ("qwen3", None), ("mistral", None),
-                                           ("llama_tied_llama3_rope", None), ("qwen2", "avx2")])
+                                           ("llama_tied_llama3_rope", None), ("gemma3", None), ("qwen2", "avx2"),
+                                           ("gemma3", "avx2")])
 def test_bfloat16_weights_step_in_float32(checkpoint_factory, family, isa, monkeypatch):
     """A bfloat16 model's step reads its bfloat16 rows and cache and computes in float32 (as llama.cpp does on
     BF16 weights): on the same cache it is the float32 module path on the same weights up to summation order
@@ -205,10 +210,8 @@ def test_generation_runs_the_fused_step_and_greedy_tokens_follow_the_modules(che
     assert "".join(engine.generate(prompt, SamplingParams(temperature=0.0), max_new_tokens=12)) == fused_text
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gemma3"])
-def test_other_families_decode_through_their_modules(checkpoint_factory, tmp_path, family):
-    overrides = dict(hidden_size=64, attn_logit_softcapping=None) if family == "gemma3" else {}
-    path, _ = write_gguf(checkpoint_factory(family, **overrides), tmp_path / "m.gguf", family, Q.Q8_0)
+def test_other_families_decode_through_their_modules(checkpoint_factory, tmp_path):
+    path, _ = write_gguf(checkpoint_factory("gpt2"), tmp_path / "m.gguf", "gpt2", Q.Q8_0)
     assert load_model(path, read_model_config(path), CPU, torch.float32, keep_blocks=True).fused_decode is None
 
 
@@ -245,11 +248,19 @@ def test_bad_arguments_get_a_clear_error(checkpoint_factory, tmp_path):
     fused, cache = model.fused_decode, KVCache.for_model(model.config, 4, torch.float32, CPU)
     x = torch.zeros(model.config.hidden_size)
     step = quant_ops().quant_decode_step
-    args = [x, fused._blocks, fused._qtypes, fused._biases, fused._norms, 1e-5, torch.zeros(4, 16), torch.zeros(4, 16),
-            cache.k, cache.v, 0, model.config.num_attention_heads, 0.25, 0, fused._isa]
+    layers = model.config.num_hidden_layers
+    tables = [torch.zeros(4, 16)] * layers
+    args = [x, fused._blocks, fused._qtypes, fused._biases, fused._norms, 1e-5, tables, tables,
+            cache.k, cache.v, 0, model.config.num_attention_heads, 0.25, [0] * layers, False, False, fused._isa]
     with pytest.raises(RuntimeError, match="expected .* weights, GGUF types and biases"):
         step(*args[:1], fused._blocks[1:], *args[2:])
     with pytest.raises(RuntimeError, match="position 4 is outside the cache's 4"):
         step(*args[:10], 4, *args[11:])
     with pytest.raises(RuntimeError, match="cos and sin must be contiguous float32"):
-        step(*args[:6], torch.zeros(4, 8), *args[7:])
+        step(*args[:6], [torch.zeros(4, 8)] * layers, *args[7:])
+    with pytest.raises(RuntimeError, match=f"expected {layers} cos and sin tables and windows, one per layer"):
+        step(*args[:13], [0] * (layers + 1), *args[14:])
+    with pytest.raises(RuntimeError, match="a sliding window must be 0 .none. or positive, got -1"):
+        step(*args[:13], [-1] * layers, *args[14:])
+    with pytest.raises(RuntimeError, match=f"expected {4 * layers + 1} or {6 * layers + 1} norm weights"):
+        step(*args[:14], True, *args[15:])  # output norms asked for, but none given

@@ -46,20 +46,37 @@ def _storage_bytes(model: nn.Module) -> int:
     return sum(storages.values())
 
 
-def _round_activations_as_the_kernels_do(model: nn.Module) -> None:
-    """Single-row inputs of every Linear rounded as quant_linear rounds them: per 32 values to int8 steps of
+def _int8_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (n) as quant_linear rounds its input: per 32 values int8 q (32 values a row, as floats) and the step
     absmax / 127 (tests/engine/test_quant_kernels.py's quantized_activation, in torch)."""
+    blocks = x.reshape(-1, 32)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    # 127 / absmax as a true division: torch computes `127 / t` as 127 * (1 / t), off by a rounding at ties
+    inverse = torch.where(absmax > 0, torch.full_like(absmax, 127.0) / absmax, torch.zeros_like(absmax))
+    return torch.round(blocks * inverse), absmax / 127
+
+
+def _int8_rounded(x: torch.Tensor) -> torch.Tensor:
+    q, step = _int8_parts(x)
+    return (q * step).reshape(x.shape)
+
+
+def _round_activations_as_the_kernels_do(model: nn.Module, output_in_two_parts: bool) -> None:
+    """Single-row inputs of every Linear rounded as quant_linear rounds them (_int8_rounded); the output layer's
+    kept as they are (QuantizedLinear.float_activation), or where output_in_two_parts (interleaved Q6_K groups)
+    as the int8 rounding plus that of the residual (computed as the kernel's fma: rounded once)."""
 
     def hook(layer, args):
         (x,) = args
-        if x.numel() != layer.in_features or layer is model.lm_head:
-            return None  # prefill (the quantized layer dequantizes and runs the same GEMM); the output layer
-            # keeps float activations (QuantizedLinear.float_activation)
-        blocks = x.reshape(-1, 32)
-        absmax = blocks.abs().amax(dim=1, keepdim=True)
-        # 127 / absmax as a true division: torch computes `127 / t` as 127 * (1 / t), off by a rounding at ties
-        inverse = torch.where(absmax > 0, torch.full_like(absmax, 127.0) / absmax, torch.zeros_like(absmax))
-        return (torch.round(blocks * inverse) * (absmax / 127)).reshape(x.shape)
+        if x.numel() != layer.in_features:
+            return None  # prefill: the quantized layer dequantizes and runs the same GEMM
+        if layer is not model.lm_head:
+            return _int8_rounded(x)
+        if not output_in_two_parts:
+            return None
+        q, step = _int8_parts(x)
+        residual = (x.double().reshape(q.shape) - q.double() * step.double()).float().reshape(x.shape)
+        return (q * step).reshape(x.shape) + _int8_rounded(residual)
 
     for module in model.modules():
         if type(module) is nn.Linear:
@@ -133,7 +150,8 @@ def test_decode_equals_the_dequantized_float32_path_with_the_kernels_activation_
     config = read_model_config(path)
     quantized = load_model(path, config, CPU, torch.float32, keep_blocks=True)
     reference = load_weights(path, config, CPU, torch.float32).eval()
-    _round_activations_as_the_kernels_do(reference)
+    head = quantized.lm_head
+    _round_activations_as_the_kernels_do(reference, head.interleaved and head.qtype == gguf.GGMLQuantizationType.Q6_K)
     ids = torch.tensor(_prompts(1, 41)[0])
     ours, expected = _one_step_logits(quantized, ids), _one_step_logits(reference, ids)  # (40, V)
     error = (ours - expected).abs().amax(dim=1) / expected.abs().max()  # per step

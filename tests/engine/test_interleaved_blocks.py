@@ -1,4 +1,4 @@
-"""The kernels' interleaved layout of Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks (16 rows side by side,
+"""The kernels' interleaved layout of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K blocks (16 rows side by side,
 engine/kernels/quant.cpp): the rearrangement, its decode kernels on both instruction sets (the float-activation
 one of the output layer for the 32-value types), prefill tiles from it, and where loading uses it."""
 
@@ -24,9 +24,10 @@ from tests.engine.test_quant_kernels import (
 )
 
 T = GGMLQuantizationType
-FLOAT_INTERLEAVED_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
-K_QUANTS = [T.Q4_K, T.Q6_K]
-INTERLEAVED_TYPES = [*FLOAT_INTERLEAVED_TYPES, *K_QUANTS]
+FLOAT_INTERLEAVED_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]  # x as it is on their groups (Q6_K: as two int8 parts)
+K_QUANTS = [T.Q4_K, T.Q5_K, T.Q6_K]
+INT8_ONLY_TYPES = [T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K]  # no float-activation kernel on their groups
+INTERLEAVED_TYPES = [*FLOAT_INTERLEAVED_TYPES, T.Q5_0, T.Q5_1, *K_QUANTS]
 
 pytestmark = needs_kernels
 
@@ -41,9 +42,13 @@ def test_interleaving_rearranges_the_bytes_and_dequantizes_to_the_same_values(qt
     blocks = random_blocks(qtype, 48, 512 if qtype in K_QUANTS else 96, seed=11)  # 2 superblocks, 3 blocks
     rearranged = interleaved(blocks, qtype)
     assert not torch.equal(rearranged, torch.from_numpy(blocks))
-    assert sorted(rearranged.flatten().tolist()) == sorted(blocks.flatten().tolist())  # the same bytes
-    # each group of 16 rows keeps its own bytes: the layout is local to a group
-    assert sorted(rearranged[16:32].flatten().tolist()) == sorted(blocks[16:32].flatten().tolist())
+    # the same bytes, each group of 16 rows its own (the layout is local to a group); Q5's fifth bits are
+    # reordered within their 4-byte words, so there the same bits
+    for group in (slice(None), slice(16, 32)):
+        if qtype in (T.Q5_0, T.Q5_1):
+            assert np.unpackbits(rearranged[group].numpy()).sum() == np.unpackbits(blocks[group]).sum()
+        else:
+            assert sorted(rearranged[group].flatten().tolist()) == sorted(blocks[group].flatten().tolist())
     expected = torch.from_numpy(quants.dequantize(blocks, qtype))
     ops = kernels.quant_ops()
     code = int(qtype) | INTERLEAVED
@@ -86,6 +91,36 @@ def test_interleaved_float_activation_kernel_matches_the_exact_product(qtype, ro
         assert_within_float32_rounding(y, w, x.double().numpy().reshape(-1), bias)
 
 
+def two_part_activation(x: np.ndarray) -> np.ndarray:
+    """x as the Q6_K groups' output-layer kernel sees it, in float64: its int8 rounding (quantized_activation) plus
+    the int8 rounding of the residual x - that (computed in float32, rounded once, as the kernel's fma)."""
+    rounded = quantized_activation(x)
+    residual = (x.astype(np.float32).astype(np.float64) - rounded).astype(np.float32)
+    return rounded + quantized_activation(residual)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows_blocks", [(16, 1), (48, 3)], ids=lambda s: f"{s[0]}x{s[1]}blocks")
+def test_the_q6_k_output_layer_kernel_rounds_x_to_two_int8_parts(rows_blocks, isa):
+    """The output layer's path on interleaved Q6_K groups: within float32 rounding of the product with x as the
+    two parts (a wrong residual, scale or offset fails it), and within half the residual's step of the exact
+    product: 254x inside one int8 rounding's bound, which the test checks it is."""
+    blocks, w, bias, xs = linear_case(T.Q6_K, *rows_blocks)
+    rearranged = interleaved(blocks, T.Q6_K)
+    for x in xs:
+        y = kernels.quant_ops().quant_linear(x, rearranged, int(T.Q6_K) | INTERLEAVED, bias, isa, True)
+        assert y.shape == (*x.shape[:-1], len(blocks)) and y.dtype == x.dtype
+        x64 = x.double().numpy().reshape(-1)
+        two_parts = two_part_activation(x64)
+        assert_within_float32_rounding(y, w, two_parts, bias)
+        residual = x64 - quantized_activation(x64)
+        bound = activation_error_bound(w, residual.astype(np.float32).astype(np.float64)) + 1e-5 * np.abs(w) @ np.abs(x64)
+        assert (bound * 100 < activation_error_bound(w, x64)).all()
+        if x.dtype == torch.float32:
+            exact = w @ x64 + bias.double().numpy()
+            assert (np.abs(y.double().numpy().reshape(-1) - exact) <= bound).all()
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
 def test_interleaved_and_row_kernels_agree_to_float32_rounding(qtype, isa):
@@ -103,15 +138,15 @@ def test_the_kernels_refuse_what_the_layout_does_not_cover():
     ops = kernels.quant_ops()
     with pytest.raises(RuntimeError, match="whole groups of 16 rows"):
         ops.quant_interleave(torch.from_numpy(random_blocks(T.Q4_0, 24, 64, seed=1)), int(T.Q4_0))
-    with pytest.raises(RuntimeError, match="no interleaved layout"):
-        ops.quant_interleave(torch.from_numpy(random_blocks(T.Q5_0, 16, 64, seed=1)), int(T.Q5_0))
+    with pytest.raises(RuntimeError, match="no interleaved layout"):  # every type the kernels take has one
+        ops.quant_interleave(torch.zeros(16, 64, dtype=torch.uint8), int(T.F16))
     rearranged = interleaved(random_blocks(T.Q8_0, 16, 64, seed=1), T.Q8_0)
     with pytest.raises(RuntimeError, match="whole groups of 16 rows"):
         ops.quant_linear(torch.randn(64), rearranged[:8], int(T.Q8_0) | INTERLEAVED, None, 0)
-    for k_quant in K_QUANTS:
-        k_groups = interleaved(random_blocks(k_quant, 16, 256, seed=1), k_quant)
-        with pytest.raises(RuntimeError, match="interleaved K-quant blocks have no float-activation kernel"):
-            ops.quant_linear(torch.randn(256), k_groups, int(k_quant) | INTERLEAVED, None, 0, True)
+    for qtype in INT8_ONLY_TYPES:
+        groups = interleaved(random_blocks(qtype, 16, 256, seed=1), qtype)
+        with pytest.raises(RuntimeError, match="interleaved blocks of this type have no float-activation kernel"):
+            ops.quant_linear(torch.randn(256), groups, int(qtype) | INTERLEAVED, None, 0, True)
 
 
 @pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
@@ -135,9 +170,10 @@ def test_an_interleaved_layer_decodes_and_prefills_as_before(qtype, monkeypatch,
 def test_only_blocks_every_reader_covers_are_interleaved(monkeypatch):
     """A tied embedding and output layer share one tensor of blocks: interleaved for both, or for neither."""
     odd = QuantizedLinear(64, 24, T.Q4_0, random_blocks(T.Q4_0, 24, 64, seed=1))
-    k_quant = QuantizedLinear(256, 16, T.Q5_K, random_blocks(T.Q5_K, 16, 256, seed=1))
+    q5_k_output = QuantizedLinear(256, 16, T.Q5_K, random_blocks(T.Q5_K, 16, 256, seed=1), float_activation=True)
     q4_k = QuantizedLinear(256, 16, T.Q4_K, random_blocks(T.Q4_K, 16, 256, seed=1))
     q4_k_output = QuantizedLinear(256, 16, T.Q4_K, random_blocks(T.Q4_K, 16, 256, seed=4), float_activation=True)
+    q5_0_output = QuantizedLinear(64, 16, T.Q5_0, random_blocks(T.Q5_0, 16, 64, seed=5), float_activation=True)
     covered = QuantizedLinear(64, 32, T.Q4_1, random_blocks(T.Q4_1, 32, 64, seed=1))
     table = torch.from_numpy(random_blocks(T.Q8_0, 48, 64, seed=2))
     embedding = QuantizedEmbedding(48, 64, T.Q8_0, table)
@@ -145,7 +181,8 @@ def test_only_blocks_every_reader_covers_are_interleaved(monkeypatch):
     assert output.blocks.data_ptr() == embedding.blocks.data_ptr()
     odd_table = torch.from_numpy(random_blocks(T.Q8_0, 24, 64, seed=3))
     odd_embedding, odd_output = QuantizedEmbedding(24, 64, T.Q8_0, odd_table), QuantizedLinear(64, 24, T.Q8_0, odd_table)
-    model = torch.nn.ModuleList([odd, k_quant, covered, embedding, output, odd_embedding, odd_output, q4_k, q4_k_output])
+    model = torch.nn.ModuleList([odd, q5_k_output, covered, embedding, output, odd_embedding, odd_output, q4_k, q4_k_output,
+                                 q5_0_output])
     ids = torch.tensor([[0, 47, 17, 17, 30]])
     x = torch.randn(1, 64)
     before_lookup, before_logits = embedding(ids), output(x)
@@ -154,9 +191,9 @@ def test_only_blocks_every_reader_covers_are_interleaved(monkeypatch):
     assert not any(layer.interleaved for layer in model)
     monkeypatch.delenv(quant.INTERLEAVED_BLOCKS_ENV)
     interleave_blocks(model)
-    # Q5_K has no interleaved layout; Q4_K: its int8-activation layer, not an output layer (no float-activation
-    # kernel on groups)
-    assert [layer.interleaved for layer in model] == [False, False, True, True, True, False, False, True, False]
+    # Q4_K: its int8-activation layer, not an output layer (no float-activation kernel on its groups, nor on
+    # Q5_K's or Q5_0's)
+    assert [layer.interleaved for layer in model] == [False, False, True, True, True, False, False, True, False, False]
     assert "interleaved=True" in repr(embedding)
     assert torch.equal(embedding(ids), before_lookup)  # rows looked up through their groups
     torch.testing.assert_close(output(x), before_logits, rtol=1e-5, atol=1e-5 * before_logits.abs().max().item())
