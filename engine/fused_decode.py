@@ -11,9 +11,12 @@ between global ones, scaled embeddings, soft-capped logits), and only while nobo
 the modules.
 
 It computes in float32: GGUF blocks as engine.quant's kernels do, bfloat16 weights and KV cache widened
-in registers (the new key and value rounded once into the cache). On float32 models its arithmetic is the
+in registers (the new key and value rounded once into the cache), except that on CPUs with AVX512-BF16 a
+bfloat16 matmul rounds its input to bfloat16 and sums bfloat16 products in float32 (vdpbf16ps), as llama.cpp
+does on BF16 weights (1.2-1.5x faster there). On float32 models its arithmetic is the
 module path's up to summation order in RMSNorm, attention and the softmax's exp; on bfloat16 models it is
-nearer the float32 model than the module path, which rounds every activation to bfloat16 as transformers
+nearer the float32 model than the module path (about half its error with bfloat16 matmul inputs, a
+twentieth without), which rounds every activation to bfloat16 as transformers
 does and so follows transformers' bfloat16 greedy tokens where this step parts from them at near-ties
 (tests/engine/test_fused_decode.py). CHATTUI_FUSED_DECODE=0 turns it off: the module path, to compare
 with transformers or to measure what the step gains.

@@ -224,6 +224,39 @@ inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 #pragma GCC pop_options
 
 #pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")
+namespace avx512_bf16 {
+namespace {
+// Rows [begin, end) of y = W x + bias for dense bfloat16 rows W (out, in; in a multiple of 32) with x rounded to
+// bfloat16 (to nearest even) first, as llama.cpp does on BF16 weights: vdpbf16ps sums pairs of bfloat16
+// products in float32, one instruction per 32 weights where widening them to float32 takes three. On a 2-core
+// AMD EPYC (Zen 4) the fused step's BF16 decode went from 67-83 to 100 tok/s (0.9-0.97x to 1.18x llama.cpp).
+void dense_rows(const c10::BFloat16* w, int64_t in, const float* x, const float* bias, float* y, int64_t begin,
+                int64_t end) {
+  thread_local std::vector<c10::BFloat16> rounded;
+  rounded.resize(in);
+  for (int64_t i = 0; i < in; i += 16) {
+    const __m256bh half = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + i));
+    std::memcpy(rounded.data() + i, &half, sizeof(half));
+  }
+  for (int64_t o = begin; o < end; ++o) {
+    const c10::BFloat16* row = w + o * in;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    const auto pairs = [](const c10::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); };
+    int64_t i = 0;
+    for (; i + 64 <= in; i += 64) {
+      acc0 = _mm512_dpbf16_ps(acc0, pairs(row + i), pairs(rounded.data() + i));
+      acc1 = _mm512_dpbf16_ps(acc1, pairs(row + i + 32), pairs(rounded.data() + i + 32));
+    }
+    if (i < in) acc0 = _mm512_dpbf16_ps(acc0, pairs(row + i), pairs(rounded.data() + i));
+    y[o] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (bias ? bias[o] : 0.0f);
+  }
+}
+}  // namespace
+}  // namespace avx512_bf16
+#pragma GCC pop_options
+
+#pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 namespace avx512 {
 namespace {

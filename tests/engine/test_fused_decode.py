@@ -10,6 +10,7 @@ import torch
 from engine import Engine, SamplingParams
 from engine.attention import AttentionWatcher
 from engine.checkpoint import load_model, load_weights, read_model_config
+from engine.device import cpu_has_avx512_bf16
 from engine.fused_decode import FUSED_DECODE_ENV
 from engine.generate import decode_one_token, prefill
 from engine.kernels import ISA_ENV, quant_ops
@@ -122,10 +123,11 @@ def test_dense_float32_weights_step_as_the_module_path(checkpoint_factory, famil
                                            ("llama_tied_llama3_rope", None), ("gemma3", None), ("qwen2", "avx2"),
                                            ("gemma3", "avx2")])
 def test_bfloat16_weights_step_in_float32(checkpoint_factory, family, isa, monkeypatch):
-    """A bfloat16 model's step reads its bfloat16 rows and cache and computes in float32 (as llama.cpp does on
-    BF16 weights): on the same cache it is the float32 module path on the same weights up to summation order
+    """A bfloat16 model's step reads its bfloat16 rows and cache and computes in float32, the matmuls' inputs
+    rounded to bfloat16 where the CPU multiplies bfloat16 natively (as llama.cpp does on BF16 weights): on the
+    same cache it is the float32 module path on the same weights up to summation order, those inputs' rounding
     and the new key and value's rounding into the bfloat16 cache, and so nearer that float32 result than the
-    bfloat16 module path (which rounds every activation to bfloat16) is."""
+    bfloat16 module path (which rounds every activation to bfloat16) is. Forcing AVX2 keeps the inputs float32."""
     if isa:
         monkeypatch.setenv(ISA_ENV, isa)
     folder = checkpoint_factory(family)
@@ -139,6 +141,7 @@ def test_bfloat16_weights_step_in_float32(checkpoint_factory, family, isa, monke
             p.copy_(p.bfloat16())
     ids = torch.randint(3, 400, (25,), generator=torch.Generator().manual_seed(6))
     fused_errors, module_errors = [], []
+    rounds_inputs = isa is None and cpu_has_avx512_bf16()  # the AVX-512 step's vdpbf16ps path
     with torch.inference_mode():
         for t in range(1, len(ids)):
             exact = KVCache.for_model(config, t + 1, torch.float32, CPU)
@@ -152,15 +155,21 @@ def test_bfloat16_weights_step_in_float32(checkpoint_factory, family, isa, monke
             module_logits = model(ids[t : t + 1][None], start=t, cache=modules, last_only=True)[0, -1]
             module_errors.append(_relative(module_logits.float(), expected))
             # the first layer's new key: the float32 one rounded once to bfloat16 (half a unit in the last place,
-            # 2**-8 of each value), up to float32 summation order (a little on values near zero, so scaled by
-            # the row); later layers attend to the rounded key and value, and differ by more
+            # 2**-8 of each value), up to the rounding of the projection's input (to bfloat16 on CPUs with
+            # AVX512-BF16, as llama.cpp rounds it: 2**-9 of each input value, a few 2**-9 of the row's largest
+            # values in all) and float32 summation order; later layers attend to the rounded key and value, and
+            # differ by more
             new_key, exact_key = ours.k[0, :, :, t].float(), exact.k[0, :, :, t]
+            input_rounding = 2**-7 if rounds_inputs else 2**-12
             assert ((new_key - exact_key).abs() <= exact_key.abs() * 2**-8
-                    + exact_key.abs().amax(-1, keepdim=True) * 2**-12).all(), (new_key - exact_key).abs().max()
+                    + exact_key.abs().amax(-1, keepdim=True) * input_rounding).all(), (new_key - exact_key).abs().max()
             assert torch.equal(ours.k[:, :, :, :t], modules.k[:, :, :, :t])  # the cached positions untouched
     fused_errors, module_errors = torch.tensor(fused_errors), torch.tensor(module_errors)
-    assert fused_errors.max() <= 1e-2, fused_errors
-    assert fused_errors.median() * 4 <= module_errors.median(), (fused_errors, module_errors)
+    # rounding the matmuls' inputs to bfloat16 takes the step half way to the module path's error (measured:
+    # median 0.0055 against the module path's 0.010; with float32 inputs, 0.0006)
+    nearer = 1.5 if rounds_inputs else 4
+    assert fused_errors.max() <= (2e-2 if rounds_inputs else 1e-2), fused_errors
+    assert fused_errors.median() * nearer <= module_errors.median(), (fused_errors, module_errors)
 
 
 def test_lora_layers_decode_through_the_modules(checkpoint_factory, tmp_path):
