@@ -381,7 +381,7 @@ class _GGUFWeights:
         with file:
             for key, tensor in self.tensors.items():
                 try:
-                    yield key, read_blocks(tensor, file) if key in self.kept else dequantize(tensor, dtype, device)
+                    yield key, read_blocks(tensor, file) if key in self.kept else dequantize(tensor, file, dtype, device)
                 except CheckpointError as e:
                     raise CheckpointError(f"{self.where}: {e}") from None
         release_cached_gguf()  # the weights were the last part read: the parsed header need not stay in memory

@@ -92,7 +92,7 @@ class GGUFTensor:
     key: str  # our module's state-dict key, e.g. "model.layers.0.self_attn.q_proj.weight"
     tensor_type: GGMLQuantizationType
     raw: np.ndarray  # the stored data, memory-mapped: floats for F32/F16, uint8 blocks (rows, bytes) otherwise
-    data_offset: int  # where `raw` starts in the file (read_blocks reads it without the memory map)
+    data_offset: int  # where `raw` starts in the file (read_raw reads it without the memory map)
     shape: tuple[int, ...]  # element shape as stored, numpy order (GGUF's ne reversed): (out, in) for a Linear
     unpermute_heads: int | None  # llama Q/K: heads whose rows llama.cpp interleaved for its RoPE
     transpose: bool  # gpt2 Conv1D: stored (out, in), our module holds (in, out)
@@ -198,14 +198,23 @@ def permute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_blocks(tensor: GGUFTensor, file: BinaryIO) -> torch.Tensor:
-    """A quantized matrix's blocks as (rows, bytes per row) uint8 in our row order, read from the open file
-    into memory of its own: the memory map is not touched, so its pages never count towards the process's
-    resident memory beside this copy. Llama Q/K rows are un-permuted as whole rows of blocks."""
-    blocks = torch.empty(tensor.raw.shape, dtype=torch.uint8)  # (rows, bytes per row)
-    file.seek(tensor.data_offset)
-    if file.readinto(memoryview(blocks.numpy()).cast("B")) != tensor.nbytes:
+def read_raw(tensor: GGUFTensor, file: BinaryIO, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows [start, stop) of the tensor's stored data (`raw`'s first axis), read from the open file into memory
+    of their own. The memory map is never touched: the page cache hands a mapping whole folios (up to 2 MB on
+    recent kernels), so reading even the small norms through it kept ~half of a 100 MB file resident until the
+    file was closed, beside the copy."""
+    stop = tensor.raw.shape[0] if stop is None else min(stop, tensor.raw.shape[0])
+    out = np.empty((stop - start, *tensor.raw.shape[1:]), dtype=tensor.raw.dtype)
+    file.seek(tensor.data_offset + start * tensor.raw.strides[0])  # raw is C-contiguous: a row's bytes
+    if file.readinto(memoryview(out).cast("B")) != out.nbytes:
         raise CheckpointError(f"truncated GGUF file while reading {tensor.gguf_name}")
+    return out
+
+
+def read_blocks(tensor: GGUFTensor, file: BinaryIO) -> torch.Tensor:
+    """A quantized matrix's blocks as (rows, bytes per row) uint8 in our row order (read_raw). Llama Q/K rows
+    are un-permuted as whole rows of blocks."""
+    blocks = torch.from_numpy(read_raw(tensor, file))  # (rows, bytes per row)
     if tensor.unpermute_heads is not None:
         blocks = unpermute_rows(blocks, tensor.unpermute_heads).contiguous()
     return blocks
@@ -220,26 +229,26 @@ def _dequantize_raw(tensor: GGUFTensor, raw: np.ndarray) -> torch.Tensor:
         array = gguf.quants.dequantize(raw, tensor.tensor_type)
     except (ValueError, NotImplementedError) as e:  # a malformed block array; types were checked before
         raise CheckpointError(f"cannot dequantize {tensor.gguf_name} ({tensor.tensor_type.name}): {e}") from None
-    if not array.flags.writeable:  # F32 comes back as a view of the read-only mapping
-        array = array.copy()
     return torch.from_numpy(array)
 
 
-def dequantize(tensor: GGUFTensor, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The tensor in our layout, e.g. (out, in) for a Linear and (in, out) for GPT-2's Conv1D, in dtype on device.
+def dequantize(tensor: GGUFTensor, file: BinaryIO, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """The tensor in our layout, e.g. (out, in) for a Linear and (in, out) for GPT-2's Conv1D, in dtype on device,
+    read from the open file (read_raw).
 
-    A matrix whose layout stays as stored is dequantized a few rows at a time straight into the result, so a
-    large embedding needs no full float32 copy beside it."""
+    A matrix whose layout stays as stored is read and dequantized a few rows at a time straight into the result,
+    so a large embedding needs no full float32 copy beside it."""
     rows = tensor.shape[0]
     as_stored = tensor.unpermute_heads is None and not tensor.transpose and not tensor.norm_shift
     if as_stored and len(tensor.shape) == 2 and tensor.raw.shape[0] == rows:
         out = torch.empty(tensor.shape, dtype=dtype, device=device)
         step = max(1, _STAGING_ELEMENTS // tensor.shape[1])
         for start in range(0, rows, step):
-            chunk = _dequantize_raw(tensor, tensor.raw[start : start + step])
+            chunk = _dequantize_raw(tensor, read_raw(tensor, file, start, start + step))
             out[start : start + step].copy_(chunk.reshape(-1, tensor.shape[1]))
         return out
-    w = _dequantize_raw(tensor, tensor.raw).reshape(tensor.shape)
+    w = _dequantize_raw(tensor, read_raw(tensor, file)).reshape(tensor.shape)
     if tensor.unpermute_heads is not None:
         w = unpermute_rows(w, tensor.unpermute_heads)
     if tensor.transpose:

@@ -5,6 +5,7 @@ tokenizer.json, and every kind of bad file (one line naming the file and the pro
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ from checkpoints import CHATML_TEMPLATE, hf_model
 from engine import CheckpointError, Engine
 from engine.checkpoint import load_model, read_model_config
 from engine.gguf import summarize_gguf
-from engine.gguf.tensors import unpermute_rows
+from engine.gguf.config import config_from_gguf
+from engine.gguf.header import open_gguf
+from engine.gguf.tensors import model_tensors, read_raw, unpermute_rows
 from engine.tokenizer import ChatTokenizer
 from gguf_files import (
     RANDOM_BLOCK_TYPES, Q, add_tokenizer, assert_same_model, finish, llama_cpp_permute, load_error, sample_ids,
@@ -146,6 +149,22 @@ def test_large_matrices_are_dequantized_a_few_rows_at_a_time(checkpoint_factory,
     monkeypatch.setattr(engine.gguf.tensors, "_STAGING_ELEMENTS", 3 * 64 + 5)  # 3 rows of 64 per step
     path, effective = write_gguf(checkpoint_factory("qwen2"), tmp_path / "m.gguf", "qwen2", Q.Q4_1)
     assert_same_model(path, effective)
+
+
+def test_weights_are_read_through_the_file_not_its_memory_map(checkpoint_factory, tmp_path):
+    path, _ = write_gguf(checkpoint_factory("llama"), tmp_path / "m.gguf", "llama", Q.Q4_1)
+    gguf_file = open_gguf(path)
+    tensors = model_tensors(gguf_file, config_from_gguf(gguf_file))
+    with open(path, "rb") as file:
+        for tensor in tensors.values():
+            rows = tensor.raw.shape[0]
+            for start, stop in ((0, None), (1, 3), (rows - 2, rows + 5)):
+                np.testing.assert_array_equal(read_raw(tensor, file, start, stop), tensor.raw[start:stop])
+    # Shortened under the open map: reading through the map would now die of SIGBUS, reading the file says why.
+    last = max(tensors.values(), key=lambda t: t.data_offset)
+    os.truncate(path, last.data_offset + 10)
+    with open(path, "rb") as file, pytest.raises(CheckpointError, match=f"truncated GGUF file while reading {last.gguf_name}"):
+        read_raw(last, file)
 
 
 def test_dtype_option_dequantizes_to_that_dtype(checkpoint_factory, tmp_path):
