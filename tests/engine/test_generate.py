@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from checkpoints import DEVICES, FAMILIES, hf_model
+import engine.generate as generation
 from engine import Engine, EngineError, PromptTooLongError, SamplingParams
+from engine.kv_cache import KVCache
 from engine.text_stream import TextStream
 
 
@@ -88,6 +90,28 @@ def test_bfloat16_greedy_ids_equal_transformers_in_bfloat16_for_8_tokens(checkpo
         torch.tensor([prompt], device=device), do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=None
     )
     assert result.token_ids == theirs[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_prompt_prefilled_in_chunks_gives_the_logits_and_cache_of_one_forward(checkpoint_factory, family, monkeypatch):
+    model = load(checkpoint_factory(family)).model
+    ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(args[0].shape[1]))
+
+    def prefilled() -> tuple[torch.Tensor, KVCache]:
+        cache = KVCache.for_model(model.config, 48, torch.float32, torch.device("cpu"))
+        with torch.inference_mode():
+            return generation.prefill(model, ids, 0, cache), cache
+
+    whole, whole_cache = prefilled()
+    # 40 tokens as 7 + 7 + 7 + 7 + 7 + 5: Gemma 3's 8-token and Mistral's 24-token windows straddle the chunks
+    monkeypatch.setattr(generation, "PREFILL_CHUNK_TOKENS", 7)
+    chunked, chunked_cache = prefilled()
+    assert forwards == [40, 7, 7, 7, 7, 7, 5]
+    assert torch.allclose(chunked, whole, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(chunked_cache.k, whole_cache.k, atol=1e-5)
+    assert torch.allclose(chunked_cache.v, whole_cache.v, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
