@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from engine.bench_llamacpp import LlamaCppRunner, gguf_bytes_per_token, import_llama_cpp
-from engine.checkpoint import BLOCKS_COMPUTE_DTYPE, keeps_gguf_blocks, load_model, read_model_config
+from engine.checkpoint import BLOCKS_COMPUTE_DTYPE, keeps_gguf_blocks, load_model, read_model_config, weight_files
 from engine.device import dtype_name, resolve_device, resolve_dtype
 from engine.errors import EngineError
 from engine.generate import generate_tokens
@@ -205,6 +205,19 @@ def _kv_cache_bytes(config, positions: int, dtype: torch.dtype) -> int:
     return per_position * positions * torch.empty(0, dtype=dtype).element_size()
 
 
+def _weights_file_bytes(model_dir: Path) -> int:
+    """The checkpoint's weights on disk: the GGUF file, or the folder's safetensors files."""
+    return sum(f.stat().st_size for f in ([model_dir] if is_gguf_path(model_dir) else weight_files(model_dir)))
+
+
+def _rss_ratios(peak_rss_mb: float, runtime_rss_mb: float, file_bytes: int, kv_bytes: int) -> dict[str, float]:
+    """Peak RSS against the weights file + KV cache: the whole process's, and what loading and running the
+    model added to the process (peak minus what Python and PyTorch held before it)."""
+    held = file_bytes + kv_bytes
+    return {"peak_rss_over_file_and_kv": peak_rss_mb * 2**20 / held,
+            "model_rss_over_file_and_kv": (peak_rss_mb - runtime_rss_mb) * 2**20 / held}
+
+
 def _peak_rss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
@@ -273,6 +286,8 @@ def run_bench(options: BenchOptions, progress=None) -> dict[str, Any]:
         for baseline in baselines:
             baseline_runs[baseline.name].append(baseline.run(prompt, n_new))
     ours = _summary(ours_runs, options.prompt_tokens, n_new, weight_bytes, memory_gb_s)
+    kv_bytes = _kv_cache_bytes(model.config, options.prompt_tokens + n_new, dtype)
+    file_bytes = _weights_file_bytes(Path(options.model_dir)) if options.model_dir is not None else None
     report: dict[str, Any] = {
         "model": source,
         "device": str(device),
@@ -284,7 +299,9 @@ def run_bench(options: BenchOptions, progress=None) -> dict[str, Any]:
         "repeat": options.repeat,
         "peak_rss_mb": peak_rss,
         "runtime_rss_mb": runtime_rss,
-        "kv_cache_mb": _kv_cache_bytes(model.config, options.prompt_tokens + n_new, dtype) / 1e6,
+        "kv_cache_mb": kv_bytes / 1e6,
+        "weights_file_mb": file_bytes / 1e6 if file_bytes is not None else None,  # None: a preset's random weights
+        **(_rss_ratios(peak_rss, runtime_rss, file_bytes, kv_bytes) if file_bytes is not None else {}),
         "memory_read_gb_s": memory_gb_s,
         **notes,
         "chattui": ours,
@@ -339,6 +356,9 @@ def format_report(report: dict[str, Any]):
         f"memory read {report['memory_read_gb_s']:.1f} GB/s (measured in this run)",
         f"peak RSS {report['peak_rss_mb']:.0f} MB (chattui alone; {report['runtime_rss_mb']:.0f} MB of it before "
         f"the model loaded; KV cache {report['kv_cache_mb']:.0f} MB)",
+        *([f"weights file {report['weights_file_mb']:.0f} MB: peak RSS {report['peak_rss_over_file_and_kv']:.2f}x "
+           f"the file + KV cache, the model's part of it {report['model_rss_over_file_and_kv']:.2f}x"]
+          if report.get("weights_file_mb") is not None else []),
         f"{report['chattui']['weight_bytes_per_token'] / 1e6:.0f} MB of weights read per token",
         *agreeing,
     ])

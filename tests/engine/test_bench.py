@@ -55,6 +55,20 @@ def test_report_of_a_gguf_has_speeds_bandwidth_and_weight_bytes(tiny_gguf):
     assert math.isclose(ours["bandwidth_fraction"], ours["weight_bandwidth_gb_s"] / report["memory_read_gb_s"])
     assert "ratios" not in report and "llama.cpp" not in report
     assert "chattui" in _rendered(report) and "memory read" in _rendered(report)
+    # peak RSS against the file + KV cache, whole and less what the process held before the model
+    held = tiny_gguf.stat().st_size + report["kv_cache_mb"] * 1e6
+    assert report["weights_file_mb"] == tiny_gguf.stat().st_size / 1e6
+    assert math.isclose(report["peak_rss_over_file_and_kv"], report["peak_rss_mb"] * 2**20 / held)
+    assert math.isclose(report["model_rss_over_file_and_kv"],
+                        (report["peak_rss_mb"] - report["runtime_rss_mb"]) * 2**20 / held)
+    assert f"{report['peak_rss_over_file_and_kv']:.2f}x the file + KV cache" in _rendered(report)
+
+
+def test_a_checkpoint_folders_file_size_is_its_safetensors(checkpoint_factory):
+    folder = checkpoint_factory("llama")
+    report = run_bench(_options(folder))
+    assert report["weights_file_mb"] == (folder / "model.safetensors").stat().st_size / 1e6
+    assert report["model_rss_over_file_and_kv"] < report["peak_rss_over_file_and_kv"]
 
 
 def test_with_the_blocks_kept_a_decode_step_reads_the_files_quantized_bytes(tiny_gguf):
