@@ -16,7 +16,7 @@ them (`permute_rows`) and names tensors with `gguf_tensor_name`, the inverse of 
 loader that keeps quantized weights can take the blocks as they are: rows are whole blocks, so the
 row permutation applies to raw blocks too. `dequantize` turns one tensor into a torch tensor of
 the requested dtype in our layout; `read_blocks` reads a quantized matrix's blocks as they are, for
-engine.quant's layers.
+engine.quant's layers. Both read through the open file (`read_raw`), never through the map.
 """
 
 from __future__ import annotations
